@@ -1,0 +1,8 @@
+"""`python -m torchmnist`: the same entry point as the `torchmnist` console script."""
+
+import sys
+
+from torchmnist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

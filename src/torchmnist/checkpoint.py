@@ -1,0 +1,128 @@
+"""Checkpoints: atomic saving, safe loading, and reading weights from other scripts' files.
+
+A torchmnist checkpoint is one `torch.save` file holding a dict:
+
+    format_version, torchmnist_version, torch_version
+    config            the resolved TrainConfig as a dict
+    model             the model's state_dict (never a compiled wrapper's)
+    optimizer         the optimiser's state_dict
+    scheduler         the LR scheduler's state_dict, or None
+    progress          epoch, batch within the epoch, global step, running loss sums, best accuracy
+    rng               python, numpy, torch (and CUDA) RNG states
+    metrics           every record written to metrics.jsonl so far
+
+Everything in it is a tensor or a plain Python value, so it loads with
+`torch.load(weights_only=True)`, which never runs code hidden in a pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchmnist.errors import TrainingError, UsageError
+
+FORMAT_VERSION = 1
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write `payload` so that a crash at any instant leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk, and only then
+    renamed over `path` (a rename within one file system is atomic).
+    """
+    from torchmnist import __version__
+
+    path = Path(path)
+    payload = {"format_version": FORMAT_VERSION, "torchmnist_version": __version__,
+               "torch_version": torch.__version__, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise TrainingError(f"could not write checkpoint {path}: {error.strerror or error}; "
+                            "the previous checkpoint there is unchanged") from None
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, and harmless to skip.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint or state_dict file safely, or explain in one sentence why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint file at {path}")
+    if path.stat().st_size == 0:
+        raise UsageError(f"checkpoint {path} is empty")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"refusing to load {path}: it holds Python objects that could run code when "
+            "unpickled, and torchmnist only loads tensors and plain values") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{detail}") from None
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and "format_version" in obj and "model" in obj
+
+
+def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The model state_dict in a loaded file, and the run's config when it is a full checkpoint.
+
+    Accepts a torchmnist checkpoint or a plain state_dict, such as the guide's `model.pth` or
+    the official example's `mnist_cnn.pt`.
+    """
+    if is_training_checkpoint(obj):
+        return _strip_wrappers(obj["model"]), obj.get("config")
+    if isinstance(obj, dict) and obj and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return _strip_wrappers(obj), None
+    raise UsageError(f"{path} is neither a torchmnist checkpoint nor a model state_dict")
+
+
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DistributedDataParallel saves "module.conv1.weight", torch.compile "_orig_mod.conv1...".
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def find_latest(runs_dir: str | os.PathLike = "runs") -> Path | None:
+    """The last.pt of the most recently written run under `runs_dir`."""
+    candidates = sorted(Path(runs_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None

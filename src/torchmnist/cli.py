@@ -1,0 +1,149 @@
+"""Command line: `torchmnist train` and `torchmnist test`.
+
+This module only turns flags into a config and calls the Python API; the `train` flags are
+generated from the fields of `TrainConfig`, so the CLI, the API and the checkpoints cannot drift
+apart. Errors a user can cause end in one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from torchmnist import config as cfg
+from torchmnist.errors import TorchMnistError, UsageError
+
+# Flags whose form is not "--name VALUE".
+_SWITCHES = {"deterministic", "cuda_launch_blocking", "save_model", "json", "dry_run"}
+_ON_OFF = {"download", "pin_memory"}
+_METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
+             "test_batch_size": "N", "epochs": "N", "log_interval": "N", "save_interval": "N",
+             "num_workers": "N", "seed": "S", "lr": "LR", "momentum": "M", "gamma": "G"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one sentence, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _default_text(name: str) -> str:
+    value = cfg.default_for(name)
+    text = f"default: {'off' if value is False else 'on' if value is True else value}"
+    for recipe in cfg.RECIPES:
+        if recipe != "guide" and cfg.default_for(name, recipe) != cfg.default_for(name):
+            text += f"; {recipe} recipe: {cfg.default_for(name, recipe)}"
+    return text
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(cfg.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if "default:" not in help_text:  # some fields explain their default themselves
+            help_text += f" ({_default_text(f.name)})"
+        if f.name in _SWITCHES:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif f.name in _ON_OFF:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="last", metavar="PATH", help=help_text)
+        else:
+            kind = {int: int, float: float}.get(type(cfg.default_for(f.name)), str)
+            if f.name == "threads":
+                kind = int
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"),
+                                metavar=_METAVARS.get(f.name), help=help_text)
+        if f.name == "device":
+            parser.add_argument("--no-cuda", dest="device", action="store_const", const="cpu",
+                                help="train on the CPU even if a GPU is present (= --device cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="torchmnist", description="Train and test MNIST models the way "
+                     "'Grokking PyTorch' teaches, fast, on CPU or GPU.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train", help="train a model, testing after every epoch",
+        description="Train a model, testing after every epoch and checkpointing as it goes. "
+        "Flags you give override the recipe's values.",
+        # Only flags the user typed reach the namespace, so recipes and resumes know what was
+        # asked for explicitly and what was left to them.
+        argument_default=argparse.SUPPRESS)
+    _add_train_flags(train)
+
+    test = commands.add_parser(
+        "test", help="evaluate a checkpoint or state_dict on the test set",
+        description="Evaluate a torchmnist checkpoint, or a plain state_dict such as the "
+        "guide's model.pth or the official example's mnist_cnn.pt, on the test set.")
+    test.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or state_dict file")
+    test.add_argument("--model", choices=cfg.MODELS,
+                      help="network (default: from the checkpoint, else recognised from the "
+                      "weights' names and shapes)")
+    test.add_argument("--dataset", choices=cfg.DATASETS,
+                      help="dataset (default: from the checkpoint, else mnist)")
+    test.add_argument("--data-dir", metavar="DIR",
+                      help="dataset root (default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
+    test.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                      help="download missing dataset files (default: on)")
+    test.add_argument("--device", choices=cfg.DEVICES, default="auto",
+                      help="device (default: auto)")
+    test.add_argument("--batch-size", type=int, default=1000, metavar="N",
+                      help="test batch size (default: 1000)")
+    test.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return parser
+
+
+def _train(explicit: dict[str, Any]) -> int:
+    from torchmnist.train import find_resume_checkpoint, read_training_checkpoint, train
+
+    if explicit.get("resume"):
+        # A resumed run keeps its saved settings; only flags given now may change them.
+        path = find_resume_checkpoint(explicit["resume"], explicit.get("run_dir"))
+        saved_config = read_training_checkpoint(path)["config"]
+        config = cfg.resolve({**explicit, "resume": str(path)}, saved=saved_config)
+    else:
+        config = cfg.resolve(explicit)
+    summary = train(config)
+    if config.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from torchmnist.evaluate import evaluate
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+    result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
+                      data_dir=args.data_dir, download=args.download, device=args.device,
+                      batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['checkpoint']}: {result['model']} model on {result['dataset']} test set: "
+              f"loss {result['test_loss']:.4f}, accuracy {result['correct']}/{result['total']} "
+              f"({100 * result['test_accuracy']:.2f}%)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if args.command == "train":
+            explicit = {k: v for k, v in vars(args).items() if k != "command"}
+            return _train(explicit)
+        return _test(args)
+    except TorchMnistError as error:
+        print(f"torchmnist: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("torchmnist: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,332 @@
+"""MNIST-family datasets: finding and checking the files, and the two batch loaders.
+
+Both loaders honour one contract: `batches(epoch, start)` yields `(x, y)` on the training
+device, x float32 (B, 1, 28, 28) normalised, y int64 (B,). Training order is a permutation drawn
+from a generator seeded by (seed, epoch) alone, so any epoch's order can be rebuilt on resume and
+both loaders visit the samples in the same order. The test set is never shuffled.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from torchmnist.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str  # the --dataset value, also the folder name under /usr/share/datasets
+    folder: str  # torchvision's folder under the data root, and its dataset class name
+    mean: float  # of the training pixels scaled to [0, 1]
+    std: float
+    classes: tuple[str, ...]
+
+
+DATASETS = {
+    # Measured on the training images: MNIST from the original files, Fashion-MNIST from
+    # Debian's dataset-fashion-mnist. KMNIST's are the values its authors publish.
+    "mnist": DatasetSpec("mnist", "MNIST", 0.1307, 0.3081, tuple("0123456789")),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist", "FashionMNIST", 0.2860, 0.3530,
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+         "Bag", "Ankle boot")),
+    "kmnist": DatasetSpec("kmnist", "KMNIST", 0.1918, 0.3483,
+                          ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+}
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # IDX: uint8 data, 3 or 1 dimensions
+SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 28, 28) uint8, on the CPU
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DigitData:
+    spec: DatasetSpec
+    train: Split
+    test: Split
+    source: str  # where the files came from, for the log
+
+
+def default_data_dir() -> Path:
+    """The guide's convention: datasets next to torchvision's models, under ~/.torch."""
+    env = os.environ.get("TORCHMNIST_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".torch" / "datasets"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding, downloading and checking the files
+
+
+def _candidates(spec: DatasetSpec, root: Path, name: str) -> list[Path]:
+    places = [root / spec.folder / "raw", SYSTEM_DATASETS_DIR / spec.name]
+    return [place / f"{name}{suffix}" for place in places for suffix in ("", ".gz")]
+
+
+def _locate(spec: DatasetSpec, root: Path) -> tuple[dict[str, Path], list[str]]:
+    found, missing = {}, []
+    for name in FILES["train"] + FILES["test"]:
+        path = next((p for p in _candidates(spec, root, name) if p.is_file()), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found[name] = path
+    return found, missing
+
+
+def _download(spec: DatasetSpec, root: Path) -> str | None:
+    """Fetch the four files with torchvision into root/<folder>/raw; return why it failed."""
+    import torchvision.datasets
+
+    dataset_class = getattr(torchvision.datasets, spec.folder)
+    try:
+        dataset_class(str(root), train=True, download=True)
+    except Exception as error:  # no network, a proxy, a full disk: all end the same way
+        reason = str(error).strip().splitlines()
+        return reason[-1] if reason else type(error).__name__
+    return None
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read one IDX file (optionally gzipped), checking magic number, shape and size."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:
+        raise UsageError(f"cannot read dataset file {path}: {error}") from None
+    ndim = 3 if magic == IMAGE_MAGIC else 1
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UsageError(f"dataset file {path} is truncated: {len(raw)} bytes is shorter than "
+                         f"the {header}-byte IDX header")
+    found_magic = int.from_bytes(raw[:4], "big")
+    if found_magic != magic:
+        raise UsageError(f"dataset file {path} is not an IDX {'image' if ndim == 3 else 'label'} "
+                         f"file (magic number {found_magic:#010x}, expected {magic:#010x})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if ndim == 3 and shape[1:] != (28, 28):
+        raise UsageError(f"dataset file {path} holds {shape[1]}x{shape[2]} images, not 28x28")
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "longer than its header says"
+        raise UsageError(f"dataset file {path} is {state}: expected {expected} bytes for "
+                         f"{shape[0]} items, found {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_split(files: dict[str, Path], split: str) -> Split:
+    image_name, label_name = FILES[split]
+    images = read_idx(files[image_name], IMAGE_MAGIC)
+    labels = read_idx(files[label_name], LABEL_MAGIC)
+    if len(images) != len(labels):
+        raise UsageError(f"dataset files {files[image_name]} and {files[label_name]} disagree: "
+                         f"{len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise UsageError(f"dataset file {files[label_name]} has label {labels.max()}, "
+                         "outside 0-9")
+    return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+
+
+def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = True,
+         ) -> DigitData:
+    """Find (or download) and check a dataset's four files, and decode them into tensors."""
+    spec = DATASETS[dataset]
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    files, missing = _locate(spec, root)
+    failure = "downloading is off (--no-download)"
+    if missing and download:
+        failure = _download(spec, root)
+        files, missing = _locate(spec, root)
+    if missing:
+        places = f"{root / spec.folder / 'raw'} and {SYSTEM_DATASETS_DIR / spec.name}"
+        raise UsageError(
+            f"{spec.folder} files missing: {', '.join(missing)} (searched {places}, plain or "
+            f".gz; {failure or 'the download gave no files'}); put the files in "
+            f"{root / spec.folder / 'raw'}, or point --data-dir or TORCHMNIST_DATA_DIR at a "
+            f"folder that has {spec.folder}/raw")
+    sources = sorted({str(path.parent) for path in files.values()})
+    return DigitData(spec, _read_split(files, "train"), _read_split(files, "test"),
+                     source=", ".join(sources))
+
+
+def synthetic(dataset: str = "mnist", seed: int = 0, n_train: int = 1024, n_test: int = 512,
+              ) -> DigitData:
+    """A small learnable stand-in for a dataset, made in memory: for --dry-run and tests.
+
+    Each class is a fixed random blob pattern; samples are shifted by up to 4 pixels and noisy,
+    so a model has something real (but quick) to learn.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(10, 1, 6, 6, generator=g) > 0.55).float()
+    templates = F.interpolate(coarse, size=(20, 20), mode="bilinear", align_corners=False)[:, 0]
+
+    def make(n: int) -> Split:
+        labels = torch.randint(0, 10, (n,), generator=g)
+        shifts = torch.randint(0, 9, (n, 2), generator=g)
+        images = torch.zeros(n, 28, 28)
+        for i in range(n):
+            r, c = shifts[i].tolist()
+            images[i, r:r + 20, c:c + 20] = templates[labels[i]]
+        images = (images + 0.15 * torch.randn(n, 28, 28, generator=g)).clamp(0, 1)
+        return Split((images * 255).round().to(torch.uint8), labels)
+
+    return DigitData(DATASETS[dataset], make(n_train), make(n_test), source="synthetic")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch order
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a permutation that depends on (seed, epoch) only."""
+    # SeedSequence mixes the two numbers, so seed 1 epoch 2 and seed 2 epoch 1 differ.
+    order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(n, generator=torch.Generator().manual_seed(order_seed))
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28), the very arithmetic of torchvision's
+    ToTensor (divide by 255) then Normalize (subtract mean, divide by std), so both loaders
+    produce bit-identical batches."""
+    x = images.unsqueeze(1).to(torch.float32).div(255)
+    return x.sub(torch.tensor(mean, dtype=torch.float32)).div(torch.tensor(std, dtype=torch.float32))
+
+
+class TensorBatches:
+    """The whole split lives on the device as uint8; a batch is an index into it.
+
+    No per-sample Python, no PIL, no worker processes: one gather and one normalisation per
+    batch, all on the device.
+    """
+
+    def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
+                 *, shuffle: bool, seed: int = 0):
+        self.images = split.images.to(device)  # (N, 28, 28) uint8
+        self.labels = split.labels.to(device)  # (N,) int64
+        self.mean, self.std = spec.mean, spec.std
+        self.batch_size, self.device, self.shuffle, self.seed = batch_size, device, shuffle, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def batches(self, epoch: int = 1, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = epoch_order(n, self.seed, epoch).to(self.device)
+        for i in range(start, len(self)):
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if self.shuffle:
+                index = order[lo:hi]
+                images, labels = self.images[index], self.labels[index]
+            else:
+                images, labels = self.images[lo:hi], self.labels[lo:hi]
+            yield normalize(images, self.mean, self.std), labels
+
+
+class _PILDigits(Dataset):
+    """Per-sample work exactly as torchvision.datasets.MNIST does it: uint8 array -> PIL image
+    -> ToTensor -> Normalize. This is the guide's pipeline, kept for comparison and teaching."""
+
+    def __init__(self, split: Split, spec: DatasetSpec):
+        from torchvision import transforms
+
+        self.images = split.images.numpy()
+        self.labels = split.labels.tolist()
+        self.transform = transforms.Compose([
+            transforms.ToTensor(), transforms.Normalize((spec.mean,), (spec.std,))])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+class _EpochSampler(Sampler[int]):
+    """Yields the epoch's order from `start` on; `set_epoch` picks the epoch (as
+    DistributedSampler does) and lets a resumed run skip the batches it already took."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
+        return iter(order[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's torch seed is base_seed + worker_id, and the base seed comes from the
+    # loader's own generator; derive numpy's and python's from it so workers are reproducible.
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class LoaderBatches:
+    """The guide's path: torch DataLoader with worker processes, pinned memory and
+    non-blocking copies to the device."""
+
+    def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
+                 *, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False):
+        self.device, self.batch_size, self.n = device, batch_size, len(split)
+        self.sampler = _EpochSampler(len(split), seed, shuffle)
+        self.loader = DataLoader(
+            _PILDigits(split, spec), batch_size=batch_size, sampler=self.sampler,
+            num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, worker_init_fn=_seed_worker,
+            # The loader draws its workers' base seed from this generator; without one it
+            # would draw from the global RNG and shift dropout's random stream.
+            generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def batches(self, epoch: int = 1, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch, start * self.batch_size)
+        for images, labels in self.loader:
+            # non_blocking overlaps the copy with compute when the memory is pinned; a no-op
+            # on the CPU.
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+def make_batches(kind: str, split: Split, spec: DatasetSpec, batch_size: int,
+                 device: torch.device, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False) -> TensorBatches | LoaderBatches:
+    if kind == "tensor":
+        return TensorBatches(split, spec, batch_size, device, shuffle=shuffle, seed=seed)
+    return LoaderBatches(split, spec, batch_size, device, shuffle=shuffle, seed=seed,
+                         num_workers=num_workers, pin_memory=pin_memory)

@@ -1,0 +1,130 @@
+"""Device choice, seeding, determinism and threads: the only module that asks torch.cuda/mps.
+
+Everything here runs before the first tensor touches an accelerator, because two of the
+switches (CUDA_LAUNCH_BLOCKING and CUBLAS_WORKSPACE_CONFIG) are read only when CUDA starts.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+from torchmnist.errors import UsageError
+
+
+def prepare_environment(*, cuda_launch_blocking: bool, deterministic: bool,
+                        threads: int | None) -> None:
+    """Set process-wide switches. Call once, before choosing the device."""
+    if cuda_launch_blocking:
+        # Makes every kernel launch synchronous, so a CUDA error is reported at the Python line
+        # that caused it instead of at some later, unrelated call.
+        os.environ["CUDA_LAUNCH_BLOCKING"] = "1"
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; the variable must be set before
+        # CUDA initialises.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if threads is not None:
+        # What OMP_NUM_THREADS does, from inside the process: several jobs on one machine each
+        # take a share of the cores instead of all fighting for all of them.
+        torch.set_num_threads(threads)
+
+
+def _accelerator() -> torch.device | None:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        if accelerator.is_available():
+            return accelerator.current_accelerator()
+        return None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn --device auto|cpu|cuda|mps into a torch.device, or explain why it is unavailable."""
+    if name == "auto":
+        return _accelerator() or torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available on this machine; "
+                         "use --device cpu or --device auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available on this machine; "
+                         "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator the run draws from (torch.manual_seed also seeds all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state, in types `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    # random.setstate wants the nested tuples back that a round trip may have made into lists.
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock time measures work done, not queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def describe(device: torch.device) -> str:
+    """The hardware a number was measured on, for logs and benchmark tables."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

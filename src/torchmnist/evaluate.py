@@ -1,0 +1,75 @@
+"""Testing: the test loop, and evaluating a saved checkpoint or state_dict."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchmnist import checkpoint, data, device as devices, models
+from torchmnist.errors import UsageError
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean negative log-likelihood per test image
+    accuracy: float  # fraction in [0, 1]
+    correct: int
+    total: int
+
+
+def evaluate_model(model: nn.Module, test_batches) -> Evaluation:
+    """One pass over the test set in eval mode (dropout off) without autograd."""
+    model.eval()
+    loss_sum, correct, total = None, None, 0
+    with torch.inference_mode():
+        for x, y in test_batches.batches():
+            output = model(x)  # (B, 10) log-probabilities
+            batch_loss = F.nll_loss(output, y, reduction="sum")
+            batch_correct = (output.argmax(dim=1) == y).sum()
+            # Summed on the device; the only sync is the .item() after the loop.
+            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+            correct = batch_correct if correct is None else correct + batch_correct
+            total += len(y)
+    if total == 0:
+        raise UsageError("the test set is empty")
+    n_correct = int(correct.item())
+    return Evaluation(loss_sum.item() / total, n_correct / total, n_correct, total)
+
+
+def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
+             dataset: str | None = None, data_dir: str | os.PathLike | None = None,
+             download: bool = True, device: str = "auto", batch_size: int = 1000) -> dict:
+    """Test a torchmnist checkpoint, or a plain state_dict (the guide's `model.pth`, the
+    official example's `mnist_cnn.pt`), on a dataset's test set.
+
+    The model and dataset come from the checkpoint's config when it has one; for a plain
+    state_dict the model is recognised from its parameter names and shapes.
+    """
+    target = devices.resolve_device(device)
+    state_dict, saved_config = checkpoint.weights(checkpoint.load(checkpoint_path),
+                                                  checkpoint_path)
+    saved_config = saved_config or {}
+    model_name = model or saved_config.get("model") or models.matching_model(state_dict)
+    if model_name is None:
+        raise UsageError(f"{checkpoint_path} does not match any known model "
+                         f"({', '.join(models.MODELS)}); name one with --model")
+    dataset = dataset or saved_config.get("dataset") or "mnist"
+    network = models.build(model_name)
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError:
+        found = models.matching_model(state_dict)
+        hint = f" (it matches --model {found})" if found else ""
+        raise UsageError(f"{checkpoint_path} does not hold weights for the {model_name!r} "
+                         f"model{hint}") from None
+    network.to(target)
+    digits = data.load(dataset, data_dir, download=download)
+    test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
+    result = evaluate_model(network, test_batches)
+    return {"checkpoint": str(checkpoint_path), "model": model_name, "dataset": dataset,
+            "test_loss": result.loss, "test_accuracy": result.accuracy,
+            "correct": result.correct, "total": result.total, "device": str(target)}
