@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
     path = Path(path)
     payload = {"format_version": FORMAT_VERSION, "torchmnist_version": __version__,
-               "torch_version": torch.__version__, **payload}
+               "torch_version": str(torch.__version__), **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
@@ -86,14 +86,22 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         raise UsageError(f"checkpoint {path} is empty")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(
-            f"refusing to load {path}: it holds Python objects that could run code when "
-            "unpickled, and torchmnist only loads tensors and plain values") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                         f"{detail}") from None
+    except pickle.UnpicklingError as error:
+        # weights_only=True stopped the unpickler. It names the GLOBAL it refused when the file
+        # asks for a Python object (a class, or a function such as os.system); anything else
+        # means the bytes are not a pickle at all.
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        if refused:
+            raise UsageError(
+                f"refusing to load {path}: it asks for the Python object {refused.group(1)}, "
+                "which could run code when unpickled, and torchmnist only loads tensors and "
+                "plain values") from None
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
+    except Exception as error:  # noqa: BLE001 - damaged bytes fail in many ways (KeyError,
+        # struct.error, zipfile.BadZipFile, RuntimeError, ...), all of which mean the same
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)"
+                         f"{': ' + detail if detail else ''}") from None
 
 
 def is_training_checkpoint(obj: Any) -> bool:

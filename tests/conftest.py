@@ -1,0 +1,101 @@
+"""Shared fixtures: the real MNIST folder, small IDX files made on the spot, and CLI runners."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from torchmnist import cli, data
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The root holding MNIST/raw, from TORCHMNIST_DATA_DIR (CI points it at ../shared/data).
+
+    Under CI=true a missing folder fails the test instead of skipping it, so a broken setup
+    cannot pass for a green run.
+    """
+    root = os.environ.get("TORCHMNIST_DATA_DIR")
+    raw = Path(root) / "MNIST" / "raw" if root else None
+    if raw is None or not all((raw / name).is_file() for name in MNIST_FILES):
+        message = f"real MNIST files not found (TORCHMNIST_DATA_DIR={root!r})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(root)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test runs in its own directory, with no data folder unless it asks for one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TORCHMNIST_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", tmp_path / "no-system-datasets")
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:
+    """Write a uint8 array as an IDX file, the format of the MNIST files."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+def make_dataset_files(folder: Path, n_train: int = 256, n_test: int = 128, *,
+                       compress: bool = False, seed: int = 0) -> Path:
+    """Four small valid IDX files (random pixels, labels 0-9) in `folder`."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte",
+                  rng.integers(0, 256, (n, 28, 28)), compress=compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n),
+                  compress=compress)
+    return folder
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process; return (exit code, stdout, stderr)."""
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600,
+                   ) -> subprocess.CompletedProcess:
+    """Run `python -m torchmnist ARGS` as a user would, in a fresh process."""
+    full_env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "torchmnist", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_one_sentence_error(stderr: str, *fragments: str) -> None:
+    """User errors end in one line on stderr, without a traceback, naming what is wrong."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"

@@ -1,0 +1,86 @@
+"""Loading checkpoints and weights files: what is accepted, and what is refused how."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import assert_one_sentence_error, run_main
+
+from torchmnist import checkpoint, models
+
+
+def _test(path, capsys, *flags):
+    return run_main(["test", str(path), "--data-dir", "no-data", "--no-download", *flags], capsys)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "is empty"),
+    (os.urandom(4096), "not a readable checkpoint"),
+])
+def test_unreadable_files_exit_2(tmp_path, content, fragment, capsys):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    code, _, err = _test(path, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(path), fragment)
+
+
+def test_truncated_checkpoint_exits_2(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(models.OfficialNet().state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, _, err = _test(path, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(path), "not a readable checkpoint")
+
+
+def test_missing_file_exits_2(capsys):
+    code, _, err = _test("nowhere.pt", capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "no checkpoint file at nowhere.pt")
+
+
+def test_weights_for_another_model_are_named(tmp_path, capsys):
+    path = tmp_path / "guide.pth"
+    torch.save(models.GuideNet().state_dict(), path)
+    code, _, err = _test(path, capsys, "--model", "official")
+    assert code == 2
+    assert_one_sentence_error(err, "does not hold weights for the 'official' model",
+                              "--model guide")
+
+
+def test_something_else_entirely_is_refused(tmp_path, capsys):
+    path = tmp_path / "numbers.pt"
+    torch.save({"a": 1, "b": [2, 3]}, path)
+    code, _, err = _test(path, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "neither a torchmnist checkpoint nor a model state_dict")
+
+
+def test_unknown_weights_ask_for_a_model(tmp_path, capsys):
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(784, 10).state_dict(), path)
+    code, _, err = _test(path, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "does not match any known model", "--model")
+
+
+def test_wrapped_state_dicts_are_unwrapped():
+    plain = models.GuideNet().state_dict()
+    for prefix in ("module.", "_orig_mod."):
+        wrapped = {prefix + k: v for k, v in plain.items()}
+        unwrapped, config = checkpoint.weights(wrapped, "x")
+        assert list(unwrapped) == list(plain) and config is None
+
+
+def test_save_is_atomic_and_keeps_usual_permissions(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"model": {"w": torch.ones(2)}})
+    checkpoint.save(path, {"model": {"w": torch.zeros(2)}})
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

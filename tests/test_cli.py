@@ -1,0 +1,136 @@
+"""The command line as a user meets it: help, flags, recipes, errors, dry runs, JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_sentence_error, last_json, run_main, run_subprocess
+
+from torchmnist import cli, config
+
+
+def test_dry_run_with_empty_home_writes_a_complete_run(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_subprocess(["train", "--dry-run", "--json"], cwd=tmp_path,
+                            env={"HOME": str(home)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result.stdout)
+    run_dir = tmp_path / summary["run_dir"]
+    assert run_dir.parent.name == "runs" and run_dir.name.endswith("-synthetic-guide")
+    for name in ("config.json", "train.log", "metrics.jsonl", "last.pt"):
+        assert (run_dir / name).is_file(), name
+    assert summary["epochs"] == 1  # one short epoch
+    assert list(home.iterdir()) == []  # never touched ~/.torch/datasets
+    assert "epoch 1/1: test loss" in (run_dir / "train.log").read_text()
+
+
+def test_python_dash_m_and_console_script_share_the_parser(tmp_path):
+    script = Path(sys.executable).with_name("torchmnist")  # installed next to this python
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    module = run_subprocess(["--help"], cwd=tmp_path)
+    assert result.returncode == module.returncode == 0
+    assert "train" in module.stdout and "test" in module.stdout
+
+
+def _train_parser():
+    return cli.build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def test_every_train_flag_has_help_with_its_default():
+    actions = {a.option_strings[0]: a for a in _train_parser()._actions}
+    for field in dataclasses.fields(config.TrainConfig):
+        action = actions["--" + field.name.replace("_", "-")]
+        assert action.dest == field.name
+        assert "default" in action.help, f"{field.name}: {action.help!r}"
+    flat = " ".join(_train_parser().format_help().split())
+    # The guide's values are the defaults; the official recipe's differences are shown too.
+    assert "--batch-size N training batch size (default: 64)" in flat
+    assert "(default: 0.01; official recipe: 1.0)" in flat
+    assert "--no-cuda" in flat
+
+
+def test_recipes_and_explicit_flags():
+    guide = config.resolve({})
+    assert (guide.model, guide.optimizer, guide.lr, guide.momentum, guide.batch_size,
+            guide.epochs) == ("guide", "sgd", 0.01, 0.5, 64, 10)
+    official = config.resolve({"recipe": "official"})
+    assert (official.model, official.optimizer, official.lr, official.scheduler, official.gamma,
+            official.epochs, official.test_batch_size) == (
+        "official", "adadelta", 1.0, "step", 0.7, 14, 1000)
+    mixed = config.resolve({"recipe": "official", "lr": 0.5, "epochs": 2})
+    assert (mixed.model, mixed.lr, mixed.epochs) == ("official", 0.5, 2)
+
+
+def test_no_cuda_means_cpu():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--no-cuda"])
+    assert args.device == "cpu"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "many"], "invalid int value: 'many'"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--save-interval", "-5"], "--save-interval must not be negative"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_exit_2_with_one_sentence(flags, fragment, capsys):
+    try:
+        code = cli.main(["train", "--dry-run", *flags])
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    assert code == 2
+    assert_one_sentence_error(capsys.readouterr().err, fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_missing_cuda_is_a_usage_error(capsys):
+    code, _, err = run_main(["train", "--dry-run", "--device", "cuda"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "CUDA is not available")
+
+
+def test_json_summary_is_the_last_stdout_line(capsys):
+    code, out, _ = run_main(["train", "--dry-run", "--json", "--run-dir", "r"], capsys)
+    assert code == 0
+    summary = last_json(out)
+    for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "run_dir", "checkpoint"):
+        assert key in summary, key
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["checkpoint"] == os.path.join("r", "last.pt")
+    saved = json.loads(open("r/config.json").read())
+    assert saved["dry_run"] is True and saved["run_dir"] == "r"
+
+
+def test_accuracy_is_printed_with_two_decimals(capsys):
+    code, out, _ = run_main(["train", "--dry-run", "--run-dir", "r"], capsys)
+    assert code == 0
+    epoch_line = next(line for line in out.splitlines() if line.startswith("epoch 1/1"))
+    percent = epoch_line.split("(")[1].split("%")[0]
+    assert len(percent.split(".")[1]) == 2, epoch_line
+
+
+def test_environment_switches_reach_torch(tmp_path):
+    # Run in a fresh process: these switches are process-wide.
+    script = (
+        "import os, torch\n"
+        "from torchmnist import cli\n"
+        "assert cli.main(['train', '--dry-run', '--deterministic', '--threads', '1',"
+        " '--cuda-launch-blocking', '--run-dir', 'r']) == 0\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),"
+        " os.environ.get('CUDA_LAUNCH_BLOCKING'), os.environ.get('CUBLAS_WORKSPACE_CONFIG'))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True 1 1 :4096:8"

@@ -1,0 +1,185 @@
+"""Finding and checking dataset files, and the two loaders' shared contract."""
+
+from __future__ import annotations
+
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import (
+    MNIST_FILES,
+    assert_one_sentence_error,
+    make_dataset_files,
+    run_main,
+    run_subprocess,
+    write_idx,
+)
+
+from torchmnist import data
+from torchmnist.errors import UsageError
+
+
+def test_reads_plain_and_gzipped_files(tmp_path):
+    make_dataset_files(tmp_path / "plain" / "MNIST" / "raw", seed=3)
+    make_dataset_files(tmp_path / "gz" / "MNIST" / "raw", seed=3, compress=True)
+    plain = data.load("mnist", tmp_path / "plain", download=False)
+    gz = data.load("mnist", tmp_path / "gz", download=False)
+    assert plain.train.images.shape == (256, 28, 28) and plain.train.images.dtype == torch.uint8
+    assert plain.test.labels.shape == (128,) and plain.test.labels.dtype == torch.int64
+    assert torch.equal(plain.train.images, gz.train.images)
+    assert torch.equal(plain.test.labels, gz.test.labels)
+
+
+def test_system_dataset_folder_is_searched(tmp_path, monkeypatch):
+    system = tmp_path / "usr-share-datasets"
+    make_dataset_files(system / "fashion-mnist", compress=True)  # as Debian's package has it
+    monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", system)
+    digits = data.load("fashion-mnist", tmp_path / "empty-root", download=False)
+    assert len(digits.train) == 256
+    assert digits.source == str(system / "fashion-mnist")
+    assert digits.spec.classes[0] == "T-shirt/top"
+
+
+def test_download_path_uses_torchvision_and_reports_failure(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def no_network(self, *args, **kwargs):
+        calls.append(self.raw_folder)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n"
+                           "<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    root = tmp_path / "data"
+    code, _, err = run_main(["train", "--data-dir", str(root), "--epochs", "1"], capsys)
+    assert calls == [str(root / "MNIST" / "raw")]
+    assert code == 2
+    assert_one_sentence_error(err, *MNIST_FILES, str(root / "MNIST" / "raw"),
+                              str(data.SYSTEM_DATASETS_DIR / "mnist"),
+                              "Name or service not known", "--data-dir")
+    assert not list(tmp_path.glob("runs/*/last.pt"))
+
+
+def test_missing_data_without_network_exits_2_in_a_fresh_process(tmp_path):
+    # A real process with an empty home: the download is attempted where it can be, and with no
+    # network (or --no-download, on machines that have one) the user gets one sentence.
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_subprocess(["train", "--no-download"], cwd=tmp_path, env={"HOME": str(home)},
+                            timeout=120)
+    assert result.returncode == 2
+    default_root = home / ".torch" / "datasets" / "MNIST" / "raw"
+    assert_one_sentence_error(result.stderr, "MNIST files missing", *MNIST_FILES,
+                              str(default_root), "/usr/share/datasets/mnist")
+
+
+def test_missing_download_is_turned_into_a_usage_error_when_urlopen_fails(tmp_path, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", unreachable)
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", unreachable)
+    with pytest.raises(UsageError, match="no route to host"):
+        data.load("kmnist", tmp_path, download=True)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "is truncated"),
+    (lambda p: p.write_bytes(p.read_bytes()[:10]), "is truncated"),
+    (lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]), "is not an IDX image"),
+    (lambda p: p.write_bytes(p.read_bytes() + b"extra"), "longer than its header says"),
+])
+def test_damaged_image_file_exits_2_naming_it(tmp_path, damage, fragment, capsys):
+    raw = make_dataset_files(tmp_path / "d" / "MNIST" / "raw")
+    damage(raw / "train-images-idx3-ubyte")
+    code, _, err = run_main(["train", "--data-dir", str(tmp_path / "d"), "--no-download"],
+                            capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(raw / "train-images-idx3-ubyte"), fragment)
+
+
+def test_bad_labels_and_mismatched_counts_are_refused(tmp_path):
+    raw = make_dataset_files(tmp_path / "MNIST" / "raw")
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.full(128, 12))
+    with pytest.raises(UsageError, match="label 12, outside 0-9"):
+        data.load("mnist", tmp_path, download=False)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(100))
+    with pytest.raises(UsageError, match="128 images but 100 labels"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_corrupt_gzip_is_refused(tmp_path):
+    raw = make_dataset_files(tmp_path / "MNIST" / "raw", compress=True)
+    gz = raw / "t10k-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:50])
+    with pytest.raises(UsageError, match="t10k-images-idx3-ubyte.gz"):
+        data.load("mnist", tmp_path, download=False)
+
+
+@pytest.mark.mnist
+def test_real_mnist_matches_its_published_facts(mnist_dir):
+    digits = data.load("mnist", mnist_dir, download=False)
+    assert digits.train.images.shape == (60000, 28, 28)
+    assert digits.test.images.shape == (10000, 28, 28)
+    counts = torch.bincount(digits.train.labels, minlength=10).tolist()
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    pixels = digits.train.images.double() / 255
+    assert round(pixels.mean().item(), 4) == digits.spec.mean == 0.1307
+    assert round(pixels.std().item(), 4) == digits.spec.std == 0.3081
+
+
+def _collect(batches, epoch=1, start=0):
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in batches.batches(epoch, start)])
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_both_loaders_yield_identical_batches(num_workers):
+    digits = data.synthetic(n_train=300, n_test=100)
+    cpu = torch.device("cpu")
+    tensor = data.make_batches("tensor", digits.train, digits.spec, 64, cpu, shuffle=True, seed=5)
+    loader = data.make_batches("dataloader", digits.train, digits.spec, 64, cpu, shuffle=True,
+                               seed=5, num_workers=num_workers)
+    assert len(tensor) == len(loader) == 5  # 300 / 64, the last batch partial, not dropped
+    for epoch in (1, 2):
+        tx, ty = _collect(tensor, epoch)
+        lx, ly = _collect(loader, epoch)
+        assert tx.shape == (300, 1, 28, 28) and tx.dtype == torch.float32
+        assert torch.equal(tx, lx) and torch.equal(ty, ly)  # bit for bit
+
+
+def test_training_order_is_shuffled_per_epoch_and_rebuildable():
+    digits = data.synthetic(n_train=256, n_test=64)
+    batches = data.TensorBatches(digits.train, digits.spec, 32, torch.device("cpu"),
+                                 shuffle=True, seed=1)
+    _, epoch1 = _collect(batches, 1)
+    _, epoch2 = _collect(batches, 2)
+    _, again = _collect(batches, 1)
+    assert not torch.equal(epoch1, digits.train.labels)  # shuffled
+    assert not torch.equal(epoch1, epoch2)  # a new order each epoch
+    assert torch.equal(epoch1, again)  # the same order for the same (seed, epoch)
+    _, tail = _collect(batches, 1, start=3)  # a resumed epoch continues where it stopped
+    assert torch.equal(tail, epoch1[3 * 32:])
+
+
+def test_test_set_is_never_shuffled():
+    digits = data.synthetic(n_train=64, n_test=100)
+    for kind in ("tensor", "dataloader"):
+        batches = data.make_batches(kind, digits.test, digits.spec, 32, torch.device("cpu"),
+                                    shuffle=False)
+        _, labels = _collect(batches, epoch=3)
+        assert torch.equal(labels, digits.test.labels), kind
+
+
+def test_normalisation_matches_torchvision_transforms():
+    from PIL import Image
+    from torchvision import transforms
+
+    digits = data.synthetic(n_train=8, n_test=8)
+    spec = data.DATASETS["fashion-mnist"]
+    reference = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize((spec.mean,), (spec.std,))])
+    expected = torch.stack([reference(Image.fromarray(img.numpy()))
+                            for img in digits.train.images])
+    assert torch.equal(data.normalize(digits.train.images, spec.mean, spec.std), expected)

@@ -1,0 +1,118 @@
+"""Training behaviour on the synthetic dry-run data: reproducibility, checkpoints, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
+
+import torchmnist
+from torchmnist import checkpoint
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [(r["kind"], r["train_loss"], r["test_loss"]) for r in read_metrics(run_dir)]
+
+
+def _train(tmp, name, *flags, capsys):
+    code, out, err = run_main(["train", "--dry-run", "--run-dir", str(tmp / name), "--json",
+                               "--log-interval", "4", *flags], capsys)
+    assert code == 0, err
+    return last_json(out)
+
+
+@pytest.mark.parametrize("loader", ["tensor", "dataloader"])
+def test_same_seed_gives_identical_losses(tmp_path, loader, capsys):
+    flags = ["--epochs", "2", "--loader", loader, "--num-workers", "0"]
+    _train(tmp_path, "a", *flags, capsys=capsys)
+    _train(tmp_path, "b", *flags, capsys=capsys)
+    _train(tmp_path, "c", *flags, "--seed", "2", capsys=capsys)
+    a, b, c = (_losses(tmp_path / n) for n in "abc")
+    assert len(a) == 2 * (4 + 1)  # 16 batches / 4 per log line, plus one record per epoch
+    assert a == b
+    assert a != c
+
+
+def test_both_loaders_train_the_same_model(tmp_path, capsys):
+    # Same order, same normalisation arithmetic: the two loaders give the same run, bit for bit.
+    tensor = _train(tmp_path, "t", "--loader", "tensor", capsys=capsys)
+    loader = _train(tmp_path, "d", "--loader", "dataloader", "--num-workers", "2", capsys=capsys)
+    assert _losses(tmp_path / "t") == _losses(tmp_path / "d")
+    assert tensor["test_accuracy"] == loader["test_accuracy"]
+
+
+def test_training_learns_the_synthetic_task(tmp_path, capsys):
+    summary = _train(tmp_path, "r", "--epochs", "8", "--lr", "0.05", capsys=capsys)
+    metrics = read_metrics(tmp_path / "r")
+    epochs = [r for r in metrics if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert summary["test_accuracy"] > 0.9  # chance is 0.1
+
+
+def test_metrics_records_have_the_documented_fields(tmp_path, capsys):
+    _train(tmp_path, "r", "--recipe", "official", "--epochs", "2", capsys=capsys)
+    records = read_metrics(tmp_path / "r")
+    for record in records:
+        assert {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "seconds",
+                "lr"} <= record.keys()
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["lr"] for r in epochs] == [1.0, 0.7]  # Adadelta with StepLR(gamma=0.7)
+    assert all(r["test_accuracy"] is not None for r in epochs)
+
+
+def test_checkpoint_holds_model_optimiser_and_progress(tmp_path, capsys):
+    summary = _train(tmp_path, "r", "--save-model", capsys=capsys)
+    saved = checkpoint.load(summary["checkpoint"])  # weights_only=True
+    assert saved["format_version"] == checkpoint.FORMAT_VERSION
+    assert saved["config"]["model"] == "guide"
+    assert saved["progress"]["epoch"] == 2 and saved["progress"]["batch"] == 0
+    assert saved["progress"]["step"] == 16
+    assert saved["optimizer"]["state"]  # SGD momentum buffers
+    weights = torch.load(summary["model_file"], weights_only=True)
+    assert torch.equal(weights["fc2.weight"], saved["model"]["fc2.weight"])
+
+
+def test_resume_continues_to_the_same_result(tmp_path, capsys):
+    full = _train(tmp_path, "full", "--epochs", "3", capsys=capsys)
+    _train(tmp_path, "part", "--epochs", "1", capsys=capsys)
+    resumed = _train(tmp_path, "part", "--resume", "--epochs", "3", capsys=capsys)
+    assert resumed["epochs"] == 3
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    a = checkpoint.load(full["checkpoint"])["model"]
+    b = checkpoint.load(resumed["checkpoint"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_keeps_the_saved_settings_unless_overridden(tmp_path, capsys):
+    _train(tmp_path, "r", "--recipe", "official", "--epochs", "1", capsys=capsys)
+    code, out, err = run_main(["train", "--run-dir", str(tmp_path / "r"), "--resume",
+                               "--epochs", "2", "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["model"] == "official"  # not the guide recipe's default
+    assert "epochs: 1 in the checkpoint, 2 now (now wins)" in out
+
+
+def test_resume_with_a_different_batch_size_is_refused(tmp_path, capsys):
+    _train(tmp_path, "r", capsys=capsys)
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    code, _, err = run_main(["train", "--run-dir", str(tmp_path / "r"), "--resume",
+                             "--batch-size", "32"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "batch_size (checkpoint: 64, now: 32)")
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
+    _train(tmp_path, "r", capsys=capsys)
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "already holds a run's checkpoint", "--resume")
+
+
+def test_python_api_matches_the_cli(tmp_path, capsys):
+    summary = torchmnist.train(torchmnist.TrainConfig(dry_run=True, epochs=1,
+                                                      run_dir=str(tmp_path / "api")))
+    cli_summary = _train(tmp_path, "cli", "--epochs", "1", capsys=capsys)
+    assert summary["test_accuracy"] == cli_summary["test_accuracy"]
