@@ -130,7 +130,7 @@ def test_real_mnist_matches_its_published_facts(mnist_dir):
 
 
 def _collect(batches, epoch=1, start=0):
-    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in batches.batches(epoch, start)])
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in batches.batches(epoch, start)], strict=True)
     return torch.cat(xs), torch.cat(ys)
 
 

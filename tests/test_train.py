@@ -116,3 +116,5 @@ def test_python_api_matches_the_cli(tmp_path, capsys):
                                                       run_dir=str(tmp_path / "api")))
     cli_summary = _train(tmp_path, "cli", "--epochs", "1", capsys=capsys)
     assert summary["test_accuracy"] == cli_summary["test_accuracy"]
+    official = torchmnist.TrainConfig.for_recipe("official", epochs=1)
+    assert (official.model, official.optimizer, official.epochs) == ("official", "adadelta", 1)

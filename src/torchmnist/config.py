@@ -82,6 +82,12 @@ class TrainConfig:
                          "made in memory, one epoch unless --epochs is given (offline, never "
                          "touches the data directory)")
 
+    @classmethod
+    def for_recipe(cls, recipe: str = "guide", **overrides: Any) -> TrainConfig:
+        """A recipe's config with some values changed: `TrainConfig.for_recipe("official",
+        epochs=1)`. (A bare `TrainConfig(...)` starts from the guide's values.)"""
+        return resolve({"recipe": recipe, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

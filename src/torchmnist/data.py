@@ -53,6 +53,9 @@ IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # IDX: uint8 data, 3 or 1 dim
 SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, 1, 28, 28) float32, y (B,) int64
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # (N, 28, 28) uint8, on the CPU
@@ -210,7 +213,8 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     ToTensor (divide by 255) then Normalize (subtract mean, divide by std), so both loaders
     produce bit-identical batches."""
     x = images.unsqueeze(1).to(torch.float32).div(255)
-    return x.sub(torch.tensor(mean, dtype=torch.float32)).div(torch.tensor(std, dtype=torch.float32))
+    return x.sub(torch.tensor(mean, dtype=torch.float32)).div(
+        torch.tensor(std, dtype=torch.float32))
 
 
 class TensorBatches:
@@ -230,7 +234,7 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
-    def batches(self, epoch: int = 1, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
         if self.shuffle:
             order = epoch_order(n, self.seed, epoch).to(self.device)
@@ -314,7 +318,7 @@ class LoaderBatches:
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
-    def batches(self, epoch: int = 1, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start * self.batch_size)
         for images, labels in self.loader:
             # non_blocking overlaps the copy with compute when the memory is pinned; a no-op

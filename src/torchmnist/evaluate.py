@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import checkpoint, data, device as devices, models
+from torchmnist import checkpoint, data, models
+from torchmnist import device as devices
 from torchmnist.errors import UsageError
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from torchmnist import checkpoint, data, device as devices, models
+from torchmnist import checkpoint, data, models
+from torchmnist import device as devices
 from torchmnist.config import RESULT_KEYS, TrainConfig
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.evaluate import evaluate_model
