@@ -5,7 +5,7 @@ ends with exactly the model an uninterrupted run produces, bit for bit (on the C
     python scripts/crash_resume.py --loader dataloader --kills 6
     python scripts/crash_resume.py -- --data-dir ../shared/data --epochs 1   # real MNIST
 
-Flags after `--` go to `torchmnist train` (default: a dry run of 20 short epochs with a
+Flags after `--` go to `torchmnist train` (default: a dry run of 30 short epochs with a
 checkpoint every 3 batches). Exits 0 when the weights and the logged losses match, 1 otherwise.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TRAIN_FLAGS = ["--dry-run", "--epochs", "20", "--save-interval", "3",
+DEFAULT_TRAIN_FLAGS = ["--dry-run", "--epochs", "30", "--save-interval", "3",
                        "--log-interval", "4", "--device", "cpu"]
 
 
@@ -43,35 +43,46 @@ def check(workdir: Path, *, loader: str = "tensor", kills: int = 4, seed: int = 
     rng = random.Random(seed)
 
     reference = workdir / "uninterrupted"
-    started = time.monotonic()
-    subprocess.run(_command(reference, loader, train_flags), check=True, capture_output=True)
-    duration = time.monotonic() - started
+    finished = subprocess.run(_command(reference, loader, [*train_flags, "--json"]), check=True,
+                              capture_output=True, text=True)
+    train_seconds = json.loads(finished.stdout.strip().splitlines()[-1])["train_seconds"]
 
     crashed = workdir / "crashed"
-    moments = []
-    for _ in range(kills + 1):
-        resume = ["--resume"] if (crashed / "last.pt").exists() else []
+    last = crashed / "last.pt"
+    kills_done, resumed_at = [], []
+    while True:
+        resume = ["--resume"] if last.exists() else []
+        if resume:
+            progress = torch.load(last, weights_only=True)["progress"]
+            resumed_at.append([progress["epoch"], progress["batch"]])
+        before = last.stat().st_mtime_ns if last.exists() else None
         process = subprocess.Popen(_command(crashed, loader, [*train_flags, *resume]),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if len(moments) == kills:  # the last start runs to the end
+        if len(kills_done) == kills:  # the last start runs to the end
             _, stderr = process.communicate()
             if process.returncode != 0:
                 raise RuntimeError(f"the final resume failed: {stderr.decode()}")
             break
-        delay = rng.uniform(0.3, duration)  # anywhere from start-up to the end of training
+        # Wait until this process has written a checkpoint of its own, so the kill lands in
+        # training rather than in start-up, then at a random moment after that.
+        while process.poll() is None and (
+                not last.exists() or last.stat().st_mtime_ns == before):
+            time.sleep(0.01)
+        delay = rng.uniform(0, train_seconds / (kills + 1))  # leaves training for the next kill
         try:
             process.wait(timeout=delay)  # it may finish before its moment comes
         except subprocess.TimeoutExpired:
             process.kill()  # SIGKILL: no handler runs, nothing is flushed
             process.wait()
-        moments.append(round(delay, 2))
+        kills_done.append(round(delay, 2))
 
     ours = torch.load(crashed / "last.pt", weights_only=True)["model"]
     theirs = torch.load(reference / "last.pt", weights_only=True)["model"]
     weights_equal = ours.keys() == theirs.keys() and all(
         torch.equal(ours[k], theirs[k]) for k in ours)
     losses_equal = _losses(crashed) == _losses(reference)
-    return {"loader": loader, "kill_seconds": moments, "uninterrupted_seconds": round(duration, 2),
+    return {"loader": loader, "uninterrupted_train_seconds": train_seconds,
+            "kill_seconds_after_a_checkpoint": kills_done, "resumed_at_epoch_batch": resumed_at,
             "weights_identical": weights_equal, "losses_identical": losses_equal}
 
 

@@ -7,6 +7,7 @@ A torchmnist checkpoint is one `torch.save` file holding a dict:
     model             the model's state_dict (never a compiled wrapper's)
     optimizer         the optimiser's state_dict
     scheduler         the LR scheduler's state_dict, or None
+    scaler            the AMP gradient scaler's state_dict, or None
     progress          epoch, batch within the epoch, global step, running loss sums, best accuracy
     rng               python, numpy, torch (and CUDA) RNG states
     metrics           every record written to metrics.jsonl so far
@@ -26,35 +27,59 @@ from typing import Any
 
 import torch
 
+from torchmnist.config import RESULT_KEYS, TrainConfig
 from torchmnist.errors import TrainingError, UsageError
 
 FORMAT_VERSION = 1
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write `payload` so that a crash at any instant leaves either the old file or the new one.
-
-    The bytes go to a temporary file in the same directory, are flushed to disk, and only then
-    renamed over `path` (a rename within one file system is atomic).
-    """
+    """Write a training checkpoint atomically (see `_write_atomically`)."""
     from torchmnist import __version__
 
-    path = Path(path)
     payload = {"format_version": FORMAT_VERSION, "torchmnist_version": __version__,
                "torch_version": str(torch.__version__), **payload}
+    _write_atomically(Path(path), lambda f: torch.save(payload, f))
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write bare weights: `.safetensors` (no pickle at all) or a torch `state_dict` file."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save as to_safetensors
+
+        _write_atomically(path, lambda f: f.write(to_safetensors(tensors)))
+    else:
+        _write_atomically(path, lambda f: torch.save(tensors, f))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write so that a crash at any instant leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk, and only then
+    renamed over `path` (a rename within one file system is atomic). A failure (disk full, no
+    permission) removes the temporary file and leaves `path` as it was.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
-        raise TrainingError(f"could not write checkpoint {path}: {error.strerror or error}; "
-                            "the previous checkpoint there is unchanged") from None
+        raise TrainingError(f"could not write {path}: {error.strerror or error}; the previous "
+                            "file there, if any, is unchanged") from None
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete half-written temporary files that a killed process left behind."""
+    for tmp in directory.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -84,6 +109,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         raise UsageError(f"no checkpoint file at {path}")
     if path.stat().st_size == 0:
         raise UsageError(f"checkpoint {path} is empty")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -104,6 +131,16 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
                          f"{': ' + detail if detail else ''}") from None
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UsageError(f"{path} is not a readable safetensors file: {error}") from None
+
+
 def is_training_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and "format_version" in obj and "model" in obj
 
@@ -111,8 +148,8 @@ def is_training_checkpoint(obj: Any) -> bool:
 def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The model state_dict in a loaded file, and the run's config when it is a full checkpoint.
 
-    Accepts a torchmnist checkpoint or a plain state_dict, such as the guide's `model.pth` or
-    the official example's `mnist_cnn.pt`.
+    Accepts a torchmnist checkpoint, a plain state_dict such as the guide's `model.pth` or the
+    official example's `mnist_cnn.pt`, or the tensors of a `.safetensors` file.
     """
     if is_training_checkpoint(obj):
         return _strip_wrappers(obj["model"]), obj.get("config")
@@ -130,7 +167,39 @@ def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return state_dict
 
 
-def find_latest(runs_dir: str | os.PathLike = "runs") -> Path | None:
-    """The last.pt of the most recently written run under `runs_dir`."""
+def find_resume(resume: str, run_dir: str | None, runs_dir: str = "runs") -> Path:
+    """--resume PATH names a checkpoint or a run directory; a bare --resume ("last") means
+    last.pt in --run-dir, or in the most recently written run under runs/."""
+    if resume != "last":
+        path = Path(resume)
+        return path / "last.pt" if path.is_dir() else path
+    if run_dir is not None:
+        return Path(run_dir) / "last.pt"
     candidates = sorted(Path(runs_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    if not candidates:
+        raise UsageError(f"--resume found no checkpoint: there is no {runs_dir}/*/last.pt here; "
+                         "pass --resume PATH or --run-dir DIR")
+    return candidates[-1]
+
+
+def load_training(path: Path) -> dict:
+    """Load a full training checkpoint (not bare weights), ready to resume from."""
+    saved = load(path)
+    if not is_training_checkpoint(saved) or "progress" not in saved:
+        raise UsageError(f"{path} holds model weights only, not a training checkpoint to resume "
+                         "(use `torchmnist test` to evaluate it)")
+    return saved
+
+
+def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:
+    """Refuse a resume that would not continue the same run; describe the harmless changes."""
+    values = config.to_dict()
+    conflicts = [k for k in RESULT_KEYS if saved_config.get(k) != values[k]]
+    if conflicts:
+        details = ", ".join(f"{k} (checkpoint: {saved_config.get(k)!r}, now: {values[k]!r})"
+                            for k in conflicts)
+        raise UsageError(f"cannot resume with a different {details}; these change the result, "
+                         "so start a new run or drop those flags")
+    return [f"{k}: {saved_config[k]!r} in the checkpoint, {values[k]!r} now (now wins)"
+            for k in values if k not in ("resume", "run_dir") and k in saved_config
+            and saved_config[k] != values[k]]

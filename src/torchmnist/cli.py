@@ -17,11 +17,13 @@ from torchmnist import config as cfg
 from torchmnist.errors import TorchMnistError, UsageError
 
 # Flags whose form is not "--name VALUE".
-_SWITCHES = {"deterministic", "cuda_launch_blocking", "save_model", "json", "dry_run"}
+_SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_model", "json",
+             "dry_run"}
 _ON_OFF = {"download", "pin_memory"}
 _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
              "test_batch_size": "N", "epochs": "N", "log_interval": "N", "save_interval": "N",
-             "num_workers": "N", "seed": "S", "lr": "LR", "momentum": "M", "gamma": "G"}
+             "num_workers": "N", "keep": "N", "seed": "S", "lr": "LR", "momentum": "M",
+             "gamma": "G"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,12 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(explicit: dict[str, Any]) -> int:
-    from torchmnist.train import find_resume_checkpoint, read_training_checkpoint, train
+    from torchmnist.checkpoint import find_resume, load_training
+    from torchmnist.train import train
 
     if explicit.get("resume"):
         # A resumed run keeps its saved settings; only flags given now may change them.
-        path = find_resume_checkpoint(explicit["resume"], explicit.get("run_dir"))
-        saved_config = read_training_checkpoint(path)["config"]
+        path = find_resume(explicit["resume"], explicit.get("run_dir"))
+        saved_config = load_training(path)["config"]
         config = cfg.resolve({**explicit, "resume": str(path)}, saved=saved_config)
     else:
         config = cfg.resolve(explicit)
@@ -142,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             return _train(explicit)
         return _test(args)
     except TorchMnistError as error:
-        print(f"torchmnist: error: {error}", file=sys.stderr)
+        print(f"torchmnist: {error.label}: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         print("torchmnist: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # e.g. the run directory cannot be written: disk full, permissions
+        where = f": {error.filename}" if error.filename else ""
+        print(f"torchmnist: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1

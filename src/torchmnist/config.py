@@ -66,12 +66,15 @@ class TrainConfig:
                                "several jobs share a machine (default: torch's choice)")
     cuda_launch_blocking: bool = _opt(False, "set CUDA_LAUNCH_BLOCKING=1 so CUDA errors point "
                                       "at the failing call")
+    detect_anomaly: bool = _opt(False, "autograd anomaly detection: name the operation whose "
+                                "backward produced NaN (slow; for debugging)")
     # Output.
     log_interval: int = _opt(10, "batches between log lines")
     save_interval: int = _opt(10, "batches between checkpoints (0: only at the end of each "
                               "epoch)")
-    save_model: bool = _opt(False, "also write the final weights as model.pt in the run "
-                            "directory")
+    keep: int = _opt(0, "also keep the checkpoints of the last N epochs as epoch-NNN.pt")
+    save_model: bool = _opt(False, "also write the final weights as model.pt and "
+                            "model.safetensors in the run directory")
     run_dir: str | None = _opt(None, "run directory (default: runs/<date-time>-<dataset>-"
                                "<model>)")
     resume: str | None = _opt(None, "resume from PATH (a checkpoint or run directory), or "
@@ -163,7 +166,7 @@ def validate(config: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{_flag(name)} must be at least 1, not {value}")
-    for name in ("save_interval", "num_workers"):
+    for name in ("save_interval", "num_workers", "keep"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{_flag(name)} must not be negative, not {getattr(config, name)}")
     if not config.lr > 0:

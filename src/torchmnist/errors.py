@@ -7,6 +7,7 @@ The CLI prints it on stderr and exits with the class's status.
 
 class TorchMnistError(Exception):
     exit_code = 1
+    label = "error"  # the CLI prints "torchmnist: <label>: <message>"
 
 
 class UsageError(TorchMnistError):

@@ -19,10 +19,11 @@ from torch import nn, optim
 
 from torchmnist import checkpoint, data, models
 from torchmnist import device as devices
-from torchmnist.config import RESULT_KEYS, TrainConfig
+from torchmnist.config import TrainConfig
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.evaluate import evaluate_model
 from torchmnist.runlog import RunLog
+from torchmnist.signals import Stopped, StopSignals
 
 
 @dataclass
@@ -66,29 +67,6 @@ def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer):
     return None
 
 
-def find_resume_checkpoint(resume: str, run_dir: str | None) -> Path:
-    """--resume PATH names a checkpoint or a run directory; a bare --resume means last.pt in
-    --run-dir, or in the newest run under runs/."""
-    if resume != "last":
-        path = Path(resume)
-        return path / "last.pt" if path.is_dir() else path
-    if run_dir is not None:
-        return Path(run_dir) / "last.pt"
-    latest = checkpoint.find_latest("runs")
-    if latest is None:
-        raise UsageError("--resume found no checkpoint: there is no runs/*/last.pt here; pass "
-                         "--resume PATH or --run-dir DIR")
-    return latest
-
-
-def read_training_checkpoint(path: Path) -> dict:
-    saved = checkpoint.load(path)
-    if not checkpoint.is_training_checkpoint(saved) or "progress" not in saved:
-        raise UsageError(f"{path} holds model weights only, not a training checkpoint to resume "
-                         "(use `torchmnist test` to evaluate it)")
-    return saved
-
-
 def _new_run_dir(config: TrainConfig) -> Path:
     dataset = "synthetic" if config.dry_run else config.dataset
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -100,20 +78,6 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _check_resume(saved_config: dict, config: TrainConfig) -> list[str]:
-    """Refuse a resume that would not continue the same run; list the harmless changes."""
-    values = config.to_dict()
-    conflicts = [k for k in RESULT_KEYS if saved_config.get(k) != values[k]]
-    if conflicts:
-        details = ", ".join(f"{k} (checkpoint: {saved_config.get(k)!r}, now: {values[k]!r})"
-                            for k in conflicts)
-        raise UsageError(f"cannot resume with a different {details}; these change the result, "
-                         "so start a new run or drop those flags")
-    return [f"{k}: {saved_config.get(k)!r} in the checkpoint, {values[k]!r} now (now wins)"
-            for k in values if k not in ("resume", "run_dir") and k in saved_config
-            and saved_config[k] != values[k]]
-
-
 def train(config: TrainConfig) -> dict:
     """Train and test as `config` says; return the run's summary (also the CLI's --json)."""
     # ---- setup ----------------------------------------------------------------------------
@@ -123,9 +87,9 @@ def train(config: TrainConfig) -> dict:
     setup_start = time.perf_counter()
     saved, changes, resume_path = None, [], None
     if config.resume:
-        resume_path = find_resume_checkpoint(config.resume, config.run_dir)
-        saved = read_training_checkpoint(resume_path)
-        changes = _check_resume(saved["config"], config)
+        resume_path = checkpoint.find_resume(config.resume, config.run_dir)
+        saved = checkpoint.load_training(resume_path)
+        changes = checkpoint.check_compatible(saved["config"], config)
 
     devices.seed_everything(config.seed)
     if config.dry_run:
@@ -145,31 +109,31 @@ def train(config: TrainConfig) -> dict:
     scheduler = build_scheduler(config, optimizer)
     progress = Progress(epoch_loss_sum=torch.zeros((), device=device),
                         window_loss_sum=torch.zeros((), device=device))
-
     if saved is not None:
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
+        _restore(saved, resume_path, model, optimizer, scheduler)
         progress = Progress.from_state(saved["progress"], device)
-        devices.set_rng_state(saved["rng"])
     else:
         run_dir = Path(config.run_dir) if config.run_dir else _new_run_dir(config)
         if (run_dir / "last.pt").exists():
             raise UsageError(f"{run_dir} already holds a run's checkpoint; pass --resume to "
                              "continue it, or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temporaries(run_dir)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     log = RunLog(run_dir, history=saved["metrics"] if saved else None)
     last_path = run_dir / "last.pt"
 
     def save(path: Path) -> None:
+        # Never replace a good checkpoint with a diverged state: this save waits for the device
+        # anyway, so checking the weights here costs nothing extra.
+        _check_finite(model, progress)
         checkpoint.save(path, {
             "config": config.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "progress": progress.state(), "rng": devices.rng_state(), "metrics": log.history})
+            "scaler": None, "progress": progress.state(), "rng": devices.rng_state(),
+            "metrics": log.history})
 
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
               f"{' (synthetic, dry run)' if config.dry_run else ''}, device {device} "
@@ -186,41 +150,58 @@ def train(config: TrainConfig) -> dict:
 
     # ---- train ----------------------------------------------------------------------------
     result = None
-    for epoch in range(progress.epoch, config.epochs + 1):
-        _train_epoch(model, optimizer, train_batches, epoch, progress, config, log,
-                     save=lambda: save(last_path))
-        test_start = time.perf_counter()
-        result = evaluate_model(model, test_batches)
-        progress.seconds += time.perf_counter() - test_start
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step()
-        log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
-                    "train_loss": progress.epoch_loss_sum.item() / len(train_batches),
-                    "test_loss": result.loss, "test_accuracy": result.accuracy,
-                    "seconds": round(progress.seconds, 3), "lr": lr})
-        log.print(f"epoch {epoch}/{config.epochs}: test loss {result.loss:.4f}, accuracy "
-                  f"{result.correct}/{result.total} ({100 * result.accuracy:.2f}%), "
-                  f"{progress.seconds:.1f} s so far")
-        progress.best_accuracy = max(progress.best_accuracy or 0.0, result.accuracy)
-        progress.epoch, progress.batch = epoch + 1, 0
-        progress.epoch_loss_sum.zero_()
-        save(last_path)
+    with StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly):
+        for epoch in range(progress.epoch, config.epochs + 1):
+            _train_epoch(model, optimizer, train_batches, epoch, progress, config, log,
+                         save=lambda: save(last_path), stop=stop)
+            if stop.signum and progress.batch < len(train_batches):
+                _stop(stop, progress, last_path, save, log)  # mid-epoch
+            test_start = time.perf_counter()
+            result = evaluate_model(model, test_batches)
+            progress.seconds += time.perf_counter() - test_start
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+            log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
+                        "train_loss": progress.epoch_loss_sum.item() / len(train_batches),
+                        "test_loss": result.loss, "test_accuracy": result.accuracy,
+                        "seconds": round(progress.seconds, 3), "lr": lr})
+            log.print(f"epoch {epoch}/{config.epochs}: test loss {result.loss:.4f}, accuracy "
+                      f"{result.correct}/{result.total} ({100 * result.accuracy:.2f}%), "
+                      f"{progress.seconds:.1f} s so far")
+            improved = result.accuracy > (progress.best_accuracy or 0.0)
+            if improved:
+                progress.best_accuracy = result.accuracy
+            progress.epoch, progress.batch = epoch + 1, 0
+            progress.epoch_loss_sum.zero_()
+            save(last_path)
+            if improved:
+                save(run_dir / "best.pt")
+            if config.keep:
+                save(run_dir / f"epoch-{epoch:03d}.pt")
+                for old in sorted(run_dir.glob("epoch-*.pt"))[:-config.keep]:
+                    old.unlink()
+            if stop.signum and epoch < config.epochs:
+                _stop(stop, progress, last_path, save, log)  # between epochs
 
     # ---- save -----------------------------------------------------------------------------
     if result is None:  # resumed a run that had already finished: report where it stands
         log.print(f"nothing to train: the checkpoint already finished epoch {progress.epoch - 1}")
         result = evaluate_model(model, test_batches)
-    model_path = None
+    model_files = []
     if config.save_model:
-        model_path = run_dir / "model.pt"
-        torch.save(model.state_dict(), model_path)
+        model_files = [run_dir / "model.pt", run_dir / "model.safetensors"]
+        for path in model_files:
+            checkpoint.save_weights(path, model.state_dict())
     summary = {
         "test_accuracy": result.accuracy, "test_loss": result.loss,
         "best_accuracy": progress.best_accuracy, "epochs": progress.epoch - 1,
         "steps": progress.step, "train_seconds": round(progress.seconds, 3),
         "setup_seconds": round(setup_seconds, 3), "run_dir": str(run_dir),
-        "checkpoint": str(last_path), "model_file": str(model_path) if model_path else None,
+        "checkpoint": str(last_path),
+        "best_checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
+        "model_file": str(model_files[0]) if model_files else None,
+        "safetensors_file": str(model_files[1]) if model_files else None,
         "device": str(device), "dataset": config.dataset, "model": config.model,
         "recipe": config.recipe,
     }
@@ -230,8 +211,45 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
+def _restore(saved: dict, path: Path, model: nn.Module, optimizer: optim.Optimizer,
+             scheduler) -> None:
+    """Put the saved state back: weights, optimiser, schedule and every RNG stream."""
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        devices.set_rng_state(saved["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path} does not fit the {saved['config'].get('model')!r} model and "
+                         f"its optimiser: {detail}") from None
+
+
+def _check_finite(model: nn.Module, progress: Progress) -> None:
+    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not (finite.item() and progress.epoch_loss_sum.isfinite().item()):
+        raise TrainingError(
+            f"training diverged: the loss or the weights became NaN or infinite by epoch "
+            f"{progress.epoch}, batch {progress.batch}; the last checkpoint written, if any, holds "
+            "the state before that, so try again with a lower --lr (--detect-anomaly finds the "
+            "operation)")
+
+
+def _stop(stop: StopSignals, progress: Progress, last_path: Path, save, log: RunLog) -> None:
+    """Save where the run stands and leave with 128 + the signal's number."""
+    save(last_path)
+    log.print(f"stopped by {stop.name} at epoch {progress.epoch}, batch {progress.batch}; "
+              f"saved {last_path}")
+    log.close()
+    raise Stopped(f"{stop.name} at epoch {progress.epoch}, batch {progress.batch} (step "
+                  f"{progress.step}); checkpoint saved; resume with: torchmnist train --resume "
+                  f"{last_path}", stop.signum)
+
+
 def _train_epoch(model: nn.Module, optimizer: optim.Optimizer, train_batches, epoch: int,
-                 progress: Progress, config: TrainConfig, log: RunLog, save) -> None:
+                 progress: Progress, config: TrainConfig, log: RunLog, save,
+                 stop: StopSignals) -> None:
     model.train()  # dropout on
     total = len(train_batches)
     log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{config.epochs}")
@@ -255,10 +273,7 @@ def _train_epoch(model: nn.Module, optimizer: optim.Optimizer, train_batches, ep
             # The logging branch: the one place a training step waits for the device.
             window_loss = progress.window_loss_sum.item() / progress.window_batches
             if not math.isfinite(window_loss):
-                raise TrainingError(
-                    f"training diverged: the loss became {window_loss} at epoch {epoch}, batch "
-                    f"{progress.batch}; the last checkpoint holds the state before that, so try "
-                    "again with a lower --lr")
+                _check_finite(model, progress)  # raises
             now = time.perf_counter()
             progress.seconds, mark = progress.seconds + now - mark, now
             log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
@@ -271,5 +286,7 @@ def _train_epoch(model: nn.Module, optimizer: optim.Optimizer, train_batches, ep
             progress.window_batches = 0
         if config.save_interval and progress.batch % config.save_interval == 0 and not last_batch:
             save()  # the end of the epoch is saved after testing
+        if stop.signum:
+            break  # the caller saves and stops (after testing, if the epoch is complete)
     progress.seconds += time.perf_counter() - mark
     log.close_bar()

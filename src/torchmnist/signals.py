@@ -1,0 +1,52 @@
+"""Stopping cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`, a container stop).
+
+The first signal only raises a flag; the training loop looks at it after each step, writes a
+checkpoint and exits with 128 + the signal's number. A second Ctrl-C aborts at once (the last
+checkpoint on disk stays valid, because checkpoints are written atomically).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from torchmnist.errors import TorchMnistError
+
+
+class Stopped(TorchMnistError):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """Context manager: while inside, SIGINT and SIGTERM ask the run to stop after this step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        # Handlers can only be installed from the main thread; elsewhere (an API call in a
+        # worker thread) signals keep their usual meaning.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""

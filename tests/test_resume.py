@@ -1,0 +1,246 @@
+"""Exact resume, and checkpoints that survive crashes, signals, divergence and bad files."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
+
+from torchmnist import checkpoint, models
+from torchmnist.signals import StopSignals
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG_DRY_RUN = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--log-interval", "4",
+                "--device", "cpu"]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("loader", ["tensor", "dataloader"])
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(loader, tmp_path):
+    crash_resume = _load_script("crash_resume")
+    result = crash_resume.check(tmp_path, loader=loader, kills=5, seed=1)
+    assert result["weights_identical"], result
+    assert result["losses_identical"], result
+    assert len(result["resumed_at_epoch_batch"]) == 5
+    # The kills came mid-epoch too, not only at epoch boundaries (a checkpoint every 3 of 16).
+    assert any(batch > 0 for _, batch in result["resumed_at_epoch_batch"]), result
+
+
+def _start(tmp_path: Path, run_dir: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--run-dir", run_dir,
+                                *LONG_DRY_RUN], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / run_dir / "last.pt").exists():  # training has begun
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_prints_the_resume_command_and_resumes_exactly(signum, code, tmp_path):
+    reference = run_subprocess(["train", "--run-dir", "ref", *LONG_DRY_RUN], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+
+    process = _start(tmp_path, "run")
+    time.sleep(0.3)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert_one_sentence_error(stderr, signal.Signals(signum).name, "checkpoint saved",
+                              "resume with: torchmnist train --resume run/last.pt")
+    stopped_at = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["progress"]
+    assert stopped_at["epoch"] <= 30
+
+    command = stderr.split("resume with: ")[1].split()
+    resumed = run_subprocess(command[1:], cwd=tmp_path)  # the printed command, as typed
+    assert resumed.returncode == 0, resumed.stderr
+    assert _identical(_weights(tmp_path / "run" / "last.pt"),
+                      _weights(tmp_path / "ref" / "last.pt"))
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    stop = StopSignals()
+    stop._handle(signal.SIGINT, None)
+    assert stop.signum == signal.SIGINT  # the first only asks to stop after this step
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
+class _Payload:
+    """Unpickling this runs code (here: it creates a file), the classic malicious pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": {"w": torch.zeros(1)}, "progress": {},
+                "config": {}, "hook": _Payload(marker)}, path)
+    for args in (["test", str(path), "--data-dir", "x", "--no-download"],
+                 ["train", "--resume", str(path)]):
+        code, _, err = run_main(args, capsys)
+        assert code == 2
+        assert_one_sentence_error(err, "refusing to load", str(path), "exec")
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: unsafe loading does run the payload
+    assert marker.exists()
+
+
+def _good_checkpoint(tmp_path: Path, capsys) -> Path:
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", "good"], capsys)
+    assert code == 0, err
+    return tmp_path / "good" / "last.pt"
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable checkpoint"),
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 64), "not a readable checkpoint"),
+])
+def test_damaged_checkpoints_are_refused_on_resume(damage, fragment, tmp_path, capsys):
+    path = _good_checkpoint(tmp_path, capsys)
+    damage(path)
+    code, _, err = run_main(["train", "--resume", str(path)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(path), fragment)
+
+
+def test_wrong_model_checkpoint_is_refused_on_resume(tmp_path, capsys):
+    path = _good_checkpoint(tmp_path, capsys)
+    saved = torch.load(path, weights_only=True)
+    saved["model"] = models.OfficialNet().state_dict()  # config still says "guide"
+    torch.save(saved, path)
+    code, _, err = run_main(["train", "--resume", str(path)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(path), "does not fit the 'guide' model")
+
+
+def test_weights_only_files_cannot_be_resumed(tmp_path, capsys):
+    path = tmp_path / "model.pth"
+    torch.save(models.GuideNet().state_dict(), path)
+    code, _, err = run_main(["train", "--resume", str(path)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "holds model weights only", "torchmnist test")
+
+
+def test_diverged_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    code, _, err = run_main(["train", "--dry-run", "--lr", "1e10", "--save-interval", "1",
+                             "--log-interval", "1", "--run-dir", "r"], capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "training diverged", "NaN or infinite", "lower --lr")
+    saved = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert saved["progress"]["step"] >= 1
+    assert all(t.isfinite().all() for t in saved["model"].values())
+
+
+def test_failed_write_never_corrupts_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the fourth checkpoint: half written, then the disk is full
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    code, _, err = run_main(["train", "--dry-run", "--save-interval", "3", "--run-dir", "r"],
+                            capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "could not write r/last.pt", "No space left on device",
+                              "unchanged")
+    monkeypatch.setattr(torch, "save", real_save)
+    saved = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert saved["progress"]["batch"] == 9  # the third checkpoint, intact
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "config.json", "last.pt", "metrics.jsonl", "train.log"]  # no half-written leftovers
+
+
+def test_best_and_kept_epoch_checkpoints(tmp_path, capsys):
+    code, out, err = run_main(["train", "--dry-run", "--epochs", "5", "--lr", "0.05", "--keep",
+                               "2", "--run-dir", "r", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(out)
+    run_dir = tmp_path / "r"
+    assert sorted(p.name for p in run_dir.glob("epoch-*.pt")) == ["epoch-004.pt", "epoch-005.pt"]
+    accuracies = [r["test_accuracy"] for r in read_metrics(run_dir) if r["kind"] == "epoch"]
+    best = checkpoint.load(run_dir / "best.pt")
+    assert best["progress"]["best_accuracy"] == max(accuracies) == summary["best_accuracy"]
+    assert best["progress"]["epoch"] - 1 == accuracies.index(max(accuracies)) + 1
+
+
+def test_more_epochs_continue_training(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    code, out, err = run_main(["train", "--resume", "--run-dir", "r", "--epochs", "3", "--json"],
+                              capsys)
+    assert code == 0, err
+    assert last_json(out)["epochs"] == 3
+    assert [r["epoch"] for r in read_metrics(tmp_path / "r") if r["kind"] == "epoch"] == [1, 2, 3]
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, capsys, monkeypatch):
+    path = _good_checkpoint(tmp_path, capsys)
+    saved = torch.load(path, weights_only=True)
+    # Save it the way a CUDA run would: every storage tagged with the location "cuda:0".
+    monkeypatch.setattr(torch.serialization, "_package_registry",
+                        list(torch.serialization._package_registry))
+    torch.serialization.register_package(0, lambda storage: "cuda:0", lambda obj, loc: None)
+    torch.save(saved, path)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # the control: without map_location it cannot load here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    assert checkpoint.load(path)["model"]["conv1.weight"].device.type == "cpu"
+    code, out, err = run_main(["train", "--resume", str(path), "--epochs", "2", "--device",
+                               "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["epochs"] == 2
+
+
+def test_safetensors_weights_are_written_and_tested(tmp_path, capsys):
+    from conftest import make_dataset_files
+
+    make_dataset_files(tmp_path / "data" / "MNIST" / "raw")
+    code, out, err = run_main(["train", "--data-dir", "data", "--epochs", "1", "--save-model",
+                               "--run-dir", "r", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(out)
+    from safetensors.torch import load_file
+
+    tensors = load_file(summary["safetensors_file"])
+    assert _identical(tensors, _weights(tmp_path / "r" / "last.pt"))
+    results = []
+    for name in ("last.pt", "model.pt", "model.safetensors"):
+        code, out, err = run_main(["test", f"r/{name}", "--data-dir", "data", "--json"], capsys)
+        assert code == 0, err
+        results.append(last_json(out)["test_loss"])
+    assert results[0] == results[1] == results[2] == summary["test_loss"]
