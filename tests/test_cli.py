@@ -29,7 +29,7 @@ def test_dry_run_with_empty_home_writes_a_complete_run(tmp_path):
         assert (run_dir / name).is_file(), name
     assert summary["epochs"] == 1  # one short epoch
     assert list(home.iterdir()) == []  # never touched ~/.torch/datasets
-    assert "epoch 1/1: test loss" in (run_dir / "train.log").read_text()
+    assert "epoch 1/1 step 16: test loss" in (run_dir / "train.log").read_text()
 
 
 def test_python_dash_m_and_console_script_share_the_parser(tmp_path):
@@ -52,8 +52,9 @@ def test_every_train_flag_has_help_with_its_default():
         assert "default" in action.help, f"{field.name}: {action.help!r}"
     flat = " ".join(_train_parser().format_help().split())
     # The guide's values are the defaults; the official recipe's differences are shown too.
-    assert "--batch-size N training batch size (default: 64)" in flat
-    assert "(default: 0.01; official recipe: 1.0)" in flat
+    assert "--batch-size N training batch size (default: 64; fast recipe: 64; " not in flat
+    assert "--batch-size N training batch size (default: 64; best recipe: 128)" in flat
+    assert "(default: 0.01; official recipe: 1.0; fast recipe: 0.1; best recipe: 0.05)" in flat
     assert "--no-cuda" in flat
 
 

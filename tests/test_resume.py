@@ -195,7 +195,9 @@ def test_best_and_kept_epoch_checkpoints(tmp_path, capsys):
     accuracies = [r["test_accuracy"] for r in read_metrics(run_dir) if r["kind"] == "epoch"]
     best = checkpoint.load(run_dir / "best.pt")
     assert best["progress"]["best_accuracy"] == max(accuracies) == summary["best_accuracy"]
-    assert best["progress"]["epoch"] - 1 == accuracies.index(max(accuracies)) + 1
+    # Saved right after the best test: that epoch, all its 16 batches done.
+    assert best["progress"]["epoch"] == accuracies.index(max(accuracies)) + 1
+    assert best["progress"]["batch"] == 16
 
 
 def test_more_epochs_continue_training(tmp_path, capsys):

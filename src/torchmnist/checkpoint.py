@@ -152,6 +152,9 @@ def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     official example's `mnist_cnn.pt`, or the tensors of a `.safetensors` file.
     """
     if is_training_checkpoint(obj):
+        if obj.get("ema"):  # an average of the weights is what the run tested: ship that one
+            averaged = {k: v for k, v in obj["ema"].items() if k != "n_averaged"}
+            return _strip_wrappers(averaged), obj.get("config")
         return _strip_wrappers(obj["model"]), obj.get("config")
     if isinstance(obj, dict) and obj and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -194,7 +197,10 @@ def load_training(path: Path) -> dict:
 def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:
     """Refuse a resume that would not continue the same run; describe the harmless changes."""
     values = config.to_dict()
-    conflicts = [k for k in RESULT_KEYS if saved_config.get(k) != values[k]]
+    keys = RESULT_KEYS
+    if saved_config.get("scheduler") == "onecycle":  # its schedule is laid over all epochs
+        keys = (*RESULT_KEYS, "epochs")
+    conflicts = [k for k in keys if saved_config.get(k) != values[k]]
     if conflicts:
         details = ", ".join(f"{k} (checkpoint: {saved_config.get(k)!r}, now: {values[k]!r})"
                             for k in conflicts)

@@ -18,12 +18,13 @@ from torchmnist.errors import TorchMnistError, UsageError
 
 # Flags whose form is not "--name VALUE".
 _SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_model", "json",
-             "dry_run"}
-_ON_OFF = {"download", "pin_memory"}
+             "dry_run", "compile"}
+_ON_OFF = {"download", "pin_memory", "nesterov", "channels_last"}
 _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
              "test_batch_size": "N", "epochs": "N", "log_interval": "N", "save_interval": "N",
              "num_workers": "N", "keep": "N", "seed": "S", "lr": "LR", "momentum": "M",
-             "gamma": "G"}
+             "gamma": "G", "weight_decay": "WD", "warmup": "F", "label_smoothing": "F",
+             "ema": "DECAY", "target_accuracy": "A", "eval_interval": "N[s]"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,11 +33,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _default_text(name: str) -> str:
-    value = cfg.default_for(name)
-    text = f"default: {'off' if value is False else 'on' if value is True else value}"
+    def shown(value: Any) -> str:
+        return "off" if value is False else "on" if value is True else str(value)
+
+    text = f"default: {shown(cfg.default_for(name))}"
     for recipe in cfg.RECIPES:
         if recipe != "guide" and cfg.default_for(name, recipe) != cfg.default_for(name):
-            text += f"; {recipe} recipe: {cfg.default_for(name, recipe)}"
+            text += f"; {recipe} recipe: {shown(cfg.default_for(name, recipe))}"
     return text
 
 
@@ -53,10 +56,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "resume":
             parser.add_argument(flag, nargs="?", const="last", metavar="PATH", help=help_text)
         else:
-            kind = {int: int, float: float}.get(type(cfg.default_for(f.name)), str)
-            if f.name == "threads":
-                kind = int
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"),
+            parser.add_argument(flag, type=f.metadata["type"], choices=f.metadata.get("choices"),
                                 metavar=_METAVARS.get(f.name), help=help_text)
         if f.name == "device":
             parser.add_argument("--no-cuda", dest="device", action="store_const", const="cpu",

@@ -17,25 +17,35 @@ from typing import Any
 from torchmnist.errors import UsageError
 
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
-MODELS = ("guide", "official")
+MODELS = ("guide", "official", "fast", "best")
 OPTIMIZERS = ("sgd", "adadelta", "adam", "adamw")
-SCHEDULERS = ("none", "step")
+SCHEDULERS = ("none", "step", "onecycle")
+AMP = ("none", "bf16", "fp16")
+AUGMENTATIONS = ("none", "translate", "affine")
 LOADERS = ("tensor", "dataloader")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, **meta})
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None,
+         type: type | None = None) -> Any:
+    # `type` parses the flag's text; it defaults to the type of the default value.
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "type": type or _type_of(default)})
+
+
+def _type_of(default: Any) -> type:
+    return default.__class__ if isinstance(default, int | float) else str
 
 
 @dataclass
 class TrainConfig:
     # What to train.
-    recipe: str = _opt("guide", "named set of defaults; explicit flags override it",
-                       choices=("guide", "official"))
+    recipe: str = _opt("guide", "named set of defaults; explicit flags override it: guide, "
+                       "official, fast (quickest to 99%%), best (highest accuracy)",
+                       choices=("guide", "official", "fast", "best"))
     dataset: str = _opt("mnist", "dataset to train and test on", choices=DATASETS)
-    model: str = _opt("guide", "network: the guide's small CNN or the official example's",
-                      choices=MODELS)
+    model: str = _opt("guide", "network: the guide's small CNN, the official example's, or "
+                      "torchmnist's fast and best ones", choices=MODELS)
     # Where the data comes from.
     data_dir: str | None = _opt(None, "dataset root (torchvision layout, e.g. DIR/MNIST/raw); "
                                 "default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets")
@@ -44,9 +54,17 @@ class TrainConfig:
     optimizer: str = _opt("sgd", "optimiser", choices=OPTIMIZERS)
     lr: float = _opt(0.01, "learning rate")
     momentum: float = _opt(0.5, "SGD momentum (sgd only)")
-    scheduler: str = _opt("none", "learning-rate schedule; step multiplies the rate by --gamma "
-                          "after every epoch", choices=SCHEDULERS)
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd only)")
+    weight_decay: float = _opt(0.0, "weight decay")
+    scheduler: str = _opt("none", "learning-rate schedule: step multiplies the rate by --gamma "
+                          "after every epoch; onecycle warms up linearly to --lr over "
+                          "--warmup of the run, then anneals linearly, every step",
+                          choices=SCHEDULERS)
     gamma: float = _opt(0.7, "StepLR factor applied after each epoch (with --scheduler step)")
+    warmup: float = _opt(0.2, "fraction of the run spent warming up (with --scheduler onecycle)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    ema: float = _opt(0.0, "decay of an exponential moving average of the weights, which is "
+                      "then the model tested and saved (0: off)")
     batch_size: int = _opt(64, "training batch size")
     test_batch_size: int = _opt(1000, "test batch size (does not change results)")
     epochs: int = _opt(10, "number of epochs to train")
@@ -58,12 +76,26 @@ class TrainConfig:
     num_workers: int = _opt(4, "DataLoader worker processes (--loader dataloader)")
     pin_memory: bool | None = _opt(None, "pin host memory for faster copies to the GPU "
                                    "(--loader dataloader); default: on when training on CUDA")
+    augment: str = _opt("none", "on-device augmentation of each training batch: translate "
+                        "shifts each image by up to 2 pixels; affine also rotates (up to 10 "
+                        "degrees) and scales (0.9-1.1)", choices=AUGMENTATIONS)
+    # Speed.
+    amp: str = _opt("none", "mixed precision: bf16 autocast (CPU or CUDA), or fp16 with a "
+                    "gradient scaler (CUDA)", choices=AMP)
+    channels_last: bool = _opt(False, "keep images and weights in channels-last memory order")
+    compile: bool = _opt(False, "torch.compile the model (compile time is reported apart)")
+    target_accuracy: float | None = _opt(None, "stop as soon as the test accuracy reaches this "
+                                         "fraction (e.g. 0.99) and report the time it took; "
+                                         "default: train all epochs", type=float)
+    eval_interval: str = _opt("1", "test every N epochs, or every N steps with an s suffix "
+                              "(500s)")
     # Device and reproducibility.
     device: str = _opt("auto", "auto picks the available accelerator (torch.accelerator), "
                        "else the CPU", choices=DEVICES)
     deterministic: bool = _opt(False, "use only deterministic algorithms (torch, cuDNN, cuBLAS)")
     threads: int | None = _opt(None, "torch CPU threads, like OMP_NUM_THREADS; set it when "
-                               "several jobs share a machine (default: torch's choice)")
+                               "several jobs share a machine (default: torch's choice)",
+                               type=int)
     cuda_launch_blocking: bool = _opt(False, "set CUDA_LAUNCH_BLOCKING=1 so CUDA errors point "
                                       "at the failing call")
     detect_anomaly: bool = _opt(False, "autograd anomaly detection: name the operation whose "
@@ -110,13 +142,29 @@ RECIPES: dict[str, dict[str, Any]] = {
         # one every 10 batches costs about 15% of an epoch on 2 CPU cores.
         "save_interval": 100,
     },
+    # The shortest time to 99% test accuracy; docs/benchmarks.md has the measurements behind
+    # every value.
+    "fast": {
+        "model": "fast", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
+        "weight_decay": 5e-4, "scheduler": "onecycle", "warmup": 0.2, "label_smoothing": 0.1,
+        "batch_size": 64, "epochs": 1, "amp": "bf16", "channels_last": True,
+        "log_interval": 100, "save_interval": 0,
+    },
+    # The highest accuracy: a wider network, augmentation and an average of the weights.
+    "best": {
+        "model": "best", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+        "weight_decay": 5e-4, "scheduler": "onecycle", "warmup": 0.15, "label_smoothing": 0.1,
+        "batch_size": 128, "epochs": 30, "augment": "affine", "ema": 0.999, "amp": "bf16",
+        "channels_last": True, "log_interval": 100, "save_interval": 200,
+    },
 }
 
 # Keys that change what a run computes. Resuming with a different value would not continue the
 # same run, so it is refused. Every other key (epochs, logging, output, workers) may change.
 RESULT_KEYS = (
-    "recipe", "dataset", "model", "optimizer", "lr", "momentum", "scheduler", "gamma", "batch_size",
-    "seed", "loader", "deterministic", "dry_run",
+    "recipe", "dataset", "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+    "scheduler", "gamma", "warmup", "label_smoothing", "ema", "batch_size", "seed", "loader",
+    "augment", "amp", "channels_last", "compile", "deterministic", "dry_run",
 )
 
 
@@ -175,6 +223,26 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--momentum must not be negative, not {config.momentum}")
     if not config.gamma > 0:
         raise UsageError(f"--gamma must be positive, not {config.gamma}")
+    if not config.weight_decay >= 0:
+        raise UsageError(f"--weight-decay must not be negative, not {config.weight_decay}")
+    for name in ("warmup", "label_smoothing", "ema"):
+        if not 0 <= getattr(config, name) < 1:
+            raise UsageError(f"--{_flag(name)} must be at least 0 and below 1, not "
+                             f"{getattr(config, name)}")
+    if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
+        raise UsageError(f"--target-accuracy is a fraction in (0, 1], such as 0.99, not "
+                         f"{config.target_accuracy}")
+    eval_interval(config)
+
+
+def eval_interval(config: TrainConfig) -> tuple[str, int]:
+    """--eval-interval as ("epochs", N) or ("steps", N)."""
+    text = str(config.eval_interval).strip()
+    unit, number = ("steps", text[:-1]) if text.endswith("s") else ("epochs", text)
+    if not number.isdigit() or int(number) < 1:
+        raise UsageError(f"--eval-interval must be a number of epochs (2) or of steps (500s), "
+                         f"not {config.eval_interval!r}")
+    return unit, int(number)
 
 
 def _flag(name: str) -> str:

@@ -102,6 +102,20 @@ def _as_tuple(value):
     return value
 
 
+def autocast(device: torch.device, amp: str):
+    """The mixed-precision context for --amp: bf16 on CPU or CUDA, fp16 on CUDA."""
+    if amp == "fp16" and device.type != "cuda":
+        raise UsageError(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use "
+                         "--amp bf16")
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock time measures work done, not queued."""
     if device.type == "cuda":

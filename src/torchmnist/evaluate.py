@@ -22,13 +22,18 @@ class Evaluation:
     total: int
 
 
-def evaluate_model(model: nn.Module, test_batches) -> Evaluation:
-    """One pass over the test set in eval mode (dropout off) without autograd."""
+def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
+                   channels_last: bool = False) -> Evaluation:
+    """One pass over the test set in eval mode (dropout off, BatchNorm's running statistics)
+    without autograd."""
     model.eval()
     loss_sum, correct, total = None, None, 0
     with torch.inference_mode():
         for x, y in test_batches.batches():
-            output = model(x)  # (B, 10) log-probabilities
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with devices.autocast(x.device, amp):
+                output = model(x).float()  # (B, 10) log-probabilities
             batch_loss = F.nll_loss(output, y, reduction="sum")
             batch_correct = (output.argmax(dim=1) == y).sum()
             # Summed on the device; the only sync is the .item() after the loop.

@@ -1,7 +1,8 @@
-"""Training: setup -> train (test after every epoch) -> save, as the guide lays it out.
+"""Training: setup -> train (testing as it goes) -> save, as the guide lays it out.
 
-`train(config)` is the whole run; `_train_epoch` is the loop the guide teaches, readable in one
-screen. Checkpoints hold everything needed to continue from the very next batch.
+`train(config)` is the whole run. `_setup` builds everything from the config (and a checkpoint,
+when resuming); `_train_epoch` is the loop the guide teaches, readable in one screen; `_save`
+writes everything needed to continue from the very next batch.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,12 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn, optim
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from torchmnist import checkpoint, data, models
 from torchmnist import device as devices
-from torchmnist.config import TrainConfig
+from torchmnist.augment import augment
+from torchmnist.config import TrainConfig, eval_interval
 from torchmnist.errors import TrainingError, UsageError
-from torchmnist.evaluate import evaluate_model
+from torchmnist.evaluate import Evaluation, evaluate_model
 from torchmnist.runlog import RunLog
 from torchmnist.signals import Stopped, StopSignals
 
@@ -34,6 +38,7 @@ class Progress:
     batch: int = 0  # batches of this epoch already trained
     step: int = 0  # optimiser steps in the whole run
     best_accuracy: float | None = None
+    target_seconds: float | None = None  # when --target-accuracy was reached
     seconds: float = 0.0  # time spent training and testing, summed over resumes
     # Running loss sums, kept on the device so that adding to them never waits for it.
     epoch_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
@@ -46,24 +51,63 @@ class Progress:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> Progress:
-        values = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        known = cls.__dataclass_fields__
+        values = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                  for k, v in state.items() if k in known}
         return cls(**values)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built by `_setup`."""
+
+    config: TrainConfig
+    device: torch.device
+    run_dir: Path
+    model: nn.Module  # the module whose state_dict is saved, never a compiled wrapper
+    forward: Callable  # what the loop calls: the model, or its torch.compile'd version
+    optimizer: optim.Optimizer
+    scheduler: optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    train_batches: data.TensorBatches | data.LoaderBatches
+    test_batches: data.TensorBatches | data.LoaderBatches
+    background: float  # the normalised value of an empty pixel, for augmentation
+    progress: Progress
+    log: RunLog
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def tested_model(self) -> nn.Module:
+        """The weights that are tested and shipped: the average when --ema is on."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> optim.Optimizer:
     params = model.parameters()  # the model is already on its device (see the guide)
+    decay = config.weight_decay
     if config.optimizer == "sgd":
-        return optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        return optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                         nesterov=config.nesterov and config.momentum > 0, weight_decay=decay)
     if config.optimizer == "adadelta":
-        return optim.Adadelta(params, lr=config.lr)
+        return optim.Adadelta(params, lr=config.lr, weight_decay=decay)
     if config.optimizer == "adam":
-        return optim.Adam(params, lr=config.lr)
-    return optim.AdamW(params, lr=config.lr)
+        return optim.Adam(params, lr=config.lr, weight_decay=decay)
+    return optim.AdamW(params, lr=config.lr, weight_decay=decay)
 
 
-def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer):
+def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_epoch: int):
+    """`step` is stepped once an epoch; `onecycle` once a step (see `_train_epoch`)."""
     if config.scheduler == "step":
         return optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
+    if config.scheduler == "onecycle":
+        return optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+            pct_start=config.warmup, anneal_strategy="linear", div_factor=10,
+            final_div_factor=100, cycle_momentum=False)
     return None
 
 
@@ -81,10 +125,83 @@ def _new_run_dir(config: TrainConfig) -> Path:
 def train(config: TrainConfig) -> dict:
     """Train and test as `config` says; return the run's summary (also the CLI's --json)."""
     # ---- setup ----------------------------------------------------------------------------
+    setup_start = time.perf_counter()
+    run, saved_from = _setup(config)
+    compile_seconds = _warm_up(run) if config.compile else 0.0
+    setup_seconds = time.perf_counter() - setup_start - compile_seconds
+    progress, log = run.progress, run.log
+    unit, every = eval_interval(config)
+
+    # ---- train ----------------------------------------------------------------------------
+    result = None
+    with StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly):
+        for epoch in range(progress.epoch, config.epochs + 1):
+            result = _train_epoch(run, epoch, stop, test_every=every if unit == "steps" else 0)
+            reached = result is not None  # reached the target in a test within the epoch
+            if stop.signum and progress.batch < len(run.train_batches) and not reached:
+                _stop(run, stop)  # mid-epoch
+            if not reached and (epoch % every == 0 or epoch == config.epochs or unit == "steps"):
+                result = _test(run, epoch)
+                reached = _reached(run, result)
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch ended with
+            if config.scheduler == "step":
+                run.scheduler.step()
+            log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
+                        "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
+                        "test_loss": result.loss if result else None,
+                        "test_accuracy": result.accuracy if result else None,
+                        "seconds": round(progress.seconds, 3), "lr": lr})
+            progress.epoch, progress.batch = epoch + 1, 0
+            progress.epoch_loss_sum.zero_()
+            _save(run, run.last_path)
+            if config.keep:
+                _save(run, run.run_dir / f"epoch-{epoch:03d}.pt")
+                for old in sorted(run.run_dir.glob("epoch-*.pt"))[:-config.keep]:
+                    old.unlink()
+            if reached:
+                log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}% "
+                          f"after {progress.target_seconds:.2f} s, at step {progress.step}")
+                break
+            if stop.signum and epoch < config.epochs:
+                _stop(run, stop)  # between epochs
+
+    # ---- save -----------------------------------------------------------------------------
+    if result is None:  # nothing was tested in this process (a finished run, resumed)
+        result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                                channels_last=config.channels_last)
+    model_files = []
+    if config.save_model:
+        model_files = [run.run_dir / "model.pt", run.run_dir / "model.safetensors"]
+        for path in model_files:
+            checkpoint.save_weights(path, run.tested_model.state_dict())
+    summary = {
+        "test_accuracy": result.accuracy, "test_loss": result.loss,
+        "best_accuracy": progress.best_accuracy, "epochs": progress.epoch - 1,
+        "steps": progress.step, "train_seconds": round(progress.seconds, 3),
+        "target_accuracy": config.target_accuracy,
+        "target_seconds": (round(progress.target_seconds, 3)
+                           if progress.target_seconds is not None else None),
+        "setup_seconds": round(setup_seconds, 3), "compile_seconds": round(compile_seconds, 3),
+        "run_dir": str(run.run_dir), "checkpoint": str(run.last_path),
+        "best_checkpoint": (str(run.run_dir / "best.pt")
+                            if (run.run_dir / "best.pt").exists() else None),
+        "model_file": str(model_files[0]) if model_files else None,
+        "safetensors_file": str(model_files[1]) if model_files else None,
+        "device": str(run.device), "dataset": config.dataset, "model": config.model,
+        "recipe": config.recipe, "resumed_from": str(saved_from) if saved_from else None,
+    }
+    log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, {progress.seconds:.2f} s "
+              f"training; checkpoint {run.last_path}")
+    log.close()
+    return summary
+
+
+def _setup(config: TrainConfig) -> tuple[Run, Path | None]:
+    """Build the run: device, data, model, optimiser; restore a checkpoint when resuming."""
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
     device = devices.resolve_device(config.device)
-    setup_start = time.perf_counter()
+    devices.autocast(device, config.amp)  # refuses fp16 off CUDA before any work is done
     saved, changes, resume_path = None, [], None
     if config.resume:
         resume_path = checkpoint.find_resume(config.resume, config.run_dir)
@@ -105,13 +222,18 @@ def train(config: TrainConfig) -> dict:
                                      **loader_options)
 
     model = models.build(config.model).to(device)  # before the optimiser takes its parameters
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer)
+    scheduler = build_scheduler(config, optimizer, len(train_batches))
+    scaler = devices.grad_scaler(device, config.amp)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+           if config.ema else None)
     progress = Progress(epoch_loss_sum=torch.zeros((), device=device),
                         window_loss_sum=torch.zeros((), device=device))
     if saved is not None:
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
-        _restore(saved, resume_path, model, optimizer, scheduler)
+        _restore(saved, resume_path, model, optimizer, scheduler, scaler, ema)
         progress = Progress.from_state(saved["progress"], device)
     else:
         run_dir = Path(config.run_dir) if config.run_dir else _new_run_dir(config)
@@ -122,18 +244,9 @@ def train(config: TrainConfig) -> dict:
     checkpoint.remove_stale_temporaries(run_dir)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     log = RunLog(run_dir, history=saved["metrics"] if saved else None)
-    last_path = run_dir / "last.pt"
-
-    def save(path: Path) -> None:
-        # Never replace a good checkpoint with a diverged state: this save waits for the device
-        # anyway, so checking the weights here costs nothing extra.
-        _check_finite(model, progress)
-        checkpoint.save(path, {
-            "config": config.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": None, "progress": progress.state(), "rng": devices.rng_state(),
-            "metrics": log.history})
+    run = Run(config, device, run_dir, model, torch.compile(model) if config.compile else model,
+              optimizer, scheduler, scaler, ema, train_batches, test_batches,
+              background=-digits.spec.mean / digits.spec.std, progress=progress, log=log)
 
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
               f"{' (synthetic, dry run)' if config.dry_run else ''}, device {device} "
@@ -146,79 +259,21 @@ def train(config: TrainConfig) -> dict:
                   f"{progress.batch} (step {progress.step})")
         for change in changes:
             log.print(f"  resume: {change}")
-    setup_seconds = time.perf_counter() - setup_start
-
-    # ---- train ----------------------------------------------------------------------------
-    result = None
-    with StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly):
-        for epoch in range(progress.epoch, config.epochs + 1):
-            _train_epoch(model, optimizer, train_batches, epoch, progress, config, log,
-                         save=lambda: save(last_path), stop=stop)
-            if stop.signum and progress.batch < len(train_batches):
-                _stop(stop, progress, last_path, save, log)  # mid-epoch
-            test_start = time.perf_counter()
-            result = evaluate_model(model, test_batches)
-            progress.seconds += time.perf_counter() - test_start
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
-            log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
-                        "train_loss": progress.epoch_loss_sum.item() / len(train_batches),
-                        "test_loss": result.loss, "test_accuracy": result.accuracy,
-                        "seconds": round(progress.seconds, 3), "lr": lr})
-            log.print(f"epoch {epoch}/{config.epochs}: test loss {result.loss:.4f}, accuracy "
-                      f"{result.correct}/{result.total} ({100 * result.accuracy:.2f}%), "
-                      f"{progress.seconds:.1f} s so far")
-            improved = result.accuracy > (progress.best_accuracy or 0.0)
-            if improved:
-                progress.best_accuracy = result.accuracy
-            progress.epoch, progress.batch = epoch + 1, 0
-            progress.epoch_loss_sum.zero_()
-            save(last_path)
-            if improved:
-                save(run_dir / "best.pt")
-            if config.keep:
-                save(run_dir / f"epoch-{epoch:03d}.pt")
-                for old in sorted(run_dir.glob("epoch-*.pt"))[:-config.keep]:
-                    old.unlink()
-            if stop.signum and epoch < config.epochs:
-                _stop(stop, progress, last_path, save, log)  # between epochs
-
-    # ---- save -----------------------------------------------------------------------------
-    if result is None:  # resumed a run that had already finished: report where it stands
-        log.print(f"nothing to train: the checkpoint already finished epoch {progress.epoch - 1}")
-        result = evaluate_model(model, test_batches)
-    model_files = []
-    if config.save_model:
-        model_files = [run_dir / "model.pt", run_dir / "model.safetensors"]
-        for path in model_files:
-            checkpoint.save_weights(path, model.state_dict())
-    summary = {
-        "test_accuracy": result.accuracy, "test_loss": result.loss,
-        "best_accuracy": progress.best_accuracy, "epochs": progress.epoch - 1,
-        "steps": progress.step, "train_seconds": round(progress.seconds, 3),
-        "setup_seconds": round(setup_seconds, 3), "run_dir": str(run_dir),
-        "checkpoint": str(last_path),
-        "best_checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
-        "model_file": str(model_files[0]) if model_files else None,
-        "safetensors_file": str(model_files[1]) if model_files else None,
-        "device": str(device), "dataset": config.dataset, "model": config.model,
-        "recipe": config.recipe,
-    }
-    log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, {progress.seconds:.1f} s "
-              f"training; checkpoint {last_path}")
-    log.close()
-    return summary
+    return run, resume_path
 
 
-def _restore(saved: dict, path: Path, model: nn.Module, optimizer: optim.Optimizer,
-             scheduler) -> None:
-    """Put the saved state back: weights, optimiser, schedule and every RNG stream."""
+def _restore(saved: dict, path: Path, model: nn.Module, optimizer: optim.Optimizer, scheduler,
+             scaler: torch.amp.GradScaler, ema: AveragedModel | None) -> None:
+    """Put the saved state back: weights, optimiser, schedule, scaler, average, RNG streams."""
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         devices.set_rng_state(saved["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -226,39 +281,117 @@ def _restore(saved: dict, path: Path, model: nn.Module, optimizer: optim.Optimiz
                          f"its optimiser: {detail}") from None
 
 
-def _check_finite(model: nn.Module, progress: Progress) -> None:
-    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-    if not (finite.item() and progress.epoch_loss_sum.isfinite().item()):
+def _save(run: Run, path: Path) -> None:
+    # Never replace a good checkpoint with a diverged state: a save waits for the device
+    # anyway, so checking the weights here costs nothing extra.
+    _check_finite(run)
+    checkpoint.save(path, {
+        "config": run.config.to_dict(), "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "progress": run.progress.state(), "rng": devices.rng_state(),
+        "metrics": run.log.history})
+
+
+def _check_finite(run: Run) -> None:
+    finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
+    if not (finite.item() and run.progress.epoch_loss_sum.isfinite().item()):
         raise TrainingError(
             f"training diverged: the loss or the weights became NaN or infinite by epoch "
-            f"{progress.epoch}, batch {progress.batch}; the last checkpoint written, if any, holds "
-            "the state before that, so try again with a lower --lr (--detect-anomaly finds the "
-            "operation)")
+            f"{run.progress.epoch}, batch {run.progress.batch}; the last checkpoint written, if "
+            "any, holds the state before that, so try again with a lower --lr "
+            "(--detect-anomaly finds the operation)")
 
 
-def _stop(stop: StopSignals, progress: Progress, last_path: Path, save, log: RunLog) -> None:
+def _test(run: Run, epoch: int) -> Evaluation:
+    """Test, log, keep best.pt; the time counts as training time (it is how a target is seen)."""
+    progress, config = run.progress, run.config
+    start = time.perf_counter()
+    result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                            channels_last=config.channels_last)
+    progress.seconds += time.perf_counter() - start
+    progress.last_accuracy = result.accuracy
+    run.log.print(f"epoch {epoch}/{config.epochs} step {progress.step}: test loss "
+                  f"{result.loss:.4f}, accuracy {result.correct}/{result.total} "
+                  f"({100 * result.accuracy:.2f}%), {progress.seconds:.2f} s so far")
+    if result.accuracy > (progress.best_accuracy or 0.0):
+        progress.best_accuracy = result.accuracy
+        _save(run, run.run_dir / "best.pt")
+    return result
+
+
+def _reached(run: Run, result: Evaluation) -> bool:
+    target = run.config.target_accuracy
+    if target is None or result.accuracy < target:
+        return False
+    if run.progress.target_seconds is None:
+        run.progress.target_seconds = run.progress.seconds
+    return True
+
+
+def _warm_up(run: Run) -> float:
+    """Compile the training and test graphs on one batch, then put back every state the
+    batch touched, so compilation time stays out of the training time."""
+    start = time.perf_counter()
+    model_state = {k: v.clone() for k, v in run.model.state_dict().items()}
+    rng = devices.rng_state()
+    for training, batches in ((True, run.train_batches), (False, run.test_batches)):
+        x, y = next(iter(batches.batches(1)))  # batch shapes as training and testing use them
+        run.model.train(training)
+        with torch.set_grad_enabled(training), devices.autocast(run.device, run.config.amp):
+            loss = F.nll_loss(run.forward(_layout(run, x)).float(), y)
+        if training:
+            loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.model.load_state_dict(model_state)  # BatchNorm's running statistics moved
+    devices.set_rng_state(rng)
+    devices.synchronize(run.device)
+    return time.perf_counter() - start
+
+
+def _layout(run: Run, x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if run.config.channels_last else x
+
+
+def _stop(run: Run, stop: StopSignals) -> None:
     """Save where the run stands and leave with 128 + the signal's number."""
-    save(last_path)
-    log.print(f"stopped by {stop.name} at epoch {progress.epoch}, batch {progress.batch}; "
-              f"saved {last_path}")
-    log.close()
+    progress = run.progress
+    _save(run, run.last_path)
+    run.log.print(f"stopped by {stop.name} at epoch {progress.epoch}, batch {progress.batch}; "
+                  f"saved {run.last_path}")
+    run.log.close()
     raise Stopped(f"{stop.name} at epoch {progress.epoch}, batch {progress.batch} (step "
                   f"{progress.step}); checkpoint saved; resume with: torchmnist train --resume "
-                  f"{last_path}", stop.signum)
+                  f"{run.last_path}", stop.signum)
 
 
-def _train_epoch(model: nn.Module, optimizer: optim.Optimizer, train_batches, epoch: int,
-                 progress: Progress, config: TrainConfig, log: RunLog, save,
-                 stop: StopSignals) -> None:
-    model.train()  # dropout on
-    total = len(train_batches)
+def _train_epoch(run: Run, epoch: int, stop: StopSignals,
+                 test_every: int = 0) -> Evaluation | None:
+    """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
+    return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
+    config, progress, log, optimizer = run.config, run.progress, run.log, run.optimizer
+    run.model.train()  # dropout on, BatchNorm uses batch statistics
+    total = len(run.train_batches)
     log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{config.epochs}")
-    mark = time.perf_counter()
-    for x, y in train_batches.batches(epoch, start=progress.batch):  # x: (B, 1, 28, 28)
+    mark, hit = time.perf_counter(), None
+    for x, y in run.train_batches.batches(epoch, start=progress.batch):  # x: (B, 1, 28, 28)
+        x = _layout(run, augment(x, config.augment, run.background))
         optimizer.zero_grad(set_to_none=True)
-        loss = F.nll_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
+        with devices.autocast(run.device, config.amp):
+            output = run.forward(x).float()  # (B, 10) log-probabilities
+        if config.label_smoothing:
+            loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
+        else:
+            loss = F.nll_loss(output, y)
+        run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        if config.scheduler == "onecycle":
+            run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
 
         # No .item() here: adding on the device keeps the GPU busy instead of waiting for it.
         progress.epoch_loss_sum += loss.detach()
@@ -273,7 +406,7 @@ def _train_epoch(model: nn.Module, optimizer: optim.Optimizer, train_batches, ep
             # The logging branch: the one place a training step waits for the device.
             window_loss = progress.window_loss_sum.item() / progress.window_batches
             if not math.isfinite(window_loss):
-                _check_finite(model, progress)  # raises
+                _check_finite(run)  # raises
             now = time.perf_counter()
             progress.seconds, mark = progress.seconds + now - mark, now
             log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
@@ -284,9 +417,18 @@ def _train_epoch(model: nn.Module, optimizer: optim.Optimizer, train_batches, ep
                           postfix=f"loss {window_loss:.4f}")
             progress.window_loss_sum.zero_()
             progress.window_batches = 0
+        if test_every and progress.step % test_every == 0 and not last_batch:
+            progress.seconds += time.perf_counter() - mark
+            result = _test(run, epoch)  # adds its own time
+            mark = time.perf_counter()
+            run.model.train()
+            if _reached(run, result):
+                hit = result
+                break
         if config.save_interval and progress.batch % config.save_interval == 0 and not last_batch:
-            save()  # the end of the epoch is saved after testing
+            _save(run, run.last_path)  # the end of the epoch is saved after testing
         if stop.signum:
             break  # the caller saves and stops (after testing, if the epoch is complete)
     progress.seconds += time.perf_counter() - mark
     log.close_bar()
+    return hit
