@@ -34,6 +34,15 @@ def test_official_recipe_one_epoch_reaches_98_percent(mnist_dir, tmp_path):
     assert summary["model"] == "official"
 
 
+def test_fast_recipe_reaches_99_percent_in_one_epoch(mnist_dir, capsys):
+    code, out, err = run_main(["train", "--recipe", "fast", "--data-dir", str(mnist_dir),
+                               "--run-dir", "r", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(out)
+    assert summary["epochs"] == 1 and summary["model"] == "fast"
+    assert summary["test_accuracy"] >= 0.99, summary
+
+
 def test_dataloader_path_trains_on_real_data(mnist_dir, capsys):
     # The guide's pipeline with worker processes; a short run must learn well past chance.
     code, out, err = run_main(["train", "--data-dir", str(mnist_dir), "--loader", "dataloader",

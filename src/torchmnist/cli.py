@@ -27,6 +27,9 @@ _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": 
              "ema": "DECAY", "target_accuracy": "A", "eval_interval": "N[s]"}
 
 
+_BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one sentence, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -43,8 +46,10 @@ def _default_text(name: str) -> str:
     return text
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for f in dataclasses.fields(cfg.TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if "default:" not in help_text:  # some fields explain their default themselves
@@ -96,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--batch-size", type=int, default=1000, metavar="N",
                       help="test batch size (default: 1000)")
     test.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+    bench = commands.add_parser(
+        "bench", help="measure throughput per loader and time to accuracy",
+        description="Measure training and inference throughput of a recipe with each loader, "
+        "and its time to accuracy over several seeds; every number is a median of trials, "
+        "printed with the hardware and torch version.", argument_default=argparse.SUPPRESS)
+    bench.add_argument("--trials", type=int, default=3, metavar="N",
+                       help="throughput trials per loader (default: 3)")
+    bench.add_argument("--steps", type=int, default=200, metavar="N",
+                       help="timed training steps per throughput trial (default: 200)")
+    bench.add_argument("--loaders", default=",".join(_BENCH_LOADERS), metavar="LIST",
+                       help="loaders to compare, e.g. tensor,dataloader:2 (WORKERS after the "
+                       "colon); empty to skip (default: %(default)s)")
+    bench.add_argument("--accuracy-trials", type=int, default=3, metavar="N",
+                       help="whole training runs, one per seed from --seed on, for time to "
+                       "accuracy; 0 to skip (default: 3)")
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    _add_train_flags(bench, skip=("run_dir", "resume", "json", "keep", "save_model"))
     return parser
 
 
@@ -113,6 +136,24 @@ def _train(explicit: dict[str, Any]) -> int:
     summary = train(config)
     if config.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _bench(explicit: dict[str, Any]) -> int:
+    from torchmnist import bench
+
+    options = {k: explicit.pop(k) for k in ("trials", "steps", "loaders", "accuracy_trials",
+                                            "json") if k in explicit}
+    config = cfg.resolve(explicit)
+    trials, steps = options.get("trials", 3), options.get("steps", 200)
+    accuracy_trials = options.get("accuracy_trials", 3)
+    if trials < 1 or steps < 1 or accuracy_trials < 0:
+        raise UsageError("--trials and --steps must be at least 1, --accuracy-trials at least 0")
+    loaders = options.get("loaders", ",".join(_BENCH_LOADERS))
+    report = bench.run(config, loaders=bench.parse_loaders(loaders) if loaders else [],
+                       steps=steps, trials=trials, accuracy_trials=accuracy_trials)
+    if options.get("json"):
+        print(json.dumps(report))
     return 0
 
 
@@ -140,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        explicit = {k: v for k, v in vars(args).items() if k != "command"}
         if args.command == "train":
-            explicit = {k: v for k, v in vars(args).items() if k != "command"}
             return _train(explicit)
+        if args.command == "bench":
+            return _bench(explicit)
         return _test(args)
     except TorchMnistError as error:
         print(f"torchmnist: {error.label}: {error}", file=sys.stderr)

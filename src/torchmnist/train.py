@@ -1,6 +1,6 @@
 """Training: setup -> train (testing as it goes) -> save, as the guide lays it out.
 
-`train(config)` is the whole run. `_setup` builds everything from the config (and a checkpoint,
+`train(config)` is the whole run. `setup` builds everything from the config (and a checkpoint,
 when resuming); `_train_epoch` is the loop the guide teaches, readable in one screen; `_save`
 writes everything needed to continue from the very next batch.
 """
@@ -59,7 +59,7 @@ class Progress:
 
 @dataclass
 class Run:
-    """Everything a training run holds, built by `_setup`."""
+    """Everything a training run holds, built by `setup`."""
 
     config: TrainConfig
     device: torch.device
@@ -126,7 +126,7 @@ def train(config: TrainConfig) -> dict:
     """Train and test as `config` says; return the run's summary (also the CLI's --json)."""
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
-    run, saved_from = _setup(config)
+    run, saved_from = setup(config)
     compile_seconds = _warm_up(run) if config.compile else 0.0
     setup_seconds = time.perf_counter() - setup_start - compile_seconds
     progress, log = run.progress, run.log
@@ -196,7 +196,7 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
-def _setup(config: TrainConfig) -> tuple[Run, Path | None]:
+def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     """Build the run: device, data, model, optimiser; restore a checkpoint when resuming."""
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
@@ -337,8 +337,13 @@ def _warm_up(run: Run) -> float:
     start = time.perf_counter()
     model_state = {k: v.clone() for k, v in run.model.state_dict().items()}
     rng = devices.rng_state()
-    for training, batches in ((True, run.train_batches), (False, run.test_batches)):
-        x, y = next(iter(batches.batches(1)))  # batch shapes as training and testing use them
+    # Every batch shape the run will see: a full and a last, partial training batch, and test
+    # batches; a new shape would otherwise recompile inside the timed loop.
+    train_starts = {0, len(run.train_batches) - 1}
+    shapes = [(True, next(iter(run.train_batches.batches(1, start)))) for start in train_starts]
+    shapes += [(False, next(iter(run.test_batches.batches(1, start))))
+               for start in {0, len(run.test_batches) - 1}]
+    for training, (x, y) in shapes:
         run.model.train(training)
         with torch.set_grad_enabled(training), devices.autocast(run.device, run.config.amp):
             loss = F.nll_loss(run.forward(_layout(run, x)).float(), y)
@@ -367,6 +372,28 @@ def _stop(run: Run, stop: StopSignals) -> None:
                   f"{run.last_path}", stop.signum)
 
 
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on one batch, as the guide teaches it: zero_grad, forward, loss,
+    backward, step (plus the recipe's augmentation, precision, schedule and average)."""
+    config, optimizer = run.config, run.optimizer
+    x = _layout(run, augment(x, config.augment, run.background))
+    optimizer.zero_grad(set_to_none=True)
+    with devices.autocast(run.device, config.amp):
+        output = run.forward(x).float()  # (B, 10) log-probabilities
+    if config.label_smoothing:
+        loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
+    else:
+        loss = F.nll_loss(output, y)
+    run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    if config.scheduler == "onecycle":
+        run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    return loss.detach()
+
+
 def _train_epoch(run: Run, epoch: int, stop: StopSignals,
                  test_every: int = 0) -> Evaluation | None:
     """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
@@ -377,25 +404,11 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals,
     log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{config.epochs}")
     mark, hit = time.perf_counter(), None
     for x, y in run.train_batches.batches(epoch, start=progress.batch):  # x: (B, 1, 28, 28)
-        x = _layout(run, augment(x, config.augment, run.background))
-        optimizer.zero_grad(set_to_none=True)
-        with devices.autocast(run.device, config.amp):
-            output = run.forward(x).float()  # (B, 10) log-probabilities
-        if config.label_smoothing:
-            loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
-        else:
-            loss = F.nll_loss(output, y)
-        run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
-        run.scaler.step(optimizer)
-        run.scaler.update()
-        if config.scheduler == "onecycle":
-            run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
+        loss = train_step(run, x, y)
 
         # No .item() here: adding on the device keeps the GPU busy instead of waiting for it.
-        progress.epoch_loss_sum += loss.detach()
-        progress.window_loss_sum += loss.detach()
+        progress.epoch_loss_sum += loss
+        progress.window_loss_sum += loss
         progress.window_batches += 1
         progress.batch += 1
         progress.step += 1

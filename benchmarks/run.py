@@ -1,0 +1,64 @@
+"""The measurements behind docs/benchmarks.md, one named benchmark at a time.
+
+    python benchmarks/run.py loaders   --data-dir ../shared/data   # guide recipe, per loader
+    python benchmarks/run.py fast      --data-dir ../shared/data   # fast recipe, 5 seeds
+    python benchmarks/run.py official  --data-dir ../shared/data   # the baseline to 99%
+    python benchmarks/run.py fashion                               # fast recipe, Fashion-MNIST
+    python benchmarks/run.py best      --data-dir ../shared/data   # best recipe, 3 seeds
+    python benchmarks/run.py best-fashion                          # best recipe, Fashion-MNIST
+
+Each prints the hardware, torch version, threads and number of trials with its numbers
+(`torchmnist bench` does the measuring). Add --device cuda on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torchmnist import bench
+from torchmnist.config import resolve
+
+ALL_LOADERS = [("tensor", 0), ("dataloader", 0), ("dataloader", 2), ("dataloader", 4)]
+
+# name -> list of (label, config values, loaders to time, whole runs)
+BENCHMARKS = {
+    "loaders": [
+        # One epoch of the guide recipe; checkpoints and log lines as the guide has them.
+        ("guide, tensor loader", {"epochs": 1}, ALL_LOADERS, 3),
+        ("guide, tensor loader, channels-last", {"epochs": 1, "channels_last": True},
+         [("tensor", 0)], 3),
+        ("guide, tensor loader, channels-last, bf16",
+         {"epochs": 1, "channels_last": True, "amp": "bf16"}, [("tensor", 0)], 3),
+        ("guide, DataLoader, 4 workers (the guide's)",
+         {"epochs": 1, "loader": "dataloader", "num_workers": 4}, [], 3),
+    ],
+    "fast": [("fast recipe", {"recipe": "fast"}, [("tensor", 0), ("dataloader", 0),
+                                                   ("dataloader", 2)], 5),
+             ("fast recipe, compiled", {"recipe": "fast", "compile": True}, [], 2)],
+    "official": [("official recipe to 99%", {"recipe": "official", "target_accuracy": 0.99,
+                                              "save_interval": 0}, [], 1)],
+    "fashion": [("fast recipe, Fashion-MNIST, 8 epochs",
+                 {"recipe": "fast", "dataset": "fashion-mnist", "epochs": 8}, [], 3)],
+    "best": [("best recipe", {"recipe": "best"}, [], 3)],
+    "best-fashion": [("best recipe, Fashion-MNIST", {"recipe": "best",
+                                                     "dataset": "fashion-mnist"}, [], 3)],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=BENCHMARKS)
+    parser.add_argument("--data-dir", help="dataset root (default: torchmnist's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--trials", type=int, default=3, help="throughput trials per loader")
+    args = parser.parse_args()
+    for label, values, loaders, runs in BENCHMARKS[args.name]:
+        print(f"\n## {label}")
+        config = resolve({**values, "data_dir": args.data_dir, "device": args.device})
+        bench.run(config, loaders=loaders, steps=200, trials=args.trials, accuracy_trials=runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`torchmnist bench`: training and inference throughput per loader, and time to accuracy.
+
+Every number is the median of N trials and is printed with the hardware, the torch version and
+the thread count it was measured with. Throughput runs real training steps of the recipe
+(its model, optimiser, precision, augmentation) through the real loaders; time to accuracy runs
+the whole `torchmnist train` of the recipe once per seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from torchmnist import config as cfg
+from torchmnist import device as devices
+from torchmnist.errors import UsageError
+from torchmnist.evaluate import evaluate_model
+from torchmnist.train import setup, train, train_step
+
+
+def environment(device: torch.device) -> dict:
+    return {"hardware": devices.describe(device), "torch": str(torch.__version__),
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def parse_loaders(text: str) -> list[tuple[str, int]]:
+    """"tensor,dataloader:2" -> [("tensor", 0), ("dataloader", 2)]."""
+    variants = []
+    for item in text.split(","):
+        kind, _, workers = item.strip().partition(":")
+        if kind not in cfg.LOADERS or (workers and not workers.isdigit()):
+            raise UsageError(f"--loaders takes tensor or dataloader[:WORKERS], comma-separated, "
+                             f"not {item!r}")
+        variants.append((kind, int(workers or 0)))
+    return variants
+
+
+def _quietly(function, *args):
+    # The runs print their usual log; a benchmark shows only its table.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return function(*args)
+
+
+def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
+               warmup: int = 10) -> tuple[float, float]:
+    """(training images/s, inference images/s) for one loader, after `warmup` steps."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        # Many epochs, so that a per-step schedule never runs out during the timed steps.
+        config = dataclasses.replace(config, loader=loader, num_workers=workers, epochs=10_000,
+                                     run_dir=run_dir, resume=None)
+        run, _ = _quietly(setup, config)
+        run.model.train()
+        batches, epoch, done, start = None, 1, 0, None
+        while done < warmup + steps:
+            batches = batches or iter(run.train_batches.batches(epoch))
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches, epoch = None, epoch + 1
+                continue
+            if done == warmup:
+                devices.synchronize(run.device)
+                start = time.perf_counter()
+            train_step(run, x, y)
+            done += 1
+        devices.synchronize(run.device)
+        train_rate = steps * config.batch_size / (time.perf_counter() - start)
+        start = time.perf_counter()
+        result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                                channels_last=config.channels_last)
+        infer_rate = result.total / (time.perf_counter() - start)
+        run.log.close()
+    return train_rate, infer_rate
+
+
+def time_to_accuracy(config: cfg.TrainConfig, seed: int) -> dict:
+    """One whole training run of the recipe with this seed, in a temporary run directory."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = dataclasses.replace(config, seed=seed, run_dir=str(Path(run_dir) / "run"),
+                                     resume=None, json=False)
+        return _quietly(train, config)
+
+
+def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, trials: int,
+        accuracy_trials: int, out=sys.stdout) -> dict:
+    device = devices.resolve_device(config.device)
+    env = environment(device)
+    data_name = "synthetic" if config.dry_run else config.dataset
+    print(f"torchmnist bench: recipe {config.recipe}, model {config.model}, batch "
+          f"{config.batch_size}, amp {config.amp}, {data_name} data", file=out)
+    print(f"hardware: {env['hardware']}; torch {env['torch']}; python {env['python']}; "
+          f"threads {env['threads']}; median of {trials} trials", file=out)
+    report = {"environment": env, "recipe": config.recipe, "trials": trials, "loaders": []}
+    if loaders:
+        print(f"\n{'loader':<16}{'train img/s':>14}{'epoch s':>10}{'test img/s':>14}", file=out)
+        for kind, workers in loaders:
+            rates = [throughput(config, kind, workers, steps) for _ in range(trials)]
+            train_rate = statistics.median(r[0] for r in rates)
+            infer_rate = statistics.median(r[1] for r in rates)
+            name = kind if kind == "tensor" else f"{kind}:{workers}"
+            epoch_seconds = 60000 / train_rate
+            print(f"{name:<16}{train_rate:>14,.0f}{epoch_seconds:>10.2f}{infer_rate:>14,.0f}",
+                  file=out)
+            report["loaders"].append({"loader": name, "train_images_per_s": train_rate,
+                                      "epoch_seconds_60k": epoch_seconds,
+                                      "test_images_per_s": infer_rate})
+    if accuracy_trials:
+        runs = [time_to_accuracy(config, config.seed + i) for i in range(accuracy_trials)]
+        accuracies = [r["test_accuracy"] for r in runs]
+        seconds = [r["target_seconds"] if r["target_seconds"] is not None else r["train_seconds"]
+                   for r in runs]
+        report["time_to_accuracy"] = {
+            "seeds": [config.seed + i for i in range(accuracy_trials)],
+            "test_accuracy": accuracies, "seconds": seconds,
+            "mean_accuracy": statistics.mean(accuracies),
+            "median_seconds": statistics.median(seconds),
+            "target_accuracy": config.target_accuracy,
+            "reached": [r["target_seconds"] is not None for r in runs]
+            if config.target_accuracy else None,
+        }
+        print(f"\ntime to accuracy over {accuracy_trials} seeds ({config.epochs} epochs"
+              f"{f', stopping at {config.target_accuracy:.2%}' if config.target_accuracy else ''}"
+              f"): mean test accuracy {statistics.mean(accuracies):.2%} (min {min(accuracies):.2%},"
+              f" max {max(accuracies):.2%}), median {statistics.median(seconds):.2f} s of "
+              f"training (min {min(seconds):.2f}, max {max(seconds):.2f})", file=out)
+    return report

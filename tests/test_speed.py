@@ -1,0 +1,169 @@
+"""The speed features: recipes, augmentation, precision, compile, EMA, target accuracy, bench.
+
+These check behaviour on small synthetic data; speed itself is measured in benchmarks/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
+
+from torchmnist import checkpoint, models
+from torchmnist.augment import MAX_SHIFT, affine, augment, translate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(*flags, capsys, run_dir="r"):
+    code, out, err = run_main(["train", "--dry-run", "--run-dir", run_dir, "--json", *flags],
+                              capsys)
+    assert code == 0, err
+    return last_json(out)
+
+
+@pytest.mark.parametrize("recipe, flags, floor", [
+    ("fast", ["--epochs", "3"], 0.9),
+    # 8 steps an epoch on this data: a 0.999 average would still be the initial weights.
+    ("best", ["--epochs", "6", "--ema", "0.9"], 0.5),
+])
+def test_recipes_run_and_learn(recipe, flags, floor, capsys):
+    summary = _train("--recipe", recipe, *flags, capsys=capsys)
+    assert summary["model"] == recipe
+    assert summary["test_accuracy"] > floor  # chance is 0.1
+    losses = [r["train_loss"] for r in read_metrics(Path("r")) if r["kind"] == "epoch"]
+    assert losses[-1] < losses[0]
+
+
+def test_translate_moves_whole_images_by_whole_pixels():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    x[:, :, :MAX_SHIFT + 1, :] = -1.0  # background frame, so nothing is cut off
+    x[:, :, -MAX_SHIFT - 1:, :] = -1.0
+    x[:, :, :, :MAX_SHIFT + 1] = -1.0
+    x[:, :, :, -MAX_SHIFT - 1:] = -1.0
+    y = translate(x, background=-1.0)
+    assert y.shape == x.shape
+    moved = 0
+    for image, shifted in zip(x, y, strict=True):
+        matches = [(dr, dc) for dr in range(-2, 3) for dc in range(-2, 3)
+                   if torch.equal(torch.roll(image, (dr, dc), dims=(1, 2)), shifted)]
+        assert len(matches) == 1  # exactly one whole-pixel shift explains each output
+        moved += matches[0] != (0, 0)
+    assert moved > 40  # per-sample shifts, not one for the batch (24 of 25 are non-zero)
+
+
+def test_augmentation_is_seeded_and_keeps_the_background():
+    x = torch.full((8, 1, 28, 28), -0.42)
+    torch.manual_seed(3)
+    assert torch.allclose(affine(x, background=-0.42), x)  # empty images stay empty
+    x[:, :, 10:18, 10:18] = 2.0
+    torch.manual_seed(3)
+    a = augment(x, "affine", -0.42)
+    torch.manual_seed(3)
+    b = augment(x, "affine", -0.42)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert not torch.equal(a[0], a[1])  # each image gets its own rotation, scale and shift
+    assert augment(x, "none", -0.42) is x
+
+
+def test_target_accuracy_stops_early_and_reports_its_time(capsys):
+    summary = _train("--recipe", "fast", "--epochs", "10", "--target-accuracy", "0.5",
+                     "--eval-interval", "4s", capsys=capsys)
+    assert summary["epochs"] < 10
+    assert summary["target_seconds"] is not None
+    assert summary["target_seconds"] <= summary["train_seconds"]
+    assert summary["test_accuracy"] >= 0.5
+    tests = [r for r in read_metrics(Path("r")) if r["kind"] == "epoch"]
+    assert tests[-1]["test_accuracy"] >= 0.5
+
+
+def test_unreached_target_trains_every_epoch(capsys):
+    summary = _train("--epochs", "2", "--target-accuracy", "1.0", capsys=capsys)
+    assert summary["epochs"] == 2 and summary["target_seconds"] is None
+
+
+def test_eval_interval_in_epochs_skips_tests_but_not_the_last(capsys):
+    _train("--epochs", "3", "--eval-interval", "2", capsys=capsys)
+    tested = [r["epoch"] for r in read_metrics(Path("r"))
+              if r["kind"] == "epoch" and r["test_accuracy"] is not None]
+    assert tested == [2, 3]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--eval-interval", "ten"], "--eval-interval must be a number of epochs"),
+    (["--eval-interval", "0s"], "--eval-interval must be a number of epochs"),
+    (["--target-accuracy", "99"], "--target-accuracy is a fraction"),
+    (["--ema", "1.5"], "--ema must be at least 0 and below 1"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+])
+def test_bad_speed_flags_exit_2(flags, fragment, capsys):
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", "r", *flags], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, fragment)
+
+
+def test_ema_weights_are_the_ones_tested_and_shipped(tmp_path, capsys):
+    from conftest import make_dataset_files
+
+    make_dataset_files(tmp_path / "data" / "MNIST" / "raw")
+    code, out, err = run_main(["train", "--data-dir", "data", "--epochs", "2", "--ema", "0.9",
+                               "--run-dir", "r", "--save-model", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(out)
+    saved = checkpoint.load("r/last.pt")
+    shipped, _ = checkpoint.weights(saved, "r/last.pt")
+    assert not torch.equal(shipped["fc2.weight"], saved["model"]["fc2.weight"])
+    assert torch.equal(shipped["fc2.weight"], torch.load("r/model.pt")["fc2.weight"])
+    code, out, err = run_main(["test", "r/last.pt", "--data-dir", "data", "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+def test_onecycle_run_cannot_be_stretched_on_resume(capsys):
+    _train("--recipe", "fast", capsys=capsys)
+    code, _, err = run_main(["train", "--resume", "--run-dir", "r", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "epochs (checkpoint: 1, now: 2)")
+
+
+def test_resume_is_exact_with_augmentation_ema_bf16_and_onecycle(tmp_path):
+    spec = importlib.util.spec_from_file_location("crash", ROOT / "scripts" / "crash_resume.py")
+    crash_resume = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crash_resume)
+    flags = ["--recipe", "fast", "--dry-run", "--epochs", "25", "--augment", "affine", "--ema",
+             "0.9", "--save-interval", "3", "--log-interval", "4", "--device", "cpu"]
+    result = crash_resume.check(tmp_path, kills=3, seed=2, train_flags=flags)
+    assert result["weights_identical"] and result["losses_identical"], result
+
+
+def test_compile_saves_the_plain_module_and_reports_compile_time(capsys):
+    summary = _train("--recipe", "fast", "--compile", capsys=capsys)
+    assert summary["compile_seconds"] > 0
+    saved = checkpoint.load(summary["checkpoint"])
+    assert not any(k.startswith("_orig_mod.") for k in saved["model"])
+    assert saved["model"].keys() == models.FastNet().state_dict().keys()
+
+
+def test_bench_prints_environment_and_every_loader(capsys):
+    code, out, err = run_main(["bench", "--dry-run", "--recipe", "fast", "--trials", "1",
+                               "--steps", "5", "--accuracy-trials", "2", "--loaders",
+                               "tensor,dataloader:0,dataloader:2", "--json"], capsys)
+    assert code == 0, err
+    assert "hardware:" in out and f"torch {torch.__version__}" in out
+    assert "median of 1 trials" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [row["loader"] for row in report["loaders"]] == [
+        "tensor", "dataloader:0", "dataloader:2"]
+    assert all(row["train_images_per_s"] > 0 for row in report["loaders"])
+    assert report["time_to_accuracy"]["seeds"] == [1, 2]
+    assert len(report["time_to_accuracy"]["test_accuracy"]) == 2
+
+
+def test_bench_rejects_a_bad_loader_list(capsys):
+    code, _, err = run_main(["bench", "--dry-run", "--loaders", "tensor,gpu"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "--loaders takes tensor or dataloader")
