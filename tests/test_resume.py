@@ -161,6 +161,18 @@ def test_diverged_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert all(t.isfinite().all() for t in saved["model"].values())
 
 
+def test_anomaly_detection_names_the_operation_in_one_sentence(tmp_path, capsys):
+    code, _, err = run_main(["train", "--dry-run", "--lr", "1e10", "--detect-anomaly",
+                             "--save-interval", "1", "--log-interval", "1", "--run-dir", "r"],
+                            capsys)
+    assert code == 1
+    sentence = err.strip().splitlines()[-1]  # after torch's own warning with the forward trace
+    assert sentence.startswith("torchmnist: error: training diverged at step")
+    assert "returned nan values" in sentence
+    saved = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert all(t.isfinite().all() for t in saved["model"].values())
+
+
 def test_failed_write_never_corrupts_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     real_save = torch.save
     calls = []

@@ -101,14 +101,14 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
           f"threads {env['threads']}; median of {trials} trials", file=out)
     report = {"environment": env, "recipe": config.recipe, "trials": trials, "loaders": []}
     if loaders:
-        print(f"\n{'loader':<16}{'train img/s':>14}{'epoch s':>10}{'test img/s':>14}", file=out)
+        print(f"\n{'loader':<16}{'train img/s':>14}{'s/60k img':>11}{'test img/s':>14}", file=out)
         for kind, workers in loaders:
             rates = [throughput(config, kind, workers, steps) for _ in range(trials)]
             train_rate = statistics.median(r[0] for r in rates)
             infer_rate = statistics.median(r[1] for r in rates)
             name = kind if kind == "tensor" else f"{kind}:{workers}"
             epoch_seconds = 60000 / train_rate
-            print(f"{name:<16}{train_rate:>14,.0f}{epoch_seconds:>10.2f}{infer_rate:>14,.0f}",
+            print(f"{name:<16}{train_rate:>14,.0f}{epoch_seconds:>11.2f}{infer_rate:>14,.0f}",
                   file=out)
             report["loaders"].append({"loader": name, "train_images_per_s": train_rate,
                                       "epoch_seconds_60k": epoch_seconds,

@@ -384,7 +384,15 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
     else:
         loss = F.nll_loss(output, y)
-    run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+    try:
+        run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+    except RuntimeError as error:
+        if not config.detect_anomaly:
+            raise
+        # Anomaly detection names the operation (its forward trace is already on stderr).
+        raise TrainingError(f"training diverged at step {run.progress.step + 1}: "
+                            f"{str(error).strip().splitlines()[0]}; the last checkpoint written, "
+                            "if any, holds the state before that") from None
     run.scaler.step(optimizer)
     run.scaler.update()
     if config.scheduler == "onecycle":
