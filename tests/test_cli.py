@@ -53,8 +53,10 @@ def test_every_train_flag_has_help_with_its_default():
     flat = " ".join(_train_parser().format_help().split())
     # The guide's values are the defaults; the official recipe's differences are shown too.
     assert "--batch-size N training batch size (default: 64; fast recipe: 64; " not in flat
-    assert "--batch-size N training batch size (default: 64; best recipe: 128)" in flat
-    assert "(default: 0.01; official recipe: 1.0; fast recipe: 0.1; best recipe: 0.05)" in flat
+    assert ("--batch-size N training batch size (default: 64; fast-gpu recipe: 512; best "
+            "recipe: 128)") in flat
+    assert ("(default: 0.01; official recipe: 1.0; fast recipe: 0.1; fast-gpu recipe: 0.4; "
+            "best recipe: 0.05)") in flat
     assert "--no-cuda" in flat
 
 

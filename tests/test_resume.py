@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -79,6 +80,28 @@ def test_signal_saves_prints_the_resume_command_and_resumes_exactly(signum, code
     assert resumed.returncode == 0, resumed.stderr
     assert _identical(_weights(tmp_path / "run" / "last.pt"),
                       _weights(tmp_path / "ref" / "last.pt"))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_whole_process_group_stops_cleanly_with_loader_workers(signum, code,
+                                                                              tmp_path):
+    # Ctrl-C in a terminal, `timeout` and `kill -- -PGID` signal every process of the group,
+    # DataLoader workers included; the run must still save and print the resume command, not
+    # die of a worker's death.
+    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--run-dir", "run",
+                                *LONG_DRY_RUN, "--loader", "dataloader", "--num-workers", "2"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "last.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert_one_sentence_error(stderr, signal.Signals(signum).name, "checkpoint saved",
+                              "resume with:")
 
 
 def test_a_second_ctrl_c_aborts_at_once():

@@ -18,12 +18,24 @@ SCALE_RANGE = (0.9, 1.1)
 
 
 def augment(x: torch.Tensor, kind: str, background: float) -> torch.Tensor:
-    """x: (B, C, H, W) normalised images whose empty background has the value `background`."""
+    """x: (B, C, H, W) normalised images whose empty background has the value `background`.
+
+    kind: none, translate, affine, or flip-translate / flip-affine, which first mirror a random
+    half of the images left to right (right for clothes, wrong for digits: a mirrored 2 is no 2).
+    """
     if kind == "none":
         return x
+    if kind.startswith("flip-"):
+        x, kind = hflip(x), kind.removeprefix("flip-")
     if kind == "translate":
         return translate(x, background)
     return affine(x, background)
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror each image left to right with probability 1/2."""
+    mirror = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(mirror[:, None, None, None], x.flip(-1), x)
 
 
 def translate(x: torch.Tensor, background: float) -> torch.Tensor:

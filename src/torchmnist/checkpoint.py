@@ -200,6 +200,8 @@ def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:
     keys = RESULT_KEYS
     if saved_config.get("scheduler") == "onecycle":  # its schedule is laid over all epochs
         keys = (*RESULT_KEYS, "epochs")
+    # A key the checkpoint lacks was added after it was written; its run used the default.
+    saved_config = {**TrainConfig().to_dict(), **saved_config}
     conflicts = [k for k in keys if saved_config.get(k) != values[k]]
     if conflicts:
         details = ", ".join(f"{k} (checkpoint: {saved_config.get(k)!r}, now: {values[k]!r})"

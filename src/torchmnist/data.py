@@ -289,10 +289,17 @@ class _EpochSampler(Sampler[int]):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # Ctrl-C in a terminal (and `timeout`, `kill -- -PGID`) signals the whole process group,
+    # workers included. A worker that died of it would make the loader raise before the main
+    # process could save and stop; so workers ignore the two signals and the main process,
+    # which handles them, shuts the workers down itself.
+    import random
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Each worker's torch seed is base_seed + worker_id, and the base seed comes from the
     # loader's own generator; derive numpy's and python's from it so workers are reproducible.
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -27,9 +27,11 @@ def prepare_environment(*, cuda_launch_blocking: bool, deterministic: bool,
         # cuBLAS needs a fixed workspace to be deterministic; the variable must be set before
         # CUDA initialises.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    # Set both ways: these switches are process-wide, and one deterministic run must not make
+    # the next run in the same process (the API, `bench`) deterministic too.
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
     if threads is not None:
         # What OMP_NUM_THREADS does, from inside the process: several jobs on one machine each
         # take a share of the cores instead of all fighting for all of them.

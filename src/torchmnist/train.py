@@ -7,6 +7,7 @@ writes everything needed to continue from the very next batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -87,16 +88,19 @@ class Run:
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> optim.Optimizer:
-    params = model.parameters()  # the model is already on its device (see the guide)
+    params = list(model.parameters())  # the model is already on its device (see the guide)
     decay = config.weight_decay
+    # On CUDA one fused kernel updates every parameter; elsewhere torch picks its default.
+    fused = {"fused": True} if params[0].device.type == "cuda" else {}
     if config.optimizer == "sgd":
         return optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                         nesterov=config.nesterov and config.momentum > 0, weight_decay=decay)
+                         nesterov=config.nesterov and config.momentum > 0, weight_decay=decay,
+                         **fused)
     if config.optimizer == "adadelta":
         return optim.Adadelta(params, lr=config.lr, weight_decay=decay)
     if config.optimizer == "adam":
-        return optim.Adam(params, lr=config.lr, weight_decay=decay)
-    return optim.AdamW(params, lr=config.lr, weight_decay=decay)
+        return optim.Adam(params, lr=config.lr, weight_decay=decay, **fused)
+    return optim.AdamW(params, lr=config.lr, weight_decay=decay, **fused)
 
 
 def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_epoch: int):
@@ -127,14 +131,18 @@ def train(config: TrainConfig) -> dict:
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config)
-    compile_seconds = _warm_up(run) if config.compile else 0.0
-    setup_seconds = time.perf_counter() - setup_start - compile_seconds
+    # One-time work kept out of the training time: compilation, and on an accelerator the
+    # loading of its kernels and libraries, which the first steps would otherwise pay for.
+    with _explained_nondeterminism(config):
+        warmup_seconds = _warm_up(run) if config.compile or run.device.type != "cpu" else 0.0
+    setup_seconds = time.perf_counter() - setup_start - warmup_seconds
     progress, log = run.progress, run.log
     unit, every = eval_interval(config)
 
     # ---- train ----------------------------------------------------------------------------
     result = None
-    with StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly):
+    with (StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly),
+          _explained_nondeterminism(config)):
         for epoch in range(progress.epoch, config.epochs + 1):
             result = _train_epoch(run, epoch, stop, test_every=every if unit == "steps" else 0)
             reached = result is not None  # reached the target in a test within the epoch
@@ -181,7 +189,7 @@ def train(config: TrainConfig) -> dict:
         "target_accuracy": config.target_accuracy,
         "target_seconds": (round(progress.target_seconds, 3)
                            if progress.target_seconds is not None else None),
-        "setup_seconds": round(setup_seconds, 3), "compile_seconds": round(compile_seconds, 3),
+        "setup_seconds": round(setup_seconds, 3), "warmup_seconds": round(warmup_seconds, 3),
         "run_dir": str(run.run_dir), "checkpoint": str(run.last_path),
         "best_checkpoint": (str(run.run_dir / "best.pt")
                             if (run.run_dir / "best.pt").exists() else None),
@@ -194,6 +202,21 @@ def train(config: TrainConfig) -> dict:
               f"training; checkpoint {run.last_path}")
     log.close()
     return summary
+
+
+@contextlib.contextmanager
+def _explained_nondeterminism(config: TrainConfig):
+    """Under --deterministic torch refuses operations that have no deterministic kernel on the
+    device (some CUDA backward passes); say so in one sentence instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        message = str(error).strip()
+        if not (config.deterministic and "deterministic implementation" in message):
+            raise
+        raise UsageError(f"--deterministic cannot be honoured on this device: "
+                         f"{message.splitlines()[0].rstrip('.')}; drop --deterministic to train "
+                         "with it") from None
 
 
 def setup(config: TrainConfig) -> tuple[Run, Path | None]:
@@ -332,8 +355,9 @@ def _reached(run: Run, result: Evaluation) -> bool:
 
 
 def _warm_up(run: Run) -> float:
-    """Compile the training and test graphs on one batch, then put back every state the
-    batch touched, so compilation time stays out of the training time."""
+    """Compile (or, on an accelerator, load the kernels of) the training and test graphs on
+    real batches, then put back every state they touched: warm-up time stays out of the
+    training time and the run's results do not change."""
     start = time.perf_counter()
     model_state = {k: v.clone() for k, v in run.model.state_dict().items()}
     rng = devices.rng_state()
