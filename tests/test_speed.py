@@ -13,7 +13,7 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 from torchmnist import checkpoint, models
-from torchmnist.augment import MAX_SHIFT, affine, augment, translate
+from torchmnist.augment import MAX_SHIFT, affine, augment, hflip, translate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,3 +167,13 @@ def test_bench_rejects_a_bad_loader_list(capsys):
     code, _, err = run_main(["bench", "--dry-run", "--loaders", "tensor,gpu"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "--loaders takes tensor or dataloader")
+
+
+def test_flip_mirrors_a_random_half_of_the_images_left_to_right():
+    torch.manual_seed(0)
+    x = torch.rand(256, 1, 28, 28)
+    y = hflip(x)
+    same = (y == x).flatten(1).all(1)
+    mirrored = (y == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all())  # each image is itself or its exact mirror
+    assert 0.35 < mirrored.float().mean().item() < 0.65
