@@ -32,7 +32,7 @@ def mnist_dir() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    return Path(root)
+    return Path(root).resolve()
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +99,19 @@ def assert_one_sentence_error(stderr: str, *fragments: str) -> None:
     assert "Traceback" not in stderr
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+@pytest.fixture(scope="session")
+def guide_run(mnist_dir, tmp_path_factory) -> dict:
+    """One epoch of the guide recipe on real MNIST (about 95%), shared by the tests that use a
+    trained model: predict, export, report."""
+    import contextlib
+    import io
+
+    import torchmnist
+
+    run_dir = tmp_path_factory.mktemp("guide") / "run"
+    config = torchmnist.TrainConfig.for_recipe("guide", epochs=1, data_dir=str(mnist_dir),
+                                               run_dir=str(run_dir), save_interval=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return torchmnist.train(config)

@@ -3,14 +3,29 @@
     import torchmnist
     summary = torchmnist.train(torchmnist.TrainConfig(epochs=1))
     result = torchmnist.evaluate(summary["checkpoint"])
+    for p in torchmnist.predict(summary["checkpoint"], ["my_digit.jpg"]):
+        print(p["file"], p["class"], p["probability"])
 """
 
 __version__ = "0.1.0"
 
 from torchmnist.config import TrainConfig  # noqa: E402
 from torchmnist.errors import TorchMnistError, TrainingError, UsageError  # noqa: E402
-from torchmnist.evaluate import evaluate  # noqa: E402
-from torchmnist.train import train  # noqa: E402
 
-__all__ = ["TrainConfig", "TorchMnistError", "TrainingError", "UsageError", "__version__",
-           "evaluate", "train"]
+__all__ = ["TrainConfig", "TorchMnistError", "TrainingError", "UsageError", "__version__"]
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    # Without torch, `torchmnist.preprocess` (NumPy and Pillow only) still works: a program that
+    # runs an exported ONNX model with onnxruntime prepares its images with it.
+    pass
+else:
+    from torchmnist.evaluate import evaluate  # noqa: E402
+    from torchmnist.export import export  # noqa: E402
+    from torchmnist.predict import predict  # noqa: E402
+
+    #REPORT
+    from torchmnist.train import train  # noqa: E402
+
+    __all__ += ["evaluate", "export", "predict", "report", "train"]

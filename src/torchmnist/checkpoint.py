@@ -22,10 +22,12 @@ import os
 import pickle
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchmnist.config import RESULT_KEYS, TrainConfig
 from torchmnist.errors import TrainingError, UsageError
@@ -211,3 +213,42 @@ def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:
     return [f"{k}: {saved_config[k]!r} in the checkpoint, {values[k]!r} now (now wins)"
             for k in values if k not in ("resume", "run_dir") and k in saved_config
             and saved_config[k] != values[k]]
+
+
+@dataclass
+class Trained:
+    """A trained network ready for inference, and what it was trained on."""
+
+    model: nn.Module  # in eval mode
+    name: str  # the --model name
+    dataset: str  # the --dataset name, which fixes the normalisation and the class names
+    config: dict | None  # the run's config, for a full checkpoint
+
+
+def load_model(path: str | os.PathLike, *, model: str | None = None,
+               dataset: str | None = None) -> Trained:
+    """The network in a checkpoint, plain state_dict or safetensors file, on the CPU.
+
+    The model and dataset come from the checkpoint's config when it has one; for a plain
+    state_dict the model is recognised from its parameter names and shapes, and the dataset
+    is MNIST unless named.
+    """
+    from torchmnist import models
+
+    state_dict, config = weights(load(path), path)
+    config = config or {}
+    name = model or config.get("model") or models.matching_model(state_dict)
+    if name is None:
+        raise UsageError(f"{path} does not match any known model "
+                         f"({', '.join(models.MODELS)}); name one with --model")
+    if name not in models.MODELS:
+        raise UsageError(f"--model must be one of {', '.join(models.MODELS)}, not {name!r}")
+    network = models.build(name)
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError:
+        found = models.matching_model(state_dict)
+        hint = f" (it matches --model {found})" if found else ""
+        raise UsageError(f"{path} does not hold weights for the {name!r} model{hint}") from None
+    return Trained(network.eval(), name, dataset or config.get("dataset") or "mnist",
+                   config or None)

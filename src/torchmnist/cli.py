@@ -1,4 +1,4 @@
-"""Command line: `torchmnist train` and `torchmnist test`.
+"""Command line: `torchmnist train`, `test`, `predict`, `export`, `report` and `bench`.
 
 This module only turns flags into a config and calls the Python API; the `train` flags are
 generated from the fields of `TrainConfig`, so the CLI, the API and the checkpoints cannot drift
@@ -102,6 +102,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="test batch size (default: 1000)")
     test.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
+    predict = commands.add_parser(
+        "predict", help="classify image files with a trained model",
+        description="Classify photos, scans or drawings: each image is turned into a 28x28 "
+        "image the way the model's dataset was made (grey, ink white on black, cropped, scaled, "
+        "centred), then classified. Exit status 2 if any file could not be read.")
+    predict.add_argument("checkpoint", help="a torchmnist checkpoint, state_dict or "
+                         ".safetensors file")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE|DIR|GLOB",
+                         help="image files (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), directories "
+                         "(their files) or glob patterns")
+    predict.add_argument("--top", type=int, default=3, metavar="K",
+                         help="also show the K most likely classes (default: 3)")
+    predict.add_argument("--json", action="store_true",
+                         help="one JSON object per image per line")
+    predict.add_argument("--save-preprocessed", metavar="DIR",
+                         help="write the 28x28 images the model saw into DIR as PNGs")
+    _add_model_flags(predict)
+
+    export = commands.add_parser(
+        "export", help="write a model as ONNX, TorchScript or safetensors, checked for parity",
+        description="Export the model of a checkpoint; the file is then run (onnxruntime, "
+        "torch.jit.load, safetensors) on 256 test images and must match PyTorch within 1e-4, "
+        "else it is not written and the exit status is 1. Inputs: normalised float32 "
+        "(N, 1, 28, 28); outputs: (N, 10) log-probabilities.")
+    export.add_argument("checkpoint", help="a torchmnist checkpoint, state_dict or "
+                        ".safetensors file")
+    export.add_argument("--format", required=True, choices=("onnx", "torchscript",
+                                                             "safetensors"))
+    export.add_argument("--out", metavar="PATH", help="where to write (default: beside the "
+                        "checkpoint, e.g. last.onnx)")
+    export.add_argument("--data-dir", metavar="DIR", help="dataset root for the parity images "
+                        "(default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
+    export.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                        help="download missing dataset files (default: on)")
+    export.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    _add_model_flags(export, device=False)
+
     bench = commands.add_parser(
         "bench", help="measure throughput per loader and time to accuracy",
         description="Measure training and inference throughput of a recipe with each loader, "
@@ -174,6 +211,56 @@ def _test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_flags(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    parser.add_argument("--model", choices=cfg.MODELS, help="the network, for a plain "
+                        "state_dict that is not recognised (default: from the file)")
+    parser.add_argument("--dataset", choices=cfg.DATASETS, help="what the model was trained "
+                        "on, which sets the normalisation and class names (default: from the "
+                        "checkpoint, else mnist)")
+    if device:
+        parser.add_argument("--device", choices=cfg.DEVICES, default="auto",
+                            help="device (default: auto)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from torchmnist.export import export
+
+    result = export(args.checkpoint, args.format, args.out, model=args.model,
+                    dataset=args.dataset, data_dir=args.data_dir, download=args.download)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {result['file']} ({result['format']}, {result['model']} model, "
+              f"{result['bytes']:,} bytes); parity on {result['parity_images']} test images: "
+              f"largest absolute difference {result['max_abs_diff']:.2e} (limit "
+              f"{result['tolerance']:g}), same predictions "
+              f"{100 * result['same_predictions']:.1f}%")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from torchmnist.predict import predict
+
+    results = predict(args.checkpoint, args.inputs, top=args.top, model=args.model,
+                      dataset=args.dataset, device=args.device,
+                      save_preprocessed=args.save_preprocessed)
+    failed = [r for r in results if "error" in r]
+    for result in results:
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"torchmnist: error: {result['file']}: {result['error']}", file=sys.stderr)
+        else:
+            others = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%"
+                               for t in result["top"])
+            print(f"{result['file']}: {result['class']} ({100 * result['probability']:.1f}%)"
+                  f"  top {len(result['top'])}: {others}")
+    if failed and args.json:
+        print(f"torchmnist: error: {len(failed)} of {len(results)} files could not be "
+              f"predicted (see their \"error\")", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -186,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(explicit)
         if args.command == "bench":
             return _bench(explicit)
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "export":
+            return _export(args)
         return _test(args)
     except TorchMnistError as error:
         print(f"torchmnist: {error.label}: {error}", file=sys.stderr)

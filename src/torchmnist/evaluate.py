@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import checkpoint, data, models
+from torchmnist import checkpoint, data
 from torchmnist import device as devices
 from torchmnist.errors import UsageError
 
@@ -56,23 +56,8 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     state_dict the model is recognised from its parameter names and shapes.
     """
     target = devices.resolve_device(device)
-    state_dict, saved_config = checkpoint.weights(checkpoint.load(checkpoint_path),
-                                                  checkpoint_path)
-    saved_config = saved_config or {}
-    model_name = model or saved_config.get("model") or models.matching_model(state_dict)
-    if model_name is None:
-        raise UsageError(f"{checkpoint_path} does not match any known model "
-                         f"({', '.join(models.MODELS)}); name one with --model")
-    dataset = dataset or saved_config.get("dataset") or "mnist"
-    network = models.build(model_name)
-    try:
-        network.load_state_dict(state_dict)
-    except RuntimeError:
-        found = models.matching_model(state_dict)
-        hint = f" (it matches --model {found})" if found else ""
-        raise UsageError(f"{checkpoint_path} does not hold weights for the {model_name!r} "
-                         f"model{hint}") from None
-    network.to(target)
+    trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
+    network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
     digits = data.load(dataset, data_dir, download=download)
     test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
     result = evaluate_model(network, test_batches)

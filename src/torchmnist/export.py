@@ -1,0 +1,167 @@
+"""`torchmnist export`: ship a trained model as ONNX, TorchScript or safetensors, verified.
+
+Every exported file takes normalised images, float32 (N, 1, 28, 28) with any N, and returns
+(N, 10) log-probabilities, which are logits: softmax gives the class probabilities, argmax the
+class. After writing, the file is loaded back the way its users will load it (onnxruntime,
+torch.jit.load, safetensors) and run on 256 test images; the export succeeds only if its
+outputs match PyTorch's to within 1e-4. The file appears under its name only then, so a failed
+export never replaces a good file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchmnist import __version__, checkpoint, data
+from torchmnist.errors import TorchMnistError, UsageError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+TOLERANCE = 1e-4
+PARITY_IMAGES = 256
+
+
+class ExportError(TorchMnistError):
+    """The exported file does not compute what the model computes: exit 1."""
+
+    exit_code = 1
+
+
+def contract(name: str, spec: data.DatasetSpec) -> dict[str, str]:
+    """What an exported file expects and returns, stored inside it as metadata."""
+    return {
+        "torchmnist_version": __version__, "model": name, "dataset": spec.name,
+        "mean": repr(spec.mean), "std": repr(spec.std), "classes": json.dumps(spec.classes),
+        "input": f"float32 (N, 1, 28, 28): 28x28 images in [0, 1], white ink on black, "
+                 f"MNIST-style (torchmnist.preprocess), then (x - {spec.mean}) / {spec.std}",
+        "output": "float32 (N, 10) log-probabilities (logits): softmax gives probabilities",
+    }
+
+
+def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLike | None = None,
+           *, model: str | None = None, dataset: str | None = None,
+           data_dir: str | os.PathLike | None = None, download: bool = True) -> dict:
+    """Export, check parity on 256 test images, and return what was written and measured."""
+    if format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    source = Path(checkpoint_path)
+    out = Path(out) if out else source.with_name(source.name.split(".")[0] + FORMATS[format])
+    if out.exists() and out.resolve() == source.resolve():
+        raise UsageError(f"exporting would overwrite {source} itself; choose --out")
+    trained = checkpoint.load_model(source, model=model, dataset=dataset)
+    spec = data.DATASETS[trained.dataset]
+    network = trained.model.float().eval()
+
+    test = data.load(spec.name, data_dir, download=download).test
+    x = data.normalize(test.images[:PARITY_IMAGES], spec.mean, spec.std)  # (256, 1, 28, 28)
+    with torch.inference_mode():
+        expected = network(x).numpy()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    try:
+        if format == "onnx":
+            _write_onnx(network, x, partial, contract(trained.name, spec))
+            actual = _run_onnx(partial, x.numpy())
+        elif format == "torchscript":
+            _write_torchscript(network, x, partial, contract(trained.name, spec))
+            actual = _run_torchscript(partial, x)
+        else:
+            _write_safetensors(network, partial, contract(trained.name, spec))
+            actual = _run_safetensors(partial, trained.name, x)
+        difference = float(np.abs(actual - expected).max())
+        agree = float((actual.argmax(1) == expected.argmax(1)).mean())
+        if not difference <= TOLERANCE:
+            raise ExportError(f"the {format} export does not match PyTorch: largest absolute "
+                              f"difference {difference:.3g} on {len(x)} test images exceeds "
+                              f"{TOLERANCE:g}; {out} was not written")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"file": str(out), "format": format, "model": trained.name, "dataset": spec.name,
+            "parity_images": len(x), "max_abs_diff": difference, "same_predictions": agree,
+            "tolerance": TOLERANCE, "bytes": out.stat().st_size}
+
+
+def _needs(*modules: str) -> None:
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        raise UsageError(f"this export needs the Python packages {', '.join(missing)}; install "
+                         "them with: pip install 'torchmnist[export]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet():
+    # The exporters print progress and warn about internals a user cannot act on.
+    with (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()),
+          warnings.catch_warnings()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _write_onnx(network: nn.Module, x: torch.Tensor, path: Path, metadata: dict) -> None:
+    _needs("onnx", "onnxscript", "onnxruntime")
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet():
+        # The dynamo exporter (torch.export) with a symbolic batch dimension: one file serves
+        # any batch size.
+        torch.onnx.export(network, (x[:2],), str(path), input_names=["image"],
+                          output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                          dynamo=True, external_data=False)
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _write_torchscript(network: nn.Module, x: torch.Tensor, path: Path, metadata: dict) -> None:
+    with _quiet():
+        traced = torch.jit.trace(network, x[:2])  # the networks have no data-dependent branches
+    with _quiet():  # torch.jit is deprecated in favour of torch.export, yet still the format
+        # that C++ (libtorch) and older deployments load
+        torch.jit.save(traced, str(path), _extra_files={"torchmnist.json": json.dumps(metadata)})
+
+
+def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
+    with _quiet():
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(x).numpy()
+
+
+def _write_safetensors(network: nn.Module, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _run_safetensors(path: Path, name: str, x: torch.Tensor) -> np.ndarray:
+    reloaded = checkpoint.load_model(path, model=name).model
+    with torch.inference_mode():
+        return reloaded(x).numpy()

@@ -1,0 +1,110 @@
+"""`torchmnist predict`: classify image files (photos, scans, drawings) with a trained model.
+
+Each file is read with Pillow, turned into a 28x28 image the way the model's dataset was made
+(`preprocess`), normalised with the dataset's mean and std, and classified. A file that fails
+gets an error of its own; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchmnist import checkpoint, data
+from torchmnist import device as devices
+from torchmnist.errors import UsageError
+from torchmnist.preprocess import ImageError, normalise, prepare
+
+_GLOB_CHARACTERS = set("*?[")
+
+
+def expand(inputs: list[str]) -> list[tuple[str, str | None]]:
+    """Files to predict, in order, from paths, directories (their files, sorted) and glob
+    patterns; each with the reason it cannot be used, if it cannot."""
+    files: list[tuple[str, str | None]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            files += [(str(p), None) for p in found] or [(item, "the directory has no files")]
+        elif path.exists():
+            files.append((item, None))
+        elif _GLOB_CHARACTERS & set(item):
+            matches = sorted(m for m in glob.glob(item) if Path(m).is_file())
+            files += [(m, None) for m in matches] or [(item, "no files match this pattern")]
+        else:
+            files.append((item, "no such file or directory"))
+    return files
+
+
+def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int = 3,
+            model: str | None = None, dataset: str | None = None, device: str = "auto",
+            save_preprocessed: str | os.PathLike | None = None,
+            batch_size: int = 256) -> list[dict]:
+    """One result per file, in order: {"file", "prediction", "class", "probability", "top"},
+    or {"file", "error"} for a file that could not be read as an image."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, not {top}")
+    trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
+    spec = data.DATASETS[trained.dataset]
+    target = devices.resolve_device(device)
+    network = trained.model.to(target)
+
+    results: list[dict] = []
+    images: list[np.ndarray] = []
+    for file, problem in expand(inputs):
+        if problem is None:
+            try:
+                images.append(prepare(file, spec.name))
+            except ImageError as error:
+                problem = str(error)
+        results.append({"file": file, "error": problem} if problem else {"file": file})
+    if save_preprocessed is not None:
+        _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed)
+
+    probabilities = _classify(network, images, spec, target, batch_size)
+    k = min(top, len(spec.classes))
+    ok = iter(range(len(images)))
+    for result in results:
+        if "error" in result:
+            continue
+        p = probabilities[next(ok)]
+        best = torch.topk(p, k)
+        ranked = [{"prediction": int(i), "class": spec.classes[int(i)], "probability": float(v)}
+                  for v, i in zip(best.values, best.indices, strict=True)]
+        result.update({**ranked[0], "top": ranked})
+    return results
+
+
+def _classify(network: torch.nn.Module, images: list[np.ndarray], spec: data.DatasetSpec,
+              target: torch.device, batch_size: int) -> torch.Tensor:
+    """Class probabilities (N, classes) on the CPU."""
+    if not images:
+        return torch.empty(0, len(spec.classes))
+    x = torch.from_numpy(np.stack([normalise(im, spec.mean, spec.std) for im in images]))
+    out = []
+    with torch.inference_mode():
+        for chunk in x.split(batch_size):
+            # The models end in log_softmax; softmax of log-probabilities gives them back.
+            out.append(network(chunk.to(target)).float().softmax(dim=1).cpu())
+    return torch.cat(out)
+
+
+def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike) -> None:
+    """Write the 28x28 images the model saw as PNGs named after their files."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for file, image in zip(files, images, strict=True):
+        name, n = Path(file).stem, 1
+        while name in used:  # two inputs with the same name, from different folders
+            n += 1
+            name = f"{Path(file).stem}-{n}"
+        used.add(name)
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(folder / f"{name}.png")

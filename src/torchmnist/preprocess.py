@@ -1,0 +1,152 @@
+"""Turn an everyday image (a photo, a scan, a drawing) into a 28x28 image the way MNIST was made.
+
+MNIST's digits were white ink on black, cropped to the ink, scaled so the longer side is 20
+pixels (keeping the aspect ratio, with anti-aliasing), and pasted into 28x28 so that the centre
+of mass of the ink sits at the centre. Fashion-MNIST's clothes were scaled so the longer side is
+28 pixels and centred by their bounding box. A model only works on images that look like that.
+
+This module needs only NumPy and Pillow, not torch, so a program that runs an exported ONNX
+model with onnxruntime can prepare its inputs exactly as `torchmnist predict` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+INK_FLOOR = 0.1  # after stretching ink to [0, 1]: weaker values are paper texture or noise
+MIN_CONTRAST = 0.08  # ink must differ from the page by this much (of the full range) to count
+DENOISE_FROM = 100  # pixels: pictures at least this big are median-filtered before cropping
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a dataset's 28x28 images were made from their originals."""
+
+    box: int  # the longer side of the object, in pixels
+    centre: str  # "mass": centre of mass at the centre; "box": bounding box centred
+
+
+STYLES = {"mnist": Style(20, "mass"), "kmnist": Style(28, "box"),
+          "fashion-mnist": Style(28, "box")}
+
+
+class ImageError(ValueError):
+    """A file that cannot be turned into a model input; the message is one sentence."""
+
+
+def read_grey(path: str | os.PathLike) -> np.ndarray:
+    """Any image file Pillow reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...) as float grey in [0, 1].
+
+    Transparent pixels are composited onto white, as a viewer shows them; animated or multi-page
+    files give their first frame.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError("the file is empty")
+        with open(path, "rb") as file, Image.open(file) as image:
+            image.seek(0)
+            image.load()
+            return _to_grey(image)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        raise ImageError(f"cannot read it: {error.strerror}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
+        raise ImageError(f"damaged image data ({str(error).strip() or type(error).__name__})"
+                         ) from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(str(error)) from None
+
+
+def _to_grey(image) -> np.ndarray:
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float scans
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        return np.clip(values / top, 0.0, 1.0)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    grey = image.convert("RGB").convert("L")  # ITU-R 601 luma, whatever the colour model
+    return np.asarray(grey, dtype=np.float64) / 255.0
+
+
+def ink_map(grey: np.ndarray) -> np.ndarray:
+    """Ink as 1 and page as 0, whichever way round the picture is.
+
+    The page is what covers the image's border; when it is lighter than the middle grey, the
+    ink is dark and the picture is inverted. The page's own level (a grey sheet, a photo's
+    shading) is then subtracted and the ink stretched to reach 1.
+    """
+    if grey.ndim != 2 or grey.size == 0:
+        raise ImageError("the image has no pixels")
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    page = float(np.median(border))
+    ink = 1.0 - grey if page > 0.5 else grey
+    page = 1.0 - page if page > 0.5 else page
+    strongest = float(np.percentile(ink, 99.9))
+    if strongest - page < MIN_CONTRAST:
+        raise ImageError("no ink found: the image is blank or has almost no contrast")
+    ink = np.clip((ink - page) / (strongest - page), 0.0, 1.0)
+    if min(ink.shape) >= DENOISE_FROM:
+        # In a photo or scan a stroke is many pixels wide, so what a 3x3 median removes is
+        # sensor noise or dust, which would otherwise stretch the ink's bounding box.
+        from PIL import Image, ImageFilter
+
+        smooth = Image.fromarray(np.round(ink * 255).astype(np.uint8))
+        ink = np.asarray(smooth.filter(ImageFilter.MedianFilter(3)), dtype=np.float64) / 255.0
+    ink[ink < INK_FLOOR] = 0.0
+    return ink
+
+
+def to_28x28(ink: np.ndarray, style: Style = STYLES["mnist"]) -> np.ndarray:
+    """Crop to the ink, scale its longer side to `style.box` pixels, centre in 28x28.
+
+    Returns float32 (28, 28) in [0, 1], white ink on black, as MNIST stores it (divided by 255).
+    """
+    from PIL import Image
+
+    rows, cols = np.nonzero(ink)
+    if rows.size == 0:
+        raise ImageError("no ink found: the image is blank")
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = crop.shape
+    scale = style.box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    # Lanczos on the 8-bit image anti-aliases when shrinking, as MNIST's resampling did.
+    crop8 = Image.fromarray(np.round(crop * 255).astype(np.uint8))
+    small = np.asarray(crop8.resize(size, Image.Resampling.LANCZOS), dtype=np.float64) / 255.0
+    canvas = np.zeros((28, 28), dtype=np.float64)
+    sh, sw = small.shape
+    if style.centre == "mass" and small.sum() > 0:
+        ys, xs = np.indices(small.shape)
+        cy, cx = (ys * small).sum() / small.sum(), (xs * small).sum() / small.sum()
+        # MNIST's centres of mass sit at (14.0, 14.0) (measured: 13.99 and 14.00 on average
+        # over the test set), not at the geometric centre 13.5.
+        top, left = round(14 - cy), round(14 - cx)
+    else:
+        top, left = (28 - sh) // 2, (28 - sw) // 2
+    # Paste, clipping whatever a lopsided centre of mass pushes past the edge.
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + sh, 28), min(left + sw, 28)
+    canvas[y0:y1, x0:x1] = small[y0 - top:y1 - top, x0 - left:x1 - left]
+    return canvas.astype(np.float32)
+
+
+def prepare(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
+    """An image file as the dataset's kind of 28x28 image, float32 in [0, 1] (not normalised)."""
+    return to_28x28(ink_map(read_grey(path)), STYLES[dataset])
+
+
+def normalise(image: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """(28, 28) in [0, 1] -> (1, 28, 28) float32 with the training set's mean and std, the
+    input every torchmnist model (and its ONNX or TorchScript export) takes."""
+    return ((image - mean) / std).astype(np.float32)[None]

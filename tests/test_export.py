@@ -1,0 +1,136 @@
+"""`torchmnist export`: ONNX, TorchScript and safetensors files that compute what the model does."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_sentence_error, make_dataset_files, run_main
+from PIL import Image
+
+from torchmnist import models
+from torchmnist.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+# The module, not the function `torchmnist.export` that the package exports under its name.
+exporting = importlib.import_module("torchmnist.export")
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    make_dataset_files(tmp_path / "data" / "MNIST" / "raw", n_train=64, n_test=300)
+    return tmp_path / "data"
+
+
+def _state_dict(tmp_path: Path, name: str) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / f"{name}.pt"
+    torch.save(models.build(name).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_every_model_exports_in_every_format_and_passes_parity(name, fmt, tmp_path, small_data,
+                                                               capsys):
+    source = _state_dict(tmp_path, name)
+    code, out, err = run_main(["export", str(source), "--format", fmt, "--data-dir",
+                               str(small_data), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["parity_images"] == 256 and result["max_abs_diff"] <= 1e-4
+    assert result["same_predictions"] == 1.0
+    assert Path(result["file"]) == source.with_name(name + exporting.FORMATS[fmt])
+    assert Path(result["file"]).is_file()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_onnx_has_a_dynamic_batch_and_carries_its_input_contract(tmp_path, small_data):
+    import onnxruntime
+
+    result = exporting.export(_state_dict(tmp_path, "fast"), "onnx", tmp_path / "m.onnx",
+                              data_dir=small_data)
+    session = onnxruntime.InferenceSession(result["file"], providers=["CPUExecutionProvider"])
+    network = models.build("fast")
+    network.load_state_dict(torch.load(tmp_path / "fast.pt", weights_only=True))
+    network.eval()
+    for batch in (1, 7, 300):
+        x = torch.randn(batch, 1, 28, 28)
+        (y,) = session.run(None, {"image": x.numpy()})
+        with torch.inference_mode():
+            assert np.abs(y - network(x).numpy()).max() < 1e-4
+    meta = session.get_modelmeta().custom_metadata_map
+    assert (meta["model"], meta["dataset"], float(meta["mean"]), float(meta["std"])) == (
+        "fast", "mnist", 0.1307, 0.3081)
+    assert json.loads(meta["classes"]) == list("0123456789")
+
+
+def test_a_failed_parity_check_exits_1_and_keeps_the_old_file(tmp_path, small_data, capsys,
+                                                              monkeypatch):
+    source = _state_dict(tmp_path, "guide")
+    out = tmp_path / "shipped.pt"
+    out.write_bytes(b"the file users already have")
+    real = exporting._run_torchscript
+    monkeypatch.setattr(exporting, "_run_torchscript", lambda path, x: real(path, x) + 1e-3)
+    code, _, err = run_main(["export", str(source), "--format", "torchscript", "--out",
+                             str(out), "--data-dir", str(small_data)], capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "does not match PyTorch", "largest absolute difference",
+                              "exceeds 0.0001", "was not written")
+    assert out.read_bytes() == b"the file users already have"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_missing_export_packages_are_named(tmp_path, small_data, capsys, monkeypatch):
+    monkeypatch.setattr(exporting, "_importable", lambda module: module != "onnxruntime")
+    code, _, err = run_main(["export", str(_state_dict(tmp_path, "guide")), "--format", "onnx",
+                             "--data-dir", str(small_data)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "onnxruntime", "pip install 'torchmnist[export]'")
+
+
+def test_exporting_onto_the_checkpoint_itself_is_refused(tmp_path, small_data, capsys):
+    source = tmp_path / "model.safetensors"
+    exporting.export(_state_dict(tmp_path, "guide"), "safetensors", source, data_dir=small_data)
+    before = source.read_bytes()
+    code, _, err = run_main(["export", str(source), "--format", "safetensors", "--data-dir",
+                             str(small_data)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "would overwrite")
+    assert source.read_bytes() == before
+
+
+@pytest.mark.mnist
+def test_a_trained_model_runs_in_onnxruntime_without_torch_in_the_process(guide_run, mnist_dir,
+                                                                         tmp_path):
+    result = exporting.export(guide_run["checkpoint"], "onnx", tmp_path / "guide.onnx",
+                              data_dir=mnist_dir)
+    assert result["max_abs_diff"] <= 1e-4
+    from torchmnist import data
+
+    test = data.load("mnist", mnist_dir).test
+    files = []
+    for i in range(20):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(255 - test.images[i].numpy()).resize((140, 140)).save(path)
+        files.append(str(path))
+    # `import torch` fails in this process: the example must do without it.
+    blocked = ("import sys, runpy; sys.modules['torch'] = None; "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", blocked, str(ROOT / "examples" /
+                          "onnx_predict.py"), result["file"], *files],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    onnx_results = [json.loads(line) for line in run.stdout.splitlines()]
+    torch_results = predict(guide_run["checkpoint"], files, device="cpu")
+    assert [r["prediction"] for r in onnx_results] == [r["prediction"] for r in torch_results]
+    for a, b in zip(onnx_results, torch_results, strict=True):
+        assert abs(a["probability"] - b["probability"]) < 1e-4
+    assert np.mean([r["prediction"] == int(test.labels[i])
+                    for i, r in enumerate(onnx_results)]) >= 0.85
