@@ -24,8 +24,7 @@ else:
     from torchmnist.evaluate import evaluate  # noqa: E402
     from torchmnist.export import export  # noqa: E402
     from torchmnist.predict import predict  # noqa: E402
-
-    #REPORT
+    from torchmnist.report import report  # noqa: E402
     from torchmnist.train import train  # noqa: E402
 
     __all__ += ["evaluate", "export", "predict", "report", "train"]

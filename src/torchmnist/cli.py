@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from torchmnist import config as cfg
@@ -18,7 +19,7 @@ from torchmnist.errors import TorchMnistError, UsageError
 
 # Flags whose form is not "--name VALUE".
 _SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_model", "json",
-             "dry_run", "compile"}
+             "dry_run", "compile", "tensorboard"}
 _ON_OFF = {"download", "pin_memory", "nesterov", "channels_last"}
 _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
              "test_batch_size": "N", "epochs": "N", "log_interval": "N", "save_interval": "N",
@@ -139,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print the result as one JSON line")
     _add_model_flags(export, device=False)
 
+    report = commands.add_parser(
+        "report", help="figures and a Markdown report of a run",
+        description="Draw a run's loss, accuracy and learning-rate curves (metrics.jsonl), its "
+        "confusion matrix and its most confident mistakes on the test set, and write "
+        "report.md tying them to the run's config and final numbers.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/...)")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report)")
+    report.add_argument("--mistakes", type=int, default=48, metavar="N",
+                        help="misclassified images to show (default: 48)")
+    report.add_argument("--data-dir", metavar="DIR", help="dataset root (default: the run's, "
+                        "else $TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
+    report.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                        help="download missing dataset files (default: on)")
+    report.add_argument("--device", choices=cfg.DEVICES, default="auto",
+                        help="device (default: auto)")
+    report.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
     bench = commands.add_parser(
         "bench", help="measure throughput per loader and time to accuracy",
         description="Measure training and inference throughput of a recipe with each loader, "
@@ -238,6 +256,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from torchmnist.report import report
+
+    if args.mistakes < 0:
+        raise UsageError(f"--mistakes must not be negative, not {args.mistakes}")
+    result = report(args.run_dir, args.out, data_dir=args.data_dir, download=args.download,
+                    device=args.device, mistakes=args.mistakes)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {result['report']} with {Path(result['curves']).name}, "
+              f"{Path(result['confusion']).name} and {Path(result['mistakes']).name}: test "
+              f"accuracy {100 * result['test_accuracy']:.2f}%, {result['misclassified']} "
+              "misclassified")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from torchmnist.predict import predict
 
@@ -277,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "report":
+            return _report(args)
         return _test(args)
     except TorchMnistError as error:
         print(f"torchmnist: {error.label}: {error}", file=sys.stderr)

@@ -109,6 +109,9 @@ class TrainConfig:
     keep: int = _opt(0, "also keep the checkpoints of the last N epochs as epoch-NNN.pt")
     save_model: bool = _opt(False, "also write the final weights as model.pt and "
                             "model.safetensors in the run directory")
+    tensorboard: bool = _opt(False, "also write TensorBoard scalars (losses, accuracy, learning "
+                             "rate) and an image grid into the run directory, for "
+                             "`tensorboard --logdir runs`")
     run_dir: str | None = _opt(None, "run directory (default: runs/<date-time>-<dataset>-"
                                "<model>)")
     resume: str | None = _opt(None, "resume from PATH (a checkpoint or run directory), or "

@@ -1,4 +1,5 @@
-"""A run's records: what it prints (also kept in train.log) and its metrics.jsonl.
+"""A run's records: what it prints (also kept in train.log), its metrics.jsonl, and with
+--tensorboard the same metrics as TensorBoard events.
 
 On a terminal, progress within an epoch is a tqdm bar; elsewhere (a pipe, a file, CI) it is
 plain lines, so logs stay readable.
@@ -12,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from torchmnist.errors import UsageError
+
+# metrics.jsonl record (kind, key) -> TensorBoard scalar tag
+_TENSORBOARD_TAGS = {
+    ("train", "train_loss"): "loss/train", ("epoch", "train_loss"): "loss/train_epoch",
+    ("epoch", "test_loss"): "loss/test", ("epoch", "test_accuracy"): "accuracy/test",
+    ("train", "lr"): "learning_rate",
+}
 
 
 class RunLog:
@@ -28,6 +38,7 @@ class RunLog:
             for record in self.history:
                 f.write(json.dumps(record) + "\n")
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._writer = None  # a TensorBoard SummaryWriter, with --tensorboard
 
     def print(self, line: str) -> None:
         """Show a line to the user and keep it in train.log."""
@@ -51,6 +62,30 @@ class RunLog:
         self.history.append(record)
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                tag = _TENSORBOARD_TAGS.get((record["kind"], key))
+                if tag and value is not None:
+                    self._writer.add_scalar(tag, value, global_step=record["step"])
+
+    def start_tensorboard(self, step: int) -> None:
+        """Write TensorBoard event files into the run directory from `step` on; events a
+        crashed run wrote after the checkpoint it resumes from are hidden (purge_step)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package; install it with: "
+                             "pip install 'torchmnist[tensorboard]'") from None
+        # Records at the checkpoint's own step were written before it was saved: keep them.
+        self._writer = SummaryWriter(log_dir=str(self.run_dir),
+                                     purge_step=step + 1 if step else None)
+
+    def images(self, tag: str, images, step: int) -> None:
+        """An image grid for TensorBoard: images (N, 1, H, W) in [0, 1]."""
+        if self._writer is not None:
+            from torchvision.utils import make_grid
+
+            self._writer.add_image(tag, make_grid(images, nrow=8, padding=2), global_step=step)
 
     def start_bar(self, total: int, initial: int, desc: str) -> None:
         if self.progress_bar:
@@ -68,5 +103,7 @@ class RunLog:
 
     def close(self) -> None:
         self.close_bar()
+        if self._writer is not None:
+            self._writer.close()
         self._log.close()
         self._metrics.close()

@@ -138,6 +138,12 @@ def train(config: TrainConfig) -> dict:
     setup_seconds = time.perf_counter() - setup_start - warmup_seconds
     progress, log = run.progress, run.log
     unit, every = eval_interval(config)
+    if config.tensorboard:
+        log.start_tensorboard(progress.step)
+        x, _ = next(iter(run.test_batches.batches()))  # the test set's first images, unshuffled
+        spec = data.DATASETS[config.dataset]
+        log.images("test images", (x[:64].float().cpu() * spec.std + spec.mean).clamp(0, 1),
+                   progress.step)
 
     # ---- train ----------------------------------------------------------------------------
     result = None

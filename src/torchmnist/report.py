@@ -1,0 +1,221 @@
+"""`torchmnist report RUN_DIR`: how a run went, as pictures and one Markdown page.
+
+curves.png (losses, accuracy and learning rate over the run, from metrics.jsonl), confusion.png
+(the confusion matrix on the test set) and mistakes.png (misclassified test images, the most
+confident mistakes first), tied together by report.md with the run's config and final numbers.
+Drawn with matplotlib's object interface (no pyplot, no display, no global state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchmnist import checkpoint, data
+from torchmnist import device as devices
+from torchmnist.config import TrainConfig
+from torchmnist.errors import UsageError
+
+
+def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+           data_dir: str | os.PathLike | None = None, download: bool = True,
+           device: str = "auto", mistakes: int = 48) -> dict:
+    """Write the figures and report.md into `out` (default RUN_DIR/report); return the paths
+    and the numbers the report states."""
+    try:
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        raise UsageError("torchmnist report needs matplotlib; install it with: pip install "
+                         "'torchmnist[report]'") from None
+    run_dir = Path(run_dir)
+    config, records = _read_run(run_dir)
+    trained = checkpoint.load_model(run_dir / "last.pt")
+    spec = data.DATASETS[trained.dataset]
+    if config.get("dry_run"):
+        digits = data.synthetic(spec.name, seed=config.get("seed", 1))
+    else:
+        digits = data.load(spec.name, data_dir or config.get("data_dir"), download=download)
+    target = devices.resolve_device(device)
+    probabilities = _probabilities(trained.model.to(target), digits, target)
+    labels = digits.test.labels.numpy()
+    predictions = probabilities.argmax(1)
+    confusion = np.zeros((len(spec.classes),) * 2, dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"curves": out / "curves.png", "confusion": out / "confusion.png",
+               "mistakes": out / "mistakes.png"}
+    _plot_curves(records, figures["curves"])
+    _plot_confusion(confusion, spec.classes, figures["confusion"])
+    wrong = np.nonzero(predictions != labels)[0]
+    wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")]
+    _plot_mistakes(digits.test.images.numpy(), labels, predictions, probabilities,
+                   wrong[:mistakes], spec.classes, figures["mistakes"])
+
+    numbers = {"test_accuracy": float((predictions == labels).mean()),
+               "correct": int((predictions == labels).sum()), "total": len(labels),
+               "misclassified": len(wrong), "model": trained.name, "dataset": spec.name}
+    markdown = out / "report.md"
+    markdown.write_text(_markdown(run_dir, config, records, numbers, confusion, spec.classes,
+                                  figures, min(mistakes, len(wrong))), encoding="utf-8")
+    return {"report": str(markdown), **{k: str(v) for k, v in figures.items()}, **numbers}
+
+
+def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    if not run_dir.is_dir():
+        raise UsageError(f"no run directory at {run_dir}")
+    needed = ("config.json", "metrics.jsonl", "last.pt")
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        raise UsageError(f"{run_dir} is not a torchmnist run directory: {', '.join(missing)} "
+                         "missing")
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        records = [json.loads(line) for line in
+                   (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{run_dir} holds a damaged config.json or metrics.jsonl: {error}"
+                         ) from None
+    return config, records
+
+
+def _probabilities(network: torch.nn.Module, digits: data.DigitData,
+                   target: torch.device) -> np.ndarray:
+    batches = data.TensorBatches(digits.test, digits.spec, 1000, target, shuffle=False)
+    out = []
+    with torch.inference_mode():
+        for x, _ in batches.batches():
+            out.append(network(x).float().softmax(dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def _plot_curves(records: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if r.get("kind") == "train"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    tested = [r for r in epochs if r.get("test_accuracy") is not None]
+    figure = Figure(figsize=(12, 3.6), layout="constrained")
+    loss, accuracy, lr = figure.subplots(1, 3)
+    loss.plot([r["step"] for r in train], [r["train_loss"] for r in train], lw=1,
+              label="training (mean over each log interval)")
+    loss.plot([r["step"] for r in tested], [r["test_loss"] for r in tested], "o-",
+              label="test (end of epoch)")
+    loss.set(title="loss", xlabel="step", yscale="log")
+    loss.legend(fontsize=8)
+    accuracy.plot([r["step"] for r in tested], [100 * r["test_accuracy"] for r in tested], "o-")
+    for r in tested:
+        accuracy.annotate(f"{100 * r['test_accuracy']:.2f}", (r["step"], 100 * r["test_accuracy"]),
+                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    accuracy.set(title="test accuracy (%)", xlabel="step")
+    lr.plot([r["step"] for r in train + epochs if r.get("lr") is not None],
+            [r["lr"] for r in train + epochs if r.get("lr") is not None], ".", ms=3)
+    lr.set(title="learning rate", xlabel="step")
+    for axes in (loss, accuracy, lr):
+        axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=110)
+
+
+def _plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 6.2), layout="constrained")
+    axes = figure.subplots()
+    shown = np.where(confusion > 0, confusion, np.nan)  # empty cells stay white
+    image = axes.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(confusion.max(), 2)))
+    for (i, j), count in np.ndenumerate(confusion):
+        if count:
+            axes.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                      color="white" if count > confusion.max() ** 0.5 * 3 else "black")
+    axes.set(xticks=range(len(classes)), yticks=range(len(classes)),
+             xlabel="predicted", ylabel="true", title="confusion matrix (test set, log colour)")
+    axes.set_xticklabels(classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right"
+                         if max(map(len, classes)) > 2 else "center", fontsize=8)
+    axes.set_yticklabels(classes, fontsize=8)
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    figure.savefig(path, dpi=110)
+
+
+def _plot_mistakes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   probabilities: np.ndarray, chosen: np.ndarray, classes: tuple[str, ...],
+                   path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    columns = 8
+    rows = max(1, -(-len(chosen) // columns))
+    figure = Figure(figsize=(columns * 1.3, rows * 1.5 + 0.4), layout="constrained")
+    figure.suptitle(f"misclassified test images, most confident first ({len(chosen)} shown)",
+                    fontsize=10)
+    grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axes in grid:
+        axes.axis("off")
+    if len(chosen) == 0:
+        grid[0].text(0, 0.5, "no mistakes", fontsize=10)
+    for axes, index in zip(grid, chosen, strict=False):
+        axes.imshow(images[index], cmap="gray", vmin=0, vmax=255)
+        axes.set_title(f"#{index}: true {classes[labels[index]]}\npredicted "
+                       f"{classes[predictions[index]]} "
+                       f"{100 * probabilities[index, predictions[index]]:.0f}%", fontsize=7)
+    figure.savefig(path, dpi=110)
+
+
+def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
+              confusion: np.ndarray, classes: tuple[str, ...], figures: dict[str, Path],
+              shown: int) -> str:
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    dataset_name = "synthetic (dry run)" if config.get("dry_run") else numbers["dataset"]
+    lines = [
+        f"# Run report: {run_dir.name}", "",
+        f"{config.get('recipe', '?')} recipe, {numbers['model']} model, {dataset_name}; "
+        f"{last.get('epoch', 0)} epochs, {last.get('step', 0)} steps, "
+        f"{last.get('seconds', 0):.1f} s of training.", "",
+        "| | |", "|---|---|",
+        f"| test accuracy | **{100 * numbers['test_accuracy']:.2f}%** "
+        f"({numbers['correct']}/{numbers['total']}) |",
+        f"| misclassified | {numbers['misclassified']} |",
+    ]
+    if last.get("test_loss") is not None:
+        lines.append(f"| test loss (last epoch) | {last['test_loss']:.4f} |")
+    if last.get("train_loss") is not None:
+        lines.append(f"| training loss (last epoch) | {last['train_loss']:.4f} |")
+    lines += ["", "## Curves", "", f"![loss, accuracy and learning rate]({figures['curves'].name})",
+              "", "| epoch | step | training loss | test loss | test accuracy | seconds |",
+              "|---|---|---|---|---|---|"]
+    for r in epochs:
+        accuracy = f"{100 * r['test_accuracy']:.2f}%" if r.get("test_accuracy") is not None \
+            else ""
+        test_loss = f"{r['test_loss']:.4f}" if r.get("test_loss") is not None else ""
+        lines.append(f"| {r['epoch']} | {r['step']} | {r['train_loss']:.4f} | {test_loss} | "
+                     f"{accuracy} | {r['seconds']} |")
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    pairs = sorted(((off[i, j], i, j) for i in range(len(classes)) for j in range(len(classes))
+                    if off[i, j]), reverse=True)[:5]
+    lines += ["", "## Confusion matrix", "", f"![confusion matrix]({figures['confusion'].name})",
+              "", "| class | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes),
+              "| accuracy | " + " | ".join(f"{100 * a:.1f}%" for a in per_class) + " |", ""]
+    if pairs:
+        lines.append("Most frequent confusions: " + "; ".join(
+            f"{classes[i]} read as {classes[j]} ({n}×)" for n, i, j in pairs) + ".")
+    lines += ["", "## Mistakes", "",
+              f"The {shown} most confident mistakes (of {numbers['misclassified']}), each with "
+              "its test-set index, true class and prediction:", "",
+              f"![misclassified test images]({figures['mistakes'].name})", "",
+              "## Configuration", "", "Settings that differ from the defaults (the guide's):", "",
+              "| setting | value |", "|---|---|"]
+    defaults = TrainConfig().to_dict()
+    for key, value in config.items():
+        if key in defaults and value != defaults[key]:
+            lines.append(f"| `{key}` | `{json.dumps(value)}` |")
+    lines += ["", "The whole resolved configuration is `config.json` in the run directory.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""`torchmnist report` and `--tensorboard`: what a run looked like, as pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_sentence_error, read_metrics, run_main
+from PIL import Image
+
+
+def _dry_run(capsys, *flags, run_dir="r"):
+    code, _, err = run_main(["train", "--dry-run", "--epochs", "3", "--run-dir", run_dir,
+                             "--log-interval", "4", *flags], capsys)
+    assert code == 0, err
+
+
+def test_report_draws_the_figures_and_ties_them_together(capsys):
+    _dry_run(capsys, "--lr", "0.05")
+    code, out, err = run_main(["report", "r", "--json", "--mistakes", "10"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    for name in ("curves", "confusion", "mistakes"):
+        path = Path(result[name])
+        assert path.parent == Path("r/report") and path.suffix == ".png"
+        with Image.open(path) as image:
+            assert image.width > 300 and image.height > 200
+    markdown = Path(result["report"]).read_text()
+    for figure in ("curves.png", "confusion.png", "mistakes.png"):
+        assert f"]({figure})" in markdown
+    # The numbers stated are the run's: accuracy from the model, epochs from metrics.jsonl.
+    epochs = [r for r in read_metrics(Path("r")) if r["kind"] == "epoch"]
+    assert f"{100 * epochs[-1]['test_accuracy']:.2f}%" in markdown
+    assert f"{100 * result['test_accuracy']:.2f}%" in markdown
+    assert result["total"] == 512 and result["correct"] + result["misclassified"] == 512
+    assert "| `lr` | `0.05` |" in markdown  # the settings that differ from the defaults
+    assert markdown.count("\n| 3 | ") == 1  # one row per epoch in the table
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
+    Path("empty").mkdir()
+    code, _, err = run_main(["report", "empty"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "not a torchmnist run directory", "config.json")
+    code, _, err = run_main(["report", "nowhere"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "no run directory at nowhere")
+
+
+@pytest.mark.mnist
+def test_report_of_a_real_run(guide_run, mnist_dir, tmp_path, capsys):
+    code, out, err = run_main(["report", guide_run["run_dir"], "--out", "rep", "--data-dir",
+                               str(mnist_dir), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["total"] == 10000
+    assert result["test_accuracy"] == pytest.approx(guide_run["test_accuracy"])
+    assert "most confident mistakes" in Path("rep/report.md").read_text()
+
+
+def _events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_gets_the_metrics_and_an_image_grid(capsys):
+    _dry_run(capsys, "--tensorboard")
+    events = _events(Path("r"))
+    tags = events.Tags()
+    assert {"loss/train", "loss/train_epoch", "loss/test", "accuracy/test",
+            "learning_rate"} <= set(tags["scalars"])
+    assert tags["images"] == ["test images"]
+    metrics = read_metrics(Path("r"))
+    epochs = [r for r in metrics if r["kind"] == "epoch"]
+    accuracy = events.Scalars("accuracy/test")
+    assert [e.step for e in accuracy] == [r["step"] for r in epochs]
+    assert [e.value for e in accuracy] == pytest.approx([r["test_accuracy"] for r in epochs])
+    train = [r for r in metrics if r["kind"] == "train"]
+    assert [e.step for e in events.Scalars("loss/train")] == [r["step"] for r in train]
+
+
+def test_tensorboard_after_a_resume_continues_without_duplicates(capsys):
+    _dry_run(capsys, "--tensorboard", "--epochs", "1")
+    code, _, err = run_main(["train", "--resume", "r/last.pt", "--epochs", "2", "--tensorboard"],
+                            capsys)
+    assert code == 0, err
+    steps = [e.step for e in _events(Path("r")).Scalars("accuracy/test")]
+    assert steps == sorted(set(steps)) and len(steps) == 2
