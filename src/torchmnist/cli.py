@@ -220,12 +220,9 @@ def _test(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
                       data_dir=args.data_dir, download=args.download, device=args.device,
                       batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['checkpoint']}: {result['model']} model on {result['dataset']} test set: "
-              f"loss {result['test_loss']:.4f}, accuracy {result['correct']}/{result['total']} "
-              f"({100 * result['test_accuracy']:.2f}%)")
+    _show(args, result, f"{result['checkpoint']}: {result['model']} model on {result['dataset']} "
+          f"test set: loss {result['test_loss']:.4f}, accuracy {result['correct']}/"
+          f"{result['total']} ({100 * result['test_accuracy']:.2f}%)")
     return 0
 
 
@@ -245,15 +242,16 @@ def _export(args: argparse.Namespace) -> int:
 
     result = export(args.checkpoint, args.format, args.out, model=args.model,
                     dataset=args.dataset, data_dir=args.data_dir, download=args.download)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"wrote {result['file']} ({result['format']}, {result['model']} model, "
-              f"{result['bytes']:,} bytes); parity on {result['parity_images']} test images: "
-              f"largest absolute difference {result['max_abs_diff']:.2e} (limit "
-              f"{result['tolerance']:g}), same predictions "
-              f"{100 * result['same_predictions']:.1f}%")
+    _show(args, result, f"wrote {result['file']} ({result['format']}, {result['model']} model, "
+          f"{result['bytes']:,} bytes); parity on {result['parity_images']} test images: "
+          f"largest absolute difference {result['max_abs_diff']:.2e} (limit "
+          f"{result['tolerance']:g}), same predictions {100 * result['same_predictions']:.1f}%")
     return 0
+
+
+def _show(args: argparse.Namespace, result: dict, sentence: str) -> None:
+    """The result as one JSON line with --json, else as a sentence."""
+    print(json.dumps(result) if args.json else sentence)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -263,13 +261,9 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(f"--mistakes must not be negative, not {args.mistakes}")
     result = report(args.run_dir, args.out, data_dir=args.data_dir, download=args.download,
                     device=args.device, mistakes=args.mistakes)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"wrote {result['report']} with {Path(result['curves']).name}, "
-              f"{Path(result['confusion']).name} and {Path(result['mistakes']).name}: test "
-              f"accuracy {100 * result['test_accuracy']:.2f}%, {result['misclassified']} "
-              "misclassified")
+    _show(args, result, f"wrote {result['report']} with {Path(result['curves']).name}, "
+          f"{Path(result['confusion']).name} and {Path(result['mistakes']).name}: test accuracy "
+          f"{100 * result['test_accuracy']:.2f}%, {result['misclassified']} misclassified")
     return 0
 
 
