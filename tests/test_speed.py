@@ -13,7 +13,7 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 from torchmnist import checkpoint, models
-from torchmnist.augment import MAX_SHIFT, affine, augment, hflip, translate
+from torchmnist.augment import ERASE_MAX, MAX_SHIFT, affine, augment, erase, translate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,11 +169,16 @@ def test_bench_rejects_a_bad_loader_list(capsys):
     assert_one_sentence_error(err, "--loaders takes tensor or dataloader")
 
 
-def test_flip_mirrors_a_random_half_of_the_images_left_to_right():
+def test_erase_blanks_one_rectangle_in_about_half_the_images():
     torch.manual_seed(0)
-    x = torch.rand(256, 1, 28, 28)
-    y = hflip(x)
-    same = (y == x).flatten(1).all(1)
-    mirrored = (y == x.flip(-1)).flatten(1).all(1)
-    assert bool((same | mirrored).all())  # each image is itself or its exact mirror
-    assert 0.35 < mirrored.float().mean().item() < 0.65
+    x = torch.rand(512, 1, 28, 28) + 1.0  # nothing equals the background -1 yet
+    y = erase(x, background=-1.0)
+    blank = y == -1.0
+    touched = blank.flatten(1).any(1)
+    assert 0.4 < touched.float().mean().item() < 0.6
+    assert torch.equal(y[~blank], x[~blank])  # everything else is left alone
+    for mask in blank[touched, 0]:
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert mask.sum() == height * width  # one solid rectangle, clipped at the edges
+        assert height <= ERASE_MAX and width <= ERASE_MAX

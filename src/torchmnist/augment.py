@@ -15,27 +15,39 @@ import torch.nn.functional as F
 MAX_SHIFT = 2  # pixels
 MAX_ROTATION = 10.0  # degrees
 SCALE_RANGE = (0.9, 1.1)
+ERASE_MAX = 12  # pixels, the longest side of an erased rectangle
 
 
 def augment(x: torch.Tensor, kind: str, background: float) -> torch.Tensor:
     """x: (B, C, H, W) normalised images whose empty background has the value `background`.
 
-    kind: none, translate, affine, or flip-translate / flip-affine, which first mirror a random
-    half of the images left to right (right for clothes, wrong for digits: a mirrored 2 is no 2).
+    kind: none, translate, affine, or translate-erase, which also blanks a random rectangle in
+    half of the images (random erasing, which helps on clothes: the model must use the whole
+    garment rather than one telltale patch).
     """
     if kind == "none":
         return x
-    if kind.startswith("flip-"):
-        x, kind = hflip(x), kind.removeprefix("flip-")
     if kind == "translate":
         return translate(x, background)
+    if kind == "translate-erase":
+        return erase(translate(x, background), background)
     return affine(x, background)
 
 
-def hflip(x: torch.Tensor) -> torch.Tensor:
-    """Mirror each image left to right with probability 1/2."""
-    mirror = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(mirror[:, None, None, None], x.flip(-1), x)
+def erase(x: torch.Tensor, background: float, p: float = 0.5) -> torch.Tensor:
+    """Set a random rectangle (sides 4-12 pixels) of each image to the background, with
+    probability p per image."""
+    b, _, h, w = x.shape
+    rand = torch.rand(b, 5, device=x.device)
+    half_h = 2 + (rand[:, 0] * (ERASE_MAX - 4) / 2)  # half-sides in pixels
+    half_w = 2 + (rand[:, 1] * (ERASE_MAX - 4) / 2)
+    cy, cx = rand[:, 2] * h, rand[:, 3] * w
+    rows = torch.arange(h, device=x.device)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(w, device=x.device)[None, None, :]  # (1, 1, W)
+    box = (((rows - cy[:, None, None]).abs() < half_h[:, None, None])
+           & ((cols - cx[:, None, None]).abs() < half_w[:, None, None])
+           & (rand[:, 4] < p)[:, None, None])  # (B, H, W)
+    return x.masked_fill(box[:, None], background)
 
 
 def translate(x: torch.Tensor, background: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ MODELS = ("guide", "official", "fast", "best")
 OPTIMIZERS = ("sgd", "adadelta", "adam", "adamw")
 SCHEDULERS = ("none", "step", "onecycle")
 AMP = ("none", "bf16", "fp16")
-AUGMENTATIONS = ("none", "translate", "affine", "flip-translate", "flip-affine")
+AUGMENTATIONS = ("none", "translate", "affine", "translate-erase")
 LOADERS = ("tensor", "dataloader")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -79,8 +79,8 @@ class TrainConfig:
                                    "(--loader dataloader); default: on when training on CUDA")
     augment: str = _opt("none", "on-device augmentation of each training batch: translate "
                         "shifts each image by up to 2 pixels; affine also rotates (up to 10 "
-                        "degrees) and scales (0.9-1.1); flip-* first mirrors half the images "
-                        "(for clothes, not digits)", choices=AUGMENTATIONS)
+                        "degrees) and scales (0.9-1.1); translate-erase also blanks a random "
+                        "rectangle in half the images", choices=AUGMENTATIONS)
     # Speed.
     amp: str = _opt("none", "mixed precision: bf16 autocast (CPU or CUDA), or fp16 with a "
                     "gradient scaler (CUDA)", choices=AMP)
