@@ -2,6 +2,7 @@
 
     python benchmarks/run.py loaders   --data-dir ../shared/data   # guide recipe, per loader
     python benchmarks/run.py fast      --data-dir ../shared/data   # fast recipe, 5 seeds
+    python benchmarks/run.py fast-gpu  --device cuda               # fast-gpu recipe, 10 seeds
     python benchmarks/run.py official  --data-dir ../shared/data   # the baseline to 99%
     python benchmarks/run.py fashion                               # fast recipe, Fashion-MNIST
     python benchmarks/run.py best      --data-dir ../shared/data   # best recipe, 3 seeds
@@ -36,6 +37,13 @@ BENCHMARKS = {
     "fast": [("fast recipe", {"recipe": "fast"}, [("tensor", 0), ("dataloader", 0),
                                                    ("dataloader", 2)], 5),
              ("fast recipe, compiled", {"recipe": "fast", "compile": True}, [], 2)],
+    # On a GPU (--device cuda): docs/benchmarks.md, "On an NVIDIA H100".
+    "fast-gpu": [("fast-gpu recipe", {"recipe": "fast-gpu"}, [], 10),
+                 ("fast-gpu recipe, stopping at 99%", {"recipe": "fast-gpu",
+                                                       "target_accuracy": 0.99,
+                                                       "eval_interval": "30s"}, [], 10),
+                 ("fast recipe, stopping at 99%", {"recipe": "fast", "target_accuracy": 0.99,
+                                                   "eval_interval": "100s"}, [], 3)],
     "official": [("official recipe to 99%", {"recipe": "official", "target_accuracy": 0.99,
                                               "save_interval": 0}, [], 1)],
     "fashion": [("fast recipe, Fashion-MNIST, 8 epochs",

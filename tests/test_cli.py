@@ -60,6 +60,13 @@ def test_every_train_flag_has_help_with_its_default():
     assert "--no-cuda" in flat
 
 
+def test_a_recipe_can_depend_on_the_dataset():
+    assert config.resolve({"recipe": "best"}).augment == "affine"
+    assert config.resolve({"recipe": "best", "dataset": "fashion-mnist"}).augment == "translate"
+    assert config.resolve({"recipe": "best", "dataset": "fashion-mnist",
+                           "augment": "affine"}).augment == "affine"  # explicit still wins
+
+
 def test_recipes_and_explicit_flags():
     guide = config.resolve({})
     assert (guide.model, guide.optimizer, guide.lr, guide.momentum, guide.batch_size,
