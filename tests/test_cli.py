@@ -62,7 +62,8 @@ def test_every_train_flag_has_help_with_its_default():
 
 def test_a_recipe_can_depend_on_the_dataset():
     assert config.resolve({"recipe": "best"}).augment == "affine"
-    assert config.resolve({"recipe": "best", "dataset": "fashion-mnist"}).augment == "translate"
+    fashion = config.resolve({"recipe": "best", "dataset": "fashion-mnist"})
+    assert (fashion.augment, fashion.epochs) == ("translate", 45)
     assert config.resolve({"recipe": "best", "dataset": "fashion-mnist",
                            "augment": "affine"}).augment == "affine"  # explicit still wins
 
