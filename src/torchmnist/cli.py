@@ -69,6 +69,35 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
                                 help="train on the CPU even if a GPU is present (= --device cpu)")
 
 
+# Flags shared by the commands that use a trained model.
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=cfg.MODELS, help="the network, for a plain "
+                        "state_dict (default: from the checkpoint, else recognised from the "
+                        "weights' names and shapes)")
+    parser.add_argument("--dataset", choices=cfg.DATASETS, help="what the model was trained "
+                        "on, which sets the normalisation and class names (default: from the "
+                        "checkpoint, else mnist)")
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, purpose: str = "",
+                    default: str = "") -> None:
+    parser.add_argument("--data-dir", metavar="DIR", help=f"dataset root {purpose}(default: "
+                        f"{default}$TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
+    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                        help="download missing dataset files (default: on)")
+
+
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=cfg.DEVICES, default="auto",
+                        help="device (default: auto)")
+
+
+def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchmnist", description="Train and test MNIST models the way "
                      "'Grokking PyTorch' teaches, fast, on CPU or GPU.")
@@ -88,20 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a torchmnist checkpoint, or a plain state_dict such as the "
         "guide's model.pth or the official example's mnist_cnn.pt, on the test set.")
     test.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or state_dict file")
-    test.add_argument("--model", choices=cfg.MODELS,
-                      help="network (default: from the checkpoint, else recognised from the "
-                      "weights' names and shapes)")
-    test.add_argument("--dataset", choices=cfg.DATASETS,
-                      help="dataset (default: from the checkpoint, else mnist)")
-    test.add_argument("--data-dir", metavar="DIR",
-                      help="dataset root (default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
-    test.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                      help="download missing dataset files (default: on)")
-    test.add_argument("--device", choices=cfg.DEVICES, default="auto",
-                      help="device (default: auto)")
+    _add_model_flags(test)
+    _add_data_flags(test)
+    _add_device_flag(test)
     test.add_argument("--batch-size", type=int, default=1000, metavar="N",
                       help="test batch size (default: 1000)")
-    test.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    _add_json_flag(test)
 
     predict = commands.add_parser(
         "predict", help="classify image files with a trained model",
@@ -120,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-preprocessed", metavar="DIR",
                          help="write the 28x28 images the model saw into DIR as PNGs")
     _add_model_flags(predict)
+    _add_device_flag(predict)
 
     export = commands.add_parser(
         "export", help="write a model as ONNX, TorchScript or safetensors, checked for parity",
@@ -133,12 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "safetensors"))
     export.add_argument("--out", metavar="PATH", help="where to write (default: beside the "
                         "checkpoint, e.g. last.onnx)")
-    export.add_argument("--data-dir", metavar="DIR", help="dataset root for the parity images "
-                        "(default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
-    export.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                        help="download missing dataset files (default: on)")
-    export.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    _add_model_flags(export, device=False)
+    _add_model_flags(export)
+    _add_data_flags(export, "for the parity images ")
+    _add_json_flag(export)
 
     report = commands.add_parser(
         "report", help="figures and a Markdown report of a run",
@@ -149,13 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report)")
     report.add_argument("--mistakes", type=int, default=48, metavar="N",
                         help="misclassified images to show (default: 48)")
-    report.add_argument("--data-dir", metavar="DIR", help="dataset root (default: the run's, "
-                        "else $TORCHMNIST_DATA_DIR, else ~/.torch/datasets)")
-    report.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                        help="download missing dataset files (default: on)")
-    report.add_argument("--device", choices=cfg.DEVICES, default="auto",
-                        help="device (default: auto)")
-    report.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    _add_data_flags(report, default="the run's, else ")
+    _add_device_flag(report)
+    _add_json_flag(report)
 
     bench = commands.add_parser(
         "bench", help="measure throughput per loader and time to accuracy",
@@ -224,17 +239,6 @@ def _test(args: argparse.Namespace) -> int:
           f"test set: loss {result['test_loss']:.4f}, accuracy {result['correct']}/"
           f"{result['total']} ({100 * result['test_accuracy']:.2f}%)")
     return 0
-
-
-def _add_model_flags(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    parser.add_argument("--model", choices=cfg.MODELS, help="the network, for a plain "
-                        "state_dict that is not recognised (default: from the file)")
-    parser.add_argument("--dataset", choices=cfg.DATASETS, help="what the model was trained "
-                        "on, which sets the normalisation and class names (default: from the "
-                        "checkpoint, else mnist)")
-    if device:
-        parser.add_argument("--device", choices=cfg.DEVICES, default="auto",
-                            help="device (default: auto)")
 
 
 def _export(args: argparse.Namespace) -> int:
