@@ -131,3 +131,24 @@ def test_a_deterministic_run_does_not_leave_the_process_deterministic():
     devices.prepare_environment(cuda_launch_blocking=False, deterministic=False, threads=None)
     assert not torch.are_deterministic_algorithms_enabled()
     assert not torch.backends.cudnn.deterministic
+
+
+def test_an_operation_without_a_deterministic_kernel_ends_in_one_sentence():
+    # CUDA's adaptive max-pool backward (in the best model) has no deterministic kernel; the
+    # CPU has none such, so the error torch raises there is raised here by hand.
+    from types import SimpleNamespace
+
+    from torchmnist.errors import UsageError
+    from torchmnist.train import _explained_errors
+
+    run = SimpleNamespace(config=torchmnist.TrainConfig(deterministic=True),
+                          progress=SimpleNamespace(step=3))
+    message = ("adaptive_max_pool2d_backward_cuda does not have a deterministic implementation, "
+               "but you set 'torch.use_deterministic_algorithms(True)'. You can turn off ...")
+    with pytest.raises(UsageError, match="--deterministic cannot be honoured on this device: "
+                       "adaptive_max_pool2d_backward_cuda"):
+        with _explained_errors(run):
+            raise RuntimeError(message)
+    with pytest.raises(RuntimeError, match="out of memory"):  # anything else passes through
+        with _explained_errors(run):
+            raise RuntimeError("CUDA out of memory")

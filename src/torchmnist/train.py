@@ -133,7 +133,7 @@ def train(config: TrainConfig) -> dict:
     run, saved_from = setup(config)
     # One-time work kept out of the training time: compilation, and on an accelerator the
     # loading of its kernels and libraries, which the first steps would otherwise pay for.
-    with _explained_nondeterminism(config):
+    with _explained_errors(run):
         warmup_seconds = _warm_up(run) if config.compile or run.device.type != "cpu" else 0.0
     setup_seconds = time.perf_counter() - setup_start - warmup_seconds
     progress, log = run.progress, run.log
@@ -148,7 +148,7 @@ def train(config: TrainConfig) -> dict:
     # ---- train ----------------------------------------------------------------------------
     result = None
     with (StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly),
-          _explained_nondeterminism(config)):
+          _explained_errors(run)):
         for epoch in range(progress.epoch, config.epochs + 1):
             result = _train_epoch(run, epoch, stop, test_every=every if unit == "steps" else 0)
             reached = result is not None  # reached the target in a test within the epoch
@@ -211,18 +211,24 @@ def train(config: TrainConfig) -> dict:
 
 
 @contextlib.contextmanager
-def _explained_nondeterminism(config: TrainConfig):
-    """Under --deterministic torch refuses operations that have no deterministic kernel on the
-    device (some CUDA backward passes); say so in one sentence instead of a traceback."""
+def _explained_errors(run: Run):
+    """Turn the two RuntimeErrors a user's flags can cause into one sentence each: anomaly
+    detection (--detect-anomaly) naming the operation whose backward produced NaN (its forward
+    trace is already on stderr), and --deterministic meeting an operation that has no
+    deterministic kernel on this device (some CUDA backward passes)."""
     try:
         yield
     except RuntimeError as error:
-        message = str(error).strip()
-        if not (config.deterministic and "deterministic implementation" in message):
-            raise
-        raise UsageError(f"--deterministic cannot be honoured on this device: "
-                         f"{message.splitlines()[0].rstrip('.')}; drop --deterministic to train "
-                         "with it") from None
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if run.config.detect_anomaly and "returned nan values" in first:
+            raise TrainingError(f"training diverged at step {run.progress.step + 1}: {first}; "
+                                "the last checkpoint written, if any, holds the state before "
+                                "that") from None
+        if run.config.deterministic and "deterministic implementation" in first:
+            raise UsageError(f"--deterministic cannot be honoured on this device: "
+                             f"{first.rstrip('.')}; drop --deterministic to train with it"
+                             ) from None
+        raise
 
 
 def setup(config: TrainConfig) -> tuple[Run, Path | None]:
@@ -341,7 +347,6 @@ def _test(run: Run, epoch: int) -> Evaluation:
     result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
                             channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
-    progress.last_accuracy = result.accuracy
     run.log.print(f"epoch {epoch}/{config.epochs} step {progress.step}: test loss "
                   f"{result.loss:.4f}, accuracy {result.correct}/{result.total} "
                   f"({100 * result.accuracy:.2f}%), {progress.seconds:.2f} s so far")
@@ -414,15 +419,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
     else:
         loss = F.nll_loss(output, y)
-    try:
-        run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
-    except RuntimeError as error:
-        if not config.detect_anomaly:
-            raise
-        # Anomaly detection names the operation (its forward trace is already on stderr).
-        raise TrainingError(f"training diverged at step {run.progress.step + 1}: "
-                            f"{str(error).strip().splitlines()[0]}; the last checkpoint written, "
-                            "if any, holds the state before that") from None
+    run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
     run.scaler.step(optimizer)
     run.scaler.update()
     if config.scheduler == "onecycle":
