@@ -60,6 +60,13 @@ def test_every_train_flag_has_help_with_its_default():
     assert "--no-cuda" in flat
 
 
+def test_every_recipe_is_offered_and_fast_gpu_differs_from_fast_only_in_its_steps():
+    assert sorted(config.RECIPES) == sorted(config.RECIPE_NAMES)
+    fast, gpu = config.resolve({"recipe": "fast"}), config.resolve({"recipe": "fast-gpu"})
+    differ = {k for k, v in fast.to_dict().items() if gpu.to_dict()[k] != v}
+    assert differ == {"recipe", "lr", "batch_size", "epochs"}
+
+
 def test_a_recipe_can_depend_on_the_dataset():
     assert config.resolve({"recipe": "best"}).augment == "affine"
     fashion = config.resolve({"recipe": "best", "dataset": "fashion-mnist"})

@@ -41,7 +41,7 @@ def _default_text(name: str) -> str:
         return "off" if value is False else "on" if value is True else str(value)
 
     text = f"default: {shown(cfg.default_for(name))}"
-    for recipe in cfg.RECIPES:
+    for recipe in cfg.RECIPE_NAMES:
         if recipe != "guide" and cfg.default_for(name, recipe) != cfg.default_for(name):
             text += f"; {recipe} recipe: {shown(cfg.default_for(name, recipe))}"
     return text
