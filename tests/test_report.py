@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,17 @@ def test_tensorboard_after_a_resume_continues_without_duplicates(capsys):
     assert code == 0, err
     steps = [e.step for e in _events(Path("r")).Scalars("accuracy/test")]
     assert steps == sorted(set(steps)) and len(steps) == 2
+
+
+def test_missing_optional_packages_are_named(capsys, monkeypatch):
+    _dry_run(capsys, "--epochs", "1")
+    for module in ("matplotlib", "matplotlib.figure"):  # importing them now fails
+        monkeypatch.setitem(sys.modules, module, None)
+    code, _, err = run_main(["report", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "needs matplotlib", "pip install 'torchmnist[report]'")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", "t", "--tensorboard"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "--tensorboard needs the tensorboard package",
+                              "pip install 'torchmnist[tensorboard]'")

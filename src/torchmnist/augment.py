@@ -22,8 +22,8 @@ def augment(x: torch.Tensor, kind: str, background: float) -> torch.Tensor:
     """x: (B, C, H, W) normalised images whose empty background has the value `background`.
 
     kind: none, translate, affine, or translate-erase, which also blanks a random rectangle in
-    half of the images (random erasing, which helps on clothes: the model must use the whole
-    garment rather than one telltale patch).
+    half of the images (random erasing: the model must use the whole object rather than one
+    telltale patch; on Fashion-MNIST it measured no gain over translate, docs/benchmarks.md).
     """
     if kind == "none":
         return x

@@ -46,6 +46,16 @@ def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
     return Evaluation(loss_sum.item() / total, n_correct / total, n_correct, total)
 
 
+def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
+                  batch_size: int = 1000) -> torch.Tensor:
+    """Class probabilities (N, classes), on the CPU, for normalised images x (N, 1, 28, 28)."""
+    model.eval()
+    with torch.inference_mode():
+        # The models end in log_softmax; softmax of log-probabilities gives them back.
+        return torch.cat([model(chunk.to(device)).float().softmax(dim=1).cpu()
+                          for chunk in x.split(batch_size)])
+
+
 def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              dataset: str | None = None, data_dir: str | os.PathLike | None = None,
              download: bool = True, device: str = "auto", batch_size: int = 1000) -> dict:

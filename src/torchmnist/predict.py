@@ -17,6 +17,7 @@ import torch
 from torchmnist import checkpoint, data
 from torchmnist import device as devices
 from torchmnist.errors import UsageError
+from torchmnist.evaluate import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare
 
 _GLOB_CHARACTERS = set("*?[")
@@ -66,32 +67,19 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int =
     if save_preprocessed is not None:
         _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed)
 
-    probabilities = _classify(network, images, spec, target, batch_size)
+    by_image = iter(())  # class probabilities of each readable image, in order
+    if images:
+        x = torch.from_numpy(np.stack([normalise(im, spec.mean, spec.std) for im in images]))
+        by_image = iter(probabilities(network, x, target, batch_size))
     k = min(top, len(spec.classes))
-    ok = iter(range(len(images)))
     for result in results:
         if "error" in result:
             continue
-        p = probabilities[next(ok)]
-        best = torch.topk(p, k)
+        best = torch.topk(next(by_image), k)
         ranked = [{"prediction": int(i), "class": spec.classes[int(i)], "probability": float(v)}
                   for v, i in zip(best.values, best.indices, strict=True)]
         result.update({**ranked[0], "top": ranked})
     return results
-
-
-def _classify(network: torch.nn.Module, images: list[np.ndarray], spec: data.DatasetSpec,
-              target: torch.device, batch_size: int) -> torch.Tensor:
-    """Class probabilities (N, classes) on the CPU."""
-    if not images:
-        return torch.empty(0, len(spec.classes))
-    x = torch.from_numpy(np.stack([normalise(im, spec.mean, spec.std) for im in images]))
-    out = []
-    with torch.inference_mode():
-        for chunk in x.split(batch_size):
-            # The models end in log_softmax; softmax of log-probabilities gives them back.
-            out.append(network(chunk.to(target)).float().softmax(dim=1).cpu())
-    return torch.cat(out)
 
 
 def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike) -> None:

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from torchmnist import checkpoint, data
 from torchmnist import device as devices
 from torchmnist.config import TrainConfig
 from torchmnist.errors import UsageError
+from torchmnist.evaluate import probabilities as class_probabilities
 
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -40,7 +40,8 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     else:
         digits = data.load(spec.name, data_dir or config.get("data_dir"), download=download)
     target = devices.resolve_device(device)
-    probabilities = _probabilities(trained.model.to(target), digits, target)
+    x = data.normalize(digits.test.images, spec.mean, spec.std)
+    probabilities = class_probabilities(trained.model.to(target), x, target).numpy()
     labels = digits.test.labels.numpy()
     predictions = probabilities.argmax(1)
     confusion = np.zeros((len(spec.classes),) * 2, dtype=np.int64)
@@ -83,16 +84,6 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
         raise UsageError(f"{run_dir} holds a damaged config.json or metrics.jsonl: {error}"
                          ) from None
     return config, records
-
-
-def _probabilities(network: torch.nn.Module, digits: data.DigitData,
-                   target: torch.device) -> np.ndarray:
-    batches = data.TensorBatches(digits.test, digits.spec, 1000, target, shuffle=False)
-    out = []
-    with torch.inference_mode():
-        for x, _ in batches.batches():
-            out.append(network(x).float().softmax(dim=1).cpu())
-    return torch.cat(out).numpy()
 
 
 def _plot_curves(records: list[dict], path: Path) -> None:
