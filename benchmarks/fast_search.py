@@ -21,12 +21,15 @@ from torch import nn
 
 
 class Candidate(nn.Module):
-    """conv k1 -> pool -> BN -> ReLU -> conv k2 -> pool -> BN -> ReLU -> linear."""
+    """conv k1 -> pool -> BN -> ReLU -> conv k2 -> pool -> BN -> ReLU -> linear (without
+    BatchNorm the convolutions get their biases back)."""
 
-    def __init__(self, w1: int, w2: int, k1: int = 5, k2: int = 5, pool_first: bool = True):
+    def __init__(self, w1: int, w2: int, k1: int = 5, k2: int = 5, pool_first: bool = True,
+                 batchnorm: bool = True):
         super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, w1, k1, bias=False), nn.BatchNorm2d(w1)
-        self.c2, self.b2 = nn.Conv2d(w1, w2, k2, bias=False), nn.BatchNorm2d(w2)
+        norm = nn.BatchNorm2d if batchnorm else (lambda width: nn.Identity())
+        self.c1, self.b1 = nn.Conv2d(1, w1, k1, bias=not batchnorm), norm(w1)
+        self.c2, self.b2 = nn.Conv2d(w1, w2, k2, bias=not batchnorm), norm(w2)
         side = ((28 - k1 + 1) // 2 - k2 + 1) // 2
         self.fc, self.pool_first = nn.Linear(w2 * side * side, 10), pool_first
 
@@ -37,6 +40,24 @@ class Candidate(nn.Module):
             else:
                 x = F.max_pool2d(F.relu(bn(conv(x))), 2)
         return self.fc(x.flatten(1))
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+    """The images moved by (dy, dx) pixels, uncovered pixels set to the background."""
+    out = torch.full_like(x, fill)
+    h, w = x.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def predict(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Class scores; with `tta`, softmax averaged over the image and its 1-pixel shifts."""
+    if not tta:
+        return model(x)
+    views = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    return sum(model(shifted(x, dy, dx, -0.1307 / 0.3081)).float().softmax(1)
+               for dy, dx in views)
 
 
 def load(root: Path, prefix: str):
@@ -57,6 +78,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--no-bn", action="store_true", help="no BatchNorm (conv biases)")
+    parser.add_argument("--schedule", choices=["linear", "cos", "constant"], default="linear",
+                        help="one-cycle with linear (triangular) or cosine phases, or none")
+    parser.add_argument("--tta", action="store_true", help="test on 5 shifted views")
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
@@ -67,13 +92,15 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         torch.manual_seed(seed)
         model = Candidate(widths[0], widths[1], k2=widths[2] if len(widths) > 2 else 5,
-                          pool_first=not args.pool_last).to(memory_format=torch.channels_last)
+                          pool_first=not args.pool_last, batchnorm=not args.no_bn)
+        model = model.to(memory_format=torch.channels_last)
         steps = int(args.epochs * len(y_train) / args.batch_size)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=5e-4)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.2,
-            anneal_strategy="linear", div_factor=10, final_div_factor=100)
+            anneal_strategy="cos" if args.schedule == "cos" else "linear", div_factor=10,
+            final_div_factor=100) if args.schedule != "constant" else None
         order = torch.Generator().manual_seed(seed)
         start, step = time.perf_counter(), 0
         model.train()
@@ -89,12 +116,14 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                if schedule is not None:
+                    schedule.step()
                 step += 1
         model.eval()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                     enabled=not args.no_bf16):
-            correct = sum((model(x_test[i:i + 2000]).argmax(1) == y_test[i:i + 2000]).sum().item()
+            correct = sum((predict(model, x_test[i:i + 2000], args.tta).argmax(1)
+                           == y_test[i:i + 2000]).sum().item()
                           for i in range(0, len(y_test), 2000))
         seconds.append(time.perf_counter() - start)
         accuracies.append(correct / len(y_test))

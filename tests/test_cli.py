@@ -99,7 +99,10 @@ def test_no_cuda_means_cpu():
     (["--dataset", "cifar"], "invalid choice: 'cifar'"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--lr", "nan"], "--lr must be positive"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--epochs", "-0.5"], "--epochs must be positive"),
+    (["--epochs", "inf"], "--epochs must be positive"),
+    (["--epochs", "some"], "invalid number value: 'some'"),
     (["--save-interval", "-5"], "--save-interval must not be negative"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])

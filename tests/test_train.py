@@ -89,6 +89,29 @@ def test_resume_continues_to_the_same_result(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_fractional_epoch_count_ends_the_last_epoch_early(tmp_path, capsys):
+    summary = _train(tmp_path, "r", "--recipe", "fast", "--epochs", "1.5", capsys=capsys)
+    assert summary["steps"] == 24  # 16 batches an epoch, then half of one
+    records = read_metrics(tmp_path / "r")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in epochs] == [16, 24]
+    assert all(r["test_accuracy"] is not None for r in epochs)  # the short epoch is tested
+    # The one-cycle schedule spans exactly those 24 steps: the last one runs at its floor,
+    # --lr / 10 / 100, and no rate logged is negative.
+    assert epochs[-1]["lr"] == pytest.approx(0.1 / 1000)
+    assert min(r["lr"] for r in records) > 0
+    saved = checkpoint.load(summary["checkpoint"])
+    assert saved["config"]["epochs"] == 1.5 and saved["progress"]["step"] == 24
+
+
+def test_a_fractional_run_resumes_to_the_same_result(tmp_path, capsys):
+    _train(tmp_path, "full", "--epochs", "2.5", capsys=capsys)
+    _train(tmp_path, "part", "--epochs", "1", capsys=capsys)
+    resumed = _train(tmp_path, "part", "--resume", "--epochs", "2.5", capsys=capsys)
+    assert resumed["steps"] == 40
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+
+
 def test_resume_keeps_the_saved_settings_unless_overridden(tmp_path, capsys):
     _train(tmp_path, "r", "--recipe", "official", "--epochs", "1", capsys=capsys)
     code, out, err = run_main(["train", "--run-dir", str(tmp_path / "r"), "--resume",

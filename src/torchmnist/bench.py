@@ -127,7 +127,7 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
             "reached": [r["target_seconds"] is not None for r in runs]
             if config.target_accuracy else None,
         }
-        print(f"\ntime to accuracy over {accuracy_trials} seeds ({config.epochs} epochs"
+        print(f"\ntime to accuracy over {accuracy_trials} seeds ({config.epochs:g} epochs"
               f"{f', stopping at {config.target_accuracy:.2%}' if config.target_accuracy else ''}"
               f"): mean test accuracy {statistics.mean(accuracies):.2%} (min {min(accuracies):.2%},"
               f" max {max(accuracies):.2%}), median {statistics.median(seconds):.2f} s of "

@@ -22,7 +22,7 @@ _SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_mo
              "dry_run", "compile", "tensorboard"}
 _ON_OFF = {"download", "pin_memory", "nesterov", "channels_last"}
 _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
-             "test_batch_size": "N", "epochs": "N", "log_interval": "N", "save_interval": "N",
+             "test_batch_size": "N", "epochs": "E", "log_interval": "N", "save_interval": "N",
              "num_workers": "N", "keep": "N", "seed": "S", "lr": "LR", "momentum": "M",
              "gamma": "G", "weight_decay": "WD", "warmup": "F", "label_smoothing": "F",
              "ema": "DECAY", "target_accuracy": "A", "eval_interval": "N[s]"}

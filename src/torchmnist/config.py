@@ -11,6 +11,8 @@ dataclass defaults (= the guide's recipe) -> the chosen recipe -> values the use
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +30,16 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None,
-         type: type | None = None) -> Any:
+         type: Callable[[str], Any] | None = None) -> Any:
     # `type` parses the flag's text; it defaults to the type of the default value.
     return field(default=default, metadata={"help": help, "choices": choices,
                                             "type": type or _type_of(default)})
+
+
+def number(text: str) -> int | float:
+    """A flag's number: a whole one stays an int (2, not 2.0, in configs and messages)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _type_of(default: Any) -> type:
@@ -68,7 +76,8 @@ class TrainConfig:
                       "then the model tested and saved (0: off)")
     batch_size: int = _opt(64, "training batch size")
     test_batch_size: int = _opt(1000, "test batch size (does not change results)")
-    epochs: int = _opt(10, "number of epochs to train")
+    epochs: float = _opt(10, "number of epochs to train; a fraction such as 0.6 ends the last "
+                         "epoch early (the schedule spans exactly the steps taken)", type=number)
     seed: int = _opt(1, "random seed for python, numpy and torch (CUDA too) and the data order")
     # Data pipeline.
     loader: str = _opt("tensor", "tensor: whole dataset as tensors on the device, batches are "
@@ -226,7 +235,7 @@ def validate(config: TrainConfig) -> None:
             raise UsageError(f"--{_flag(name.name)} must be one of {', '.join(choices)}, "
                              f"not {value!r}")
     positive = {"batch_size": config.batch_size, "test_batch_size": config.test_batch_size,
-                "epochs": config.epochs, "log_interval": config.log_interval}
+                "log_interval": config.log_interval}
     if config.threads is not None:
         positive["threads"] = config.threads
     for name, value in positive.items():
@@ -235,6 +244,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("save_interval", "num_workers", "keep"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{_flag(name)} must not be negative, not {getattr(config, name)}")
+    if not (config.epochs > 0 and math.isfinite(config.epochs)):
+        raise UsageError(f"--epochs must be positive, not {config.epochs}")
     if not config.lr > 0:
         raise UsageError(f"--lr must be positive, not {config.lr}")
     if config.momentum < 0:
@@ -251,6 +262,15 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--target-accuracy is a fraction in (0, 1], such as 0.99, not "
                          f"{config.target_accuracy}")
     eval_interval(config)
+
+
+def schedule_length(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(optimiser steps in the whole run, epochs begun) for `steps_per_epoch` batches an epoch.
+
+    A fractional --epochs rounds to the nearest step, at least one.
+    """
+    total = max(1, round(config.epochs * steps_per_epoch))
+    return total, math.ceil(total / steps_per_epoch)
 
 
 def eval_interval(config: TrainConfig) -> tuple[str, int]:

@@ -8,6 +8,7 @@ writes everything needed to continue from the very next batch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -24,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmnist import checkpoint, data, models
 from torchmnist import device as devices
 from torchmnist.augment import augment
-from torchmnist.config import TrainConfig, eval_interval
+from torchmnist.config import TrainConfig, eval_interval, schedule_length
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.evaluate import Evaluation, evaluate_model
 from torchmnist.runlog import RunLog
@@ -82,6 +83,17 @@ class Run:
         return self.run_dir / "last.pt"
 
     @property
+    def epochs(self) -> int:
+        """Epochs begun in the whole run; the last may be cut short by a fractional --epochs."""
+        return schedule_length(self.config, len(self.train_batches))[1]
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Batches trained in `epoch`: all of them, except in a fractional last epoch."""
+        per_epoch = len(self.train_batches)
+        total = schedule_length(self.config, per_epoch)[0]
+        return min(per_epoch, total - (epoch - 1) * per_epoch)
+
+    @property
     def tested_model(self) -> nn.Module:
         """The weights that are tested and shipped: the average when --ema is on."""
         return self.ema.module if self.ema is not None else self.model
@@ -109,7 +121,7 @@ def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_e
         return optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
     if config.scheduler == "onecycle":
         return optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+            optimizer, max_lr=config.lr, total_steps=schedule_length(config, steps_per_epoch)[0],
             pct_start=config.warmup, anneal_strategy="linear", div_factor=10,
             final_div_factor=100, cycle_momentum=False)
     return None
@@ -149,12 +161,12 @@ def train(config: TrainConfig) -> dict:
     result = None
     with (StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly),
           _explained_errors(run)):
-        for epoch in range(progress.epoch, config.epochs + 1):
+        for epoch in range(progress.epoch, run.epochs + 1):
             result = _train_epoch(run, epoch, stop, test_every=every if unit == "steps" else 0)
             reached = result is not None  # reached the target in a test within the epoch
-            if stop.signum and progress.batch < len(run.train_batches) and not reached:
+            if stop.signum and progress.batch < run.epoch_steps(epoch) and not reached:
                 _stop(run, stop)  # mid-epoch
-            if not reached and (epoch % every == 0 or epoch == config.epochs or unit == "steps"):
+            if not reached and (epoch % every == 0 or epoch == run.epochs or unit == "steps"):
                 result = _test(run, epoch)
                 reached = _reached(run, result)
             lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch ended with
@@ -176,7 +188,7 @@ def train(config: TrainConfig) -> dict:
                 log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}% "
                           f"after {progress.target_seconds:.2f} s, at step {progress.step}")
                 break
-            if stop.signum and epoch < config.epochs:
+            if stop.signum and epoch < run.epochs:
                 _stop(run, stop)  # between epochs
 
     # ---- save -----------------------------------------------------------------------------
@@ -347,7 +359,7 @@ def _test(run: Run, epoch: int) -> Evaluation:
     result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
                             channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
-    run.log.print(f"epoch {epoch}/{config.epochs} step {progress.step}: test loss "
+    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: test loss "
                   f"{result.loss:.4f}, accuracy {result.correct}/{result.total} "
                   f"({100 * result.accuracy:.2f}%), {progress.seconds:.2f} s so far")
     if result.accuracy > (progress.best_accuracy or 0.0):
@@ -422,7 +434,9 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
     run.scaler.step(optimizer)
     run.scaler.update()
-    if config.scheduler == "onecycle":
+    # One-cycle sets the rate of the next step; after the run's last step there is none (its
+    # line would run on below zero), so the rate logged last is the one last used.
+    if config.scheduler == "onecycle" and run.scheduler.last_epoch + 1 < run.scheduler.total_steps:
         run.scheduler.step()
     if run.ema is not None:
         run.ema.update_parameters(run.model)
@@ -435,10 +449,11 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals,
     return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
     config, progress, log, optimizer = run.config, run.progress, run.log, run.optimizer
     run.model.train()  # dropout on, BatchNorm uses batch statistics
-    total = len(run.train_batches)
-    log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{config.epochs}")
+    total = run.epoch_steps(epoch)
+    log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{run.epochs}")
     mark, hit = time.perf_counter(), None
-    for x, y in run.train_batches.batches(epoch, start=progress.batch):  # x: (B, 1, 28, 28)
+    batches = run.train_batches.batches(epoch, start=progress.batch)
+    for x, y in itertools.islice(batches, total - progress.batch):  # x: (B, 1, 28, 28)
         loss = train_step(run, x, y)
 
         # No .item() here: adding on the device keeps the GPU busy instead of waiting for it.
