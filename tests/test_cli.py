@@ -55,8 +55,10 @@ def test_every_train_flag_has_help_with_its_default():
     assert "--batch-size N training batch size (default: 64; fast recipe: 64; " not in flat
     assert ("--batch-size N training batch size (default: 64; fast-gpu recipe: 512; best "
             "recipe: 128)") in flat
-    assert ("(default: 0.01; official recipe: 1.0; fast recipe: 0.1; fast-gpu recipe: 0.4; "
-            "best recipe: 0.05)") in flat
+    assert ("(default: 0.01; official recipe: 1.0; fast recipe: 0.15 (0.1 on fashion-mnist); "
+            "fast-gpu recipe: 0.4; best recipe: 0.05)") in flat
+    assert ("(default: 10; official recipe: 14; fast recipe: 0.75 (8 on fashion-mnist); fast-gpu "
+            "recipe: 2; best recipe: 30 (45 on fashion-mnist))") in flat
     assert "--no-cuda" in flat
 
 
@@ -71,6 +73,9 @@ def test_a_recipe_can_depend_on_the_dataset():
     assert config.resolve({"recipe": "best"}).augment == "affine"
     fashion = config.resolve({"recipe": "best", "dataset": "fashion-mnist"})
     assert (fashion.augment, fashion.epochs) == ("translate", 45)
+    fast = config.resolve({"recipe": "fast", "dataset": "fashion-mnist"})
+    assert (fast.lr, fast.epochs) == (0.1, 8)
+    assert config.resolve({"recipe": "fast"}).epochs == 0.75
     assert config.resolve({"recipe": "best", "dataset": "fashion-mnist",
                            "augment": "affine"}).augment == "affine"  # explicit still wins
 

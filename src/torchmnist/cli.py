@@ -44,6 +44,9 @@ def _default_text(name: str) -> str:
     for recipe in cfg.RECIPE_NAMES:
         if recipe != "guide" and cfg.default_for(name, recipe) != cfg.default_for(name):
             text += f"; {recipe} recipe: {shown(cfg.default_for(name, recipe))}"
+        for (for_recipe, dataset), values in cfg.DATASET_RECIPES.items():
+            if for_recipe == recipe and name in values:
+                text += f" ({shown(values[name])} on {dataset})"
     return text
 
 
