@@ -151,22 +151,23 @@ def test_compile_saves_the_plain_module_and_reports_compile_time(capsys):
 def test_bench_prints_environment_and_every_loader(capsys):
     code, out, err = run_main(["bench", "--dry-run", "--recipe", "fast", "--trials", "1",
                                "--steps", "5", "--accuracy-trials", "2", "--loaders",
-                               "tensor,dataloader:0,dataloader:2", "--json"], capsys)
+                               "tensor,premade,dataloader:0,dataloader:2", "--json"], capsys)
     assert code == 0, err
     assert "hardware:" in out and f"torch {torch.__version__}" in out
     assert "median of 1 trials" in out
     report = json.loads(out.strip().splitlines()[-1])
     assert [row["loader"] for row in report["loaders"]] == [
-        "tensor", "dataloader:0", "dataloader:2"]
+        "tensor", "premade", "dataloader:0", "dataloader:2"]
     assert all(row["train_images_per_s"] > 0 for row in report["loaders"])
     assert report["time_to_accuracy"]["seeds"] == [1, 2]
     assert len(report["time_to_accuracy"]["test_accuracy"]) == 2
 
 
-def test_bench_rejects_a_bad_loader_list(capsys):
-    code, _, err = run_main(["bench", "--dry-run", "--loaders", "tensor,gpu"], capsys)
+@pytest.mark.parametrize("loaders", ["tensor,gpu", "premade:2", "dataloader:x"])
+def test_bench_rejects_a_bad_loader_list(loaders, capsys):
+    code, _, err = run_main(["bench", "--dry-run", "--loaders", loaders], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "--loaders takes tensor or dataloader")
+    assert_one_sentence_error(err, "--loaders takes tensor, dataloader[:WORKERS] or premade")
 
 
 def test_erase_blanks_one_rectangle_in_about_half_the_images():

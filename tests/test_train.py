@@ -90,7 +90,8 @@ def test_resume_continues_to_the_same_result(tmp_path, capsys):
 
 
 def test_a_fractional_epoch_count_ends_the_last_epoch_early(tmp_path, capsys):
-    summary = _train(tmp_path, "r", "--recipe", "fast", "--epochs", "1.5", capsys=capsys)
+    summary = _train(tmp_path, "r", "--recipe", "fast", "--epochs", "1.5", "--lr", "0.2",
+                     capsys=capsys)
     assert summary["steps"] == 24  # 16 batches an epoch, then half of one
     records = read_metrics(tmp_path / "r")
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -98,7 +99,7 @@ def test_a_fractional_epoch_count_ends_the_last_epoch_early(tmp_path, capsys):
     assert all(r["test_accuracy"] is not None for r in epochs)  # the short epoch is tested
     # The one-cycle schedule spans exactly those 24 steps: the last one runs at its floor,
     # --lr / 10 / 100, and no rate logged is negative.
-    assert epochs[-1]["lr"] == pytest.approx(0.1 / 1000)
+    assert epochs[-1]["lr"] == pytest.approx(0.2 / 1000)
     assert min(r["lr"] for r in records) > 0
     saved = checkpoint.load(summary["checkpoint"])
     assert saved["config"]["epochs"] == 1.5 and saved["progress"]["step"] == 24

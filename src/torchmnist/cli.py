@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timed training steps per throughput trial (default: 200)")
     bench.add_argument("--loaders", default=",".join(_BENCH_LOADERS), metavar="LIST",
                        help="loaders to compare, e.g. tensor,dataloader:2 (WORKERS after the "
-                       "colon); empty to skip (default: %(default)s)")
+                       "colon); premade times the steps on batches made before the clock, "
+                       "the bound no loader can beat; empty to skip (default: %(default)s)")
     bench.add_argument("--accuracy-trials", type=int, default=3, metavar="N",
                        help="whole training runs, one per seed from --seed on, for time to "
                        "accuracy; 0 to skip (default: 3)")

@@ -208,13 +208,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(order_seed))
 
 
-def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28), the very arithmetic of torchvision's
-    ToTensor (divide by 255) then Normalize (subtract mean, divide by std), so both loaders
-    produce bit-identical batches."""
-    x = images.unsqueeze(1).to(torch.float32).div(255)
-    return x.sub(torch.tensor(mean, dtype=torch.float32)).div(
-        torch.tensor(std, dtype=torch.float32))
+    ToTensor (divide by 255) then Normalize (subtract mean, divide by std, both float32
+    tensors), so both loaders produce bit-identical batches."""
+    return images.unsqueeze(1).to(torch.float32).div(255).sub(mean).div(std)
 
 
 class TensorBatches:
@@ -228,7 +226,9 @@ class TensorBatches:
                  *, shuffle: bool, seed: int = 0):
         self.images = split.images.to(device)  # (N, 28, 28) uint8
         self.labels = split.labels.to(device)  # (N,) int64
-        self.mean, self.std = spec.mean, spec.std
+        # Made once, on the device: a batch then allocates only its own tensors.
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device)
         self.batch_size, self.device, self.shuffle, self.seed = batch_size, device, shuffle, seed
 
     def __len__(self) -> int:
