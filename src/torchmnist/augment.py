@@ -63,6 +63,21 @@ def translate(x: torch.Tensor, background: float) -> torch.Tensor:
     return padded[batch, channel, rows, cols]
 
 
+# Test-time augmentation: the image and its four 1-pixel shifts (docs/benchmarks.md measured
+# +0.36 points on Fashion-MNIST's best models, where 9 views gave no more than these 5).
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def shift(x: torch.Tensor, dy: int, dx: int, background: float) -> torch.Tensor:
+    """Move every image down by dy and right by dx whole pixels (negative: up, left); the
+    uncovered pixels take the background value. Keeps x's memory format."""
+    h, w = x.shape[-2:]
+    out = torch.full_like(x, background)
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def affine(x: torch.Tensor, background: float) -> torch.Tensor:
     """Rotate, scale and shift each image by its own random amounts (bilinear resampling)."""
     b, _, h, w = x.shape

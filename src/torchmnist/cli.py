@@ -101,6 +101,12 @@ def _add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
+def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probabilities over each image "
+                        "and its four 1-pixel shifts (5 times the work)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchmnist", description="Train and test MNIST models the way "
                      "'Grokking PyTorch' teaches, fast, on CPU or GPU.")
@@ -125,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flag(test)
     test.add_argument("--batch-size", type=int, default=1000, metavar="N",
                       help="test batch size (default: 1000)")
+    _add_tta_flag(test)
     _add_json_flag(test)
 
     predict = commands.add_parser(
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="one JSON object per image per line")
     predict.add_argument("--save-preprocessed", metavar="DIR",
                          help="write the 28x28 images the model saw into DIR as PNGs")
+    _add_tta_flag(predict)
     _add_model_flags(predict)
     _add_device_flag(predict)
 
@@ -238,9 +246,10 @@ def _test(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
                       data_dir=args.data_dir, download=args.download, device=args.device,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, tta=args.tta)
+    how = " with test-time augmentation" if args.tta else ""
     _show(args, result, f"{result['checkpoint']}: {result['model']} model on {result['dataset']} "
-          f"test set: loss {result['test_loss']:.4f}, accuracy {result['correct']}/"
+          f"test set{how}: loss {result['test_loss']:.4f}, accuracy {result['correct']}/"
           f"{result['total']} ({100 * result['test_accuracy']:.2f}%)")
     return 0
 
@@ -280,7 +289,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     results = predict(args.checkpoint, args.inputs, top=args.top, model=args.model,
                       dataset=args.dataset, device=args.device,
-                      save_preprocessed=args.save_preprocessed)
+                      save_preprocessed=args.save_preprocessed, tta=args.tta)
     failed = [r for r in results if "error" in r]
     for result in results:
         if args.json:

@@ -11,6 +11,7 @@ from torch import nn
 
 from torchmnist import checkpoint, data
 from torchmnist import device as devices
+from torchmnist.augment import TTA_SHIFTS, shift
 from torchmnist.errors import UsageError
 
 
@@ -22,10 +23,22 @@ class Evaluation:
     total: int
 
 
+def log_probabilities(model: nn.Module, x: torch.Tensor, *, tta: bool = False,
+                      background: float = 0.0) -> torch.Tensor:
+    """The model's (B, classes) log-probabilities in float32; with `tta`, the log of the
+    probabilities averaged over the image and its four 1-pixel shifts, whose uncovered pixels
+    take the normalised `background` value."""
+    if not tta:
+        return model(x).float()
+    views = [model(shift(x, dy, dx, background)).float().exp() for dy, dx in TTA_SHIFTS]
+    return (sum(views) / len(views)).log()
+
+
 def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
-                   channels_last: bool = False) -> Evaluation:
+                   channels_last: bool = False, tta: bool = False,
+                   background: float = 0.0) -> Evaluation:
     """One pass over the test set in eval mode (dropout off, BatchNorm's running statistics)
-    without autograd."""
+    without autograd; `tta` as in `log_probabilities`."""
     model.eval()
     loss_sum, correct, total = None, None, 0
     with torch.inference_mode():
@@ -33,7 +46,7 @@ def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with devices.autocast(x.device, amp):
-                output = model(x).float()  # (B, 10) log-probabilities
+                output = log_probabilities(model, x, tta=tta, background=background)  # (B, 10)
             batch_loss = F.nll_loss(output, y, reduction="sum")
             batch_correct = (output.argmax(dim=1) == y).sum()
             # Summed on the device; the only sync is the .item() after the loop.
@@ -47,18 +60,22 @@ def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
 
 
 def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
-                  batch_size: int = 1000) -> torch.Tensor:
-    """Class probabilities (N, classes), on the CPU, for normalised images x (N, 1, 28, 28)."""
+                  batch_size: int = 1000, *, tta: bool = False,
+                  background: float = 0.0) -> torch.Tensor:
+    """Class probabilities (N, classes), on the CPU, for normalised images x (N, 1, 28, 28);
+    `tta` as in `log_probabilities`."""
     model.eval()
     with torch.inference_mode():
         # The models end in log_softmax; softmax of log-probabilities gives them back.
-        return torch.cat([model(chunk.to(device)).float().softmax(dim=1).cpu()
+        return torch.cat([log_probabilities(model, chunk.to(device), tta=tta,
+                                            background=background).softmax(dim=1).cpu()
                           for chunk in x.split(batch_size)])
 
 
 def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              dataset: str | None = None, data_dir: str | os.PathLike | None = None,
-             download: bool = True, device: str = "auto", batch_size: int = 1000) -> dict:
+             download: bool = True, device: str = "auto", batch_size: int = 1000,
+             tta: bool = False) -> dict:
     """Test a torchmnist checkpoint, or a plain state_dict (the guide's `model.pth`, the
     official example's `mnist_cnn.pt`), on a dataset's test set.
 
@@ -70,7 +87,9 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
     digits = data.load(dataset, data_dir, download=download)
     test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
-    result = evaluate_model(network, test_batches)
+    result = evaluate_model(network, test_batches, tta=tta,
+                            background=-digits.spec.mean / digits.spec.std)
     return {"checkpoint": str(checkpoint_path), "model": model_name, "dataset": dataset,
             "test_loss": result.loss, "test_accuracy": result.accuracy,
-            "correct": result.correct, "total": result.total, "device": str(target)}
+            "correct": result.correct, "total": result.total, "tta": tta,
+            "device": str(target)}

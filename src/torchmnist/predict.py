@@ -45,9 +45,10 @@ def expand(inputs: list[str]) -> list[tuple[str, str | None]]:
 def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int = 3,
             model: str | None = None, dataset: str | None = None, device: str = "auto",
             save_preprocessed: str | os.PathLike | None = None,
-            batch_size: int = 256) -> list[dict]:
+            batch_size: int = 256, tta: bool = False) -> list[dict]:
     """One result per file, in order: {"file", "prediction", "class", "probability", "top"},
-    or {"file", "error"} for a file that could not be read as an image."""
+    or {"file", "error"} for a file that could not be read as an image. `tta` averages the
+    probabilities over each image and its four 1-pixel shifts."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, not {top}")
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
@@ -70,7 +71,8 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int =
     by_image = iter(())  # class probabilities of each readable image, in order
     if images:
         x = torch.from_numpy(np.stack([normalise(im, spec.mean, spec.std) for im in images]))
-        by_image = iter(probabilities(network, x, target, batch_size))
+        by_image = iter(probabilities(network, x, target, batch_size, tta=tta,
+                                      background=-spec.mean / spec.std))
     k = min(top, len(spec.classes))
     for result in results:
         if "error" in result:
