@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchmnist.augment import TTA_SHIFTS, shift
+
 
 class Candidate(nn.Module):
     """conv k1 -> pool -> BN -> ReLU -> conv k2 -> pool -> BN -> ReLU -> linear (without
@@ -42,22 +44,12 @@ class Candidate(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def shifted(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
-    """The images moved by (dy, dx) pixels, uncovered pixels set to the background."""
-    out = torch.full_like(x, fill)
-    h, w = x.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
-
-
 def predict(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
     """Class scores; with `tta`, softmax averaged over the image and its 1-pixel shifts."""
     if not tta:
         return model(x)
-    views = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
-    return sum(model(shifted(x, dy, dx, -0.1307 / 0.3081)).float().softmax(1)
-               for dy, dx in views)
+    return sum(model(shift(x, dy, dx, -0.1307 / 0.3081)).float().softmax(1)
+               for dy, dx in TTA_SHIFTS)
 
 
 def load(root: Path, prefix: str):
