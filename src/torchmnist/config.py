@@ -175,7 +175,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 # On a GPU a step of the fast model costs about the same at any batch size up to 512 (it is
-# launch-bound), so fewer, larger steps win: 236 steps of 512 instead of 938 of 64.
+# launch-bound), so fewer, larger steps win: 236 steps of 512 rather than the 704 of 64 of fast.
 RECIPES["fast-gpu"] = {**RECIPES["fast"], "lr": 0.4, "batch_size": 512, "epochs": 2}
 
 # Where a recipe's values depend on the dataset (docs/benchmarks.md, Fashion-MNIST). Clothes
