@@ -42,7 +42,8 @@ BENCHMARKS = {
              ("fast recipe, seeds 6-10", {"recipe": "fast", "seed": 6}, [], 5),
              ("the fast recipe before: 1 epoch at lr 0.1",
               {"recipe": "fast", "epochs": 1, "lr": 0.1}, [], 5),
-             ("fast recipe, compiled", {"recipe": "fast", "compile": True}, [], 2)],
+             ("the fast recipe before, compiled",
+              {"recipe": "fast", "epochs": 1, "lr": 0.1, "compile": True}, [], 2)],
     # On a GPU (--device cuda): docs/benchmarks.md, "On an NVIDIA H100".
     "fast-gpu": [("fast-gpu recipe", {"recipe": "fast-gpu"}, [], 10),
                  ("fast-gpu recipe, stopping at 99%", {"recipe": "fast-gpu",
