@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_one_sentence_error, run_main
@@ -17,8 +18,9 @@ def _test(path, capsys, *flags):
 
 @pytest.mark.parametrize("content, fragment", [
     (b"", "is empty"),
-    (os.urandom(4096), "not a readable checkpoint"),
-])
+    # Fixed noise, so the test's id is the same in every process (pytest-xdist compares them).
+    (np.random.default_rng(0).bytes(4096), "not a readable checkpoint"),
+], ids=["empty", "noise"])
 def test_unreadable_files_exit_2(tmp_path, content, fragment, capsys):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)

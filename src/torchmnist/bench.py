@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import gc
 import io
 import itertools
 import platform
@@ -25,7 +27,7 @@ from torchmnist import config as cfg
 from torchmnist import device as devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import evaluate_model
-from torchmnist.train import setup, train, train_step
+from torchmnist.train import _warm_up, setup, train, train_step
 
 
 def environment(device: torch.device) -> dict:
@@ -74,33 +76,51 @@ def _endless(loader):
 
 
 def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
-               warmup: int = 10) -> tuple[float, float]:
-    """(training images/s, inference images/s) for one loader, after `warmup` steps."""
+               warmup: int = 10, graph: bool = False) -> dict | None:
+    """Training images/s, milliseconds a step and inference images/s for one loader, after
+    `warmup` steps; with `graph`, the step (and test pass) replayed from CUDA graphs, or None
+    where they cannot be captured."""
     premade = loader == PREMADE
     with tempfile.TemporaryDirectory() as run_dir:
         # Many epochs, so that a per-step schedule never runs out during the timed steps.
         config = dataclasses.replace(config, loader="tensor" if premade else loader,
                                      num_workers=workers, epochs=10_000, run_dir=run_dir,
-                                     resume=None)
+                                     resume=None, cuda_graph=graph)
         run, _ = _quietly(setup, config)
-        train_batches, test_batches = _endless(run.train_batches), run.test_batches
-        if premade:
-            train_batches = iter(list(itertools.islice(train_batches, warmup + steps)))
-            test_batches = _Made(list(test_batches.batches()))
-        run.model.train()
-        for done, (x, y) in enumerate(itertools.islice(train_batches, warmup + steps)):
-            if done == warmup:
-                devices.synchronize(run.device)
-                start = time.perf_counter()
-            train_step(run, x, y)
-        devices.synchronize(run.device)
-        train_rate = steps * config.batch_size / (time.perf_counter() - start)
-        start = time.perf_counter()
-        result = evaluate_model(run.tested_model, test_batches, amp=config.amp,
-                                channels_last=config.channels_last)
-        infer_rate = result.total / (time.perf_counter() - start)
-        run.log.close()
-    return train_rate, infer_rate
+        try:
+            if graph:
+                _quietly(_warm_up, run)
+                if run.graphed_step is None:
+                    return None
+            step = run.graphed_step or functools.partial(train_step, run)
+            train_batches, test_batches = _endless(run.train_batches), run.test_batches
+            if premade:
+                train_batches = iter(list(itertools.islice(train_batches, warmup + steps)))
+                test_batches = _Made(list(test_batches.batches()))
+            run.model.train()
+            for done, (x, y) in enumerate(itertools.islice(train_batches, warmup + steps)):
+                if done == warmup:
+                    devices.synchronize(run.device)
+                    start = time.perf_counter()
+                step(x, y)
+            devices.synchronize(run.device)
+            seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            if run.graphed_test is not None and not premade:
+                result = run.graphed_test()
+            else:
+                result = evaluate_model(run.tested_model, test_batches, amp=config.amp,
+                                        channels_last=config.channels_last)
+            infer_rate = result.total / (time.perf_counter() - start)
+        finally:
+            run.log.close()
+            run.graphed_step = run.graphed_test = None
+            del run
+            # Now, not later: loader workers forked for the next trial must not inherit this
+            # trial's CUDA graphs.
+            gc.collect()
+    return {"train_images_per_s": steps * config.batch_size / seconds,
+            "ms_per_step": 1000 * seconds / steps, "test_images_per_s": infer_rate}
 
 
 def time_to_accuracy(config: cfg.TrainConfig, seed: int) -> dict:
@@ -112,7 +132,8 @@ def time_to_accuracy(config: cfg.TrainConfig, seed: int) -> dict:
 
 
 def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, trials: int,
-        accuracy_trials: int, out=sys.stdout) -> dict:
+        accuracy_trials: int, out=None) -> dict:
+    out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
     device = devices.resolve_device(config.device)
     env = environment(device)
     data_name = "synthetic" if config.dry_run else config.dataset
@@ -122,18 +143,27 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
           f"threads {env['threads']}; median of {trials} trials", file=out)
     report = {"environment": env, "recipe": config.recipe, "trials": trials, "loaders": []}
     if loaders:
-        print(f"\n{'loader':<16}{'train img/s':>14}{'s/60k img':>11}{'test img/s':>14}", file=out)
+        print(f"\n{'loader':<16}{'step':<7}{'ms/step':>9}{'train img/s':>13}{'s/60k img':>11}"
+              f"{'test img/s':>12}", file=out)
+        # On CUDA every loader is timed twice: the eager step, and its CUDA-graph replay.
+        modes = (False, True) if device.type == "cuda" else (False,)
         for kind, workers in loaders:
-            rates = [throughput(config, kind, workers, steps) for _ in range(trials)]
-            train_rate = statistics.median(r[0] for r in rates)
-            infer_rate = statistics.median(r[1] for r in rates)
-            name = f"{kind}:{workers}" if kind == "dataloader" else kind
-            epoch_seconds = 60000 / train_rate
-            print(f"{name:<16}{train_rate:>14,.0f}{epoch_seconds:>11.2f}{infer_rate:>14,.0f}",
-                  file=out)
-            report["loaders"].append({"loader": name, "train_images_per_s": train_rate,
-                                      "epoch_seconds_60k": epoch_seconds,
-                                      "test_images_per_s": infer_rate})
+            for graph in modes:
+                rates = [throughput(config, kind, workers, steps, graph=graph)
+                         for _ in range(trials)]
+                name = f"{kind}:{workers}" if kind == "dataloader" else kind
+                if any(r is None for r in rates):
+                    print(f"{name:<16}{'graph':<7}  (no CUDA graph for this configuration)",
+                          file=out)
+                    continue
+                row = {key: statistics.median(r[key] for r in rates) for key in rates[0]}
+                epoch_seconds = 60000 / row["train_images_per_s"]
+                mode = "graph" if graph else "eager"
+                print(f"{name:<16}{mode:<7}{row['ms_per_step']:>9.3f}"
+                      f"{row['train_images_per_s']:>13,.0f}{epoch_seconds:>11.2f}"
+                      f"{row['test_images_per_s']:>12,.0f}", file=out)
+                report["loaders"].append({"loader": name, "step": mode, **row,
+                                          "epoch_seconds_60k": epoch_seconds})
     if accuracy_trials:
         runs = [time_to_accuracy(config, config.seed + i) for i in range(accuracy_trials)]
         accuracies = [r["test_accuracy"] for r in runs]

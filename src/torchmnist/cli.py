@@ -20,7 +20,7 @@ from torchmnist.errors import TorchMnistError, UsageError
 # Flags whose form is not "--name VALUE".
 _SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_model", "json",
              "dry_run", "compile", "tensorboard"}
-_ON_OFF = {"download", "pin_memory", "nesterov", "channels_last"}
+_ON_OFF = {"download", "pin_memory", "nesterov", "channels_last", "cuda_graph"}
 _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
              "test_batch_size": "N", "epochs": "E", "log_interval": "N", "save_interval": "N",
              "num_workers": "N", "keep": "N", "seed": "S", "lr": "LR", "momentum": "M",

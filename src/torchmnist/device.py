@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import random
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +112,9 @@ def autocast(device: torch.device, amp: str):
         raise UsageError(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use "
                          "--amp bf16")
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
+    # No cache of low-precision weight copies: a CUDA graph cannot hold one across its
+    # capture, and each weight is used once per forward here, so the cache saved nothing.
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "none", cache_enabled=False)
 
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -124,6 +128,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs: a captured sequence of kernels replayed with one launch (see graphs.py)
+
+
+def rehearse(function: Callable[[], Any], times: int) -> None:
+    """Call `function` `times` times on a side stream, as CUDA graph capture wants: the lazy
+    set-up (cuBLAS and cuDNN workspaces, optimiser state) happens here, not in the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            function()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
+def capture(function: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture one call of `function` in a CUDA graph; return (graph, its output). Nothing is
+    computed now: each `graph.replay()` runs the captured kernels on the same memory, with
+    fresh random numbers from the default generator."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a DataLoader's pin-memory thread may use CUDA while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = function()
+    return graph, output
 
 
 def describe(device: torch.device) -> str:

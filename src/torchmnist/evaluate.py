@@ -40,6 +40,17 @@ def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
     """One pass over the test set in eval mode (dropout off, BatchNorm's running statistics)
     without autograd; `tta` as in `log_probabilities`."""
     model.eval()
+    loss_sum, correct, total = test_sums(model, test_batches, amp=amp,
+                                         channels_last=channels_last, tta=tta,
+                                         background=background)
+    return to_evaluation(loss_sum, correct, total)
+
+
+def test_sums(model: nn.Module, test_batches, *, amp: str = "none", channels_last: bool = False,
+              tta: bool = False, background: float = 0.0,
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed loss, correct count, images) of one pass, the sums still on the device: nothing
+    here waits for it, so a CUDA graph can hold the whole pass (graphs.py)."""
     loss_sum, correct, total = None, None, 0
     with torch.inference_mode():
         for x, y in test_batches.batches():
@@ -49,13 +60,16 @@ def evaluate_model(model: nn.Module, test_batches, *, amp: str = "none",
                 output = log_probabilities(model, x, tta=tta, background=background)  # (B, 10)
             batch_loss = F.nll_loss(output, y, reduction="sum")
             batch_correct = (output.argmax(dim=1) == y).sum()
-            # Summed on the device; the only sync is the .item() after the loop.
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
             correct = batch_correct if correct is None else correct + batch_correct
             total += len(y)
     if total == 0:
         raise UsageError("the test set is empty")
-    n_correct = int(correct.item())
+    return loss_sum, correct, total
+
+
+def to_evaluation(loss_sum: torch.Tensor, correct: torch.Tensor, total: int) -> Evaluation:
+    n_correct = int(correct.item())  # the one wait for the device in a test pass
     return Evaluation(loss_sum.item() / total, n_correct / total, n_correct, total)
 
 

@@ -8,6 +8,7 @@ writes everything needed to continue from the very next batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from torchmnist import checkpoint, data, models
+from torchmnist import checkpoint, data, graphs, models
 from torchmnist import device as devices
 from torchmnist.augment import augment
 from torchmnist.config import TrainConfig, eval_interval, schedule_length
@@ -77,6 +78,9 @@ class Run:
     background: float  # the normalised value of an empty pixel, for augmentation
     progress: Progress
     log: RunLog
+    # With --cuda-graph on CUDA: train_step and the test pass replayed from CUDA graphs.
+    graphed_step: graphs.GraphedStep | None = None
+    graphed_test: graphs.GraphedTest | None = None
 
     @property
     def last_path(self) -> Path:
@@ -102,17 +106,20 @@ class Run:
 def build_optimizer(config: TrainConfig, model: nn.Module) -> optim.Optimizer:
     params = list(model.parameters())  # the model is already on its device (see the guide)
     decay = config.weight_decay
+    on_cuda = params[0].device.type == "cuda"
     # On CUDA one fused kernel updates every parameter; elsewhere torch picks its default.
-    fused = {"fused": True} if params[0].device.type == "cuda" else {}
+    fused = {"fused": True} if on_cuda else {}
+    # Optimisers that count steps keep the count on the device when a CUDA graph replays them.
+    capturable = {"capturable": True} if on_cuda and config.cuda_graph else {}
     if config.optimizer == "sgd":
         return optim.SGD(params, lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov and config.momentum > 0, weight_decay=decay,
                          **fused)
     if config.optimizer == "adadelta":
-        return optim.Adadelta(params, lr=config.lr, weight_decay=decay)
+        return optim.Adadelta(params, lr=config.lr, weight_decay=decay, **capturable)
     if config.optimizer == "adam":
-        return optim.Adam(params, lr=config.lr, weight_decay=decay, **fused)
-    return optim.AdamW(params, lr=config.lr, weight_decay=decay, **fused)
+        return optim.Adam(params, lr=config.lr, weight_decay=decay, **fused, **capturable)
+    return optim.AdamW(params, lr=config.lr, weight_decay=decay, **fused, **capturable)
 
 
 def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_epoch: int):
@@ -143,10 +150,11 @@ def train(config: TrainConfig) -> dict:
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config)
-    # One-time work kept out of the training time: compilation, and on an accelerator the
-    # loading of its kernels and libraries, which the first steps would otherwise pay for.
+    # One-time work kept out of the training time: compilation, the capture of CUDA graphs,
+    # and on an accelerator the loading of its kernels and libraries, which the first steps
+    # would otherwise pay for.
     with _explained_errors(run):
-        warmup_seconds = _warm_up(run) if config.compile or run.device.type != "cpu" else 0.0
+        warmup_seconds = _warm_up(run)
     setup_seconds = time.perf_counter() - setup_start - warmup_seconds
     progress, log = run.progress, run.log
     unit, every = eval_interval(config)
@@ -169,7 +177,7 @@ def train(config: TrainConfig) -> dict:
             if not reached and (epoch % every == 0 or epoch == run.epochs or unit == "steps"):
                 result = _test(run, epoch)
                 reached = _reached(run, result)
-            lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch ended with
+            lr = _rate(run)  # the rate this epoch ended with
             if config.scheduler == "step":
                 run.scheduler.step()
             log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
@@ -219,6 +227,7 @@ def train(config: TrainConfig) -> dict:
     log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, {progress.seconds:.2f} s "
               f"training; checkpoint {run.last_path}")
     log.close()
+    run.graphed_step = run.graphed_test = None  # free the graphs' device memory now
     return summary
 
 
@@ -274,8 +283,9 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, len(train_batches))
     scaler = devices.grad_scaler(device, config.amp)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-           if config.ema else None)
+    # On the model's device, its step counter too: update_average reads it there.
+    ema = (AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(config.ema),
+                         use_buffers=True) if config.ema else None)
     progress = Progress(epoch_loss_sum=torch.zeros((), device=device),
                         window_loss_sum=torch.zeros((), device=device))
     if saved is not None:
@@ -332,9 +342,12 @@ def _save(run: Run, path: Path) -> None:
     # Never replace a good checkpoint with a diverged state: a save waits for the device
     # anyway, so checking the weights here costs nothing extra.
     _check_finite(run)
+    optimizer_state = run.optimizer.state_dict()
+    for group in optimizer_state["param_groups"]:  # a rate on the device (--cuda-graph) is
+        group["lr"] = float(group["lr"])  # saved as a number, so any device can resume it
     checkpoint.save(path, {
         "config": run.config.to_dict(), "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
@@ -356,8 +369,11 @@ def _test(run: Run, epoch: int) -> Evaluation:
     """Test, log, keep best.pt; the time counts as training time (it is how a target is seen)."""
     progress, config = run.progress, run.config
     start = time.perf_counter()
-    result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
-                            channels_last=config.channels_last)
+    if run.graphed_test is not None:
+        result = run.graphed_test()
+    else:
+        result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                                channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
     run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: test loss "
                   f"{result.loss:.4f}, accuracy {result.correct}/{result.total} "
@@ -380,14 +396,25 @@ def _reached(run: Run, result: Evaluation) -> bool:
 def _warm_up(run: Run) -> float:
     """Compile (or, on an accelerator, load the kernels of) the training and test graphs on
     real batches, then put back every state they touched: warm-up time stays out of the
-    training time and the run's results do not change."""
+    training time and the run's results do not change. With --cuda-graph on CUDA, capture the
+    step and the test pass instead (graphs.py), which rehearses them the same way."""
+    if not (run.config.compile or run.config.cuda_graph or run.device.type != "cpu"):
+        return 0.0
     start = time.perf_counter()
-    model_state = {k: v.clone() for k, v in run.model.state_dict().items()}
-    rng = devices.rng_state()
     # Every batch shape the run will see: a full and a last, partial training batch, and test
     # batches; a new shape would otherwise recompile inside the timed loop.
     train_starts = {0, len(run.train_batches) - 1}
-    shapes = [(True, next(iter(run.train_batches.batches(1, start)))) for start in train_starts]
+    examples = [next(iter(run.train_batches.batches(1, start))) for start in train_starts]
+    if run.config.cuda_graph:
+        run.log.print(graphs.install(run, train_step, examples))
+        if run.graphed_step is not None:
+            devices.synchronize(run.device)
+            return time.perf_counter() - start
+    if not (run.config.compile or run.device.type != "cpu"):
+        return 0.0
+    model_state = {k: v.clone() for k, v in run.model.state_dict().items()}
+    rng = devices.rng_state()
+    shapes = [(True, batch) for batch in examples]
     shapes += [(False, next(iter(run.test_batches.batches(1, start))))
                for start in {0, len(run.test_batches) - 1}]
     for training, (x, y) in shapes:
@@ -401,6 +428,11 @@ def _warm_up(run: Run) -> float:
     devices.set_rng_state(rng)
     devices.synchronize(run.device)
     return time.perf_counter() - start
+
+
+def _rate(run: Run) -> float:
+    """The current learning rate, as a number (with --cuda-graph it lives on the device)."""
+    return float(run.optimizer.param_groups[0]["lr"])
 
 
 def _layout(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -421,7 +453,8 @@ def _stop(run: Run, stop: StopSignals) -> None:
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One optimisation step on one batch, as the guide teaches it: zero_grad, forward, loss,
-    backward, step (plus the recipe's augmentation, precision, schedule and average)."""
+    backward, step (plus the recipe's augmentation, precision and average). Nothing here waits
+    for the device, so with --cuda-graph this very function is captured and replayed."""
     config, optimizer = run.config, run.optimizer
     x = _layout(run, augment(x, config.augment, run.background))
     optimizer.zero_grad(set_to_none=True)
@@ -434,27 +467,48 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
     run.scaler.step(optimizer)
     run.scaler.update()
-    # One-cycle sets the rate of the next step; after the run's last step there is none (its
-    # line would run on below zero), so the rate logged last is the one last used.
-    if config.scheduler == "onecycle" and run.scheduler.last_epoch + 1 < run.scheduler.total_steps:
-        run.scheduler.step()
     if run.ema is not None:
-        run.ema.update_parameters(run.model)
+        update_average(run.ema, run.model, config.ema)
     return loss.detach()
+
+
+@torch.no_grad()
+def update_average(average: AveragedModel, model: nn.Module, decay: float) -> None:
+    """What `average.update_parameters(model)` does with an EMA, without its host-side test of
+    `n_averaged` (a wait for the device every step, which a CUDA graph cannot hold): the first
+    update copies the weights and buffers, each later one moves them `1 - decay` of the way."""
+    first = average.n_averaged == 0  # a tensor on the device, not a Python bool
+    weight = torch.where(first, 1.0, 1.0 - decay)  # lerp by 1 is an exact copy
+    kept = itertools.chain(average.module.parameters(), average.module.buffers())
+    current = itertools.chain(model.parameters(), model.buffers())
+    for average_value, value in zip(kept, current, strict=True):
+        if average_value.is_floating_point():
+            average_value.lerp_(value, weight)
+        else:  # BatchNorm's batch counter, averaged as AveragedModel averages integers
+            average_value.copy_(torch.where(first, value, average_value * decay
+                                            + value * (1 - decay)))
+    average.n_averaged += 1
 
 
 def _train_epoch(run: Run, epoch: int, stop: StopSignals,
                  test_every: int = 0) -> Evaluation | None:
     """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
     return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
-    config, progress, log, optimizer = run.config, run.progress, run.log, run.optimizer
+    config, progress, log = run.config, run.progress, run.log
     run.model.train()  # dropout on, BatchNorm uses batch statistics
     total = run.epoch_steps(epoch)
     log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{run.epochs}")
     mark, hit = time.perf_counter(), None
+    # With --cuda-graph, the same train_step replayed from its captured kernels.
+    step = run.graphed_step or functools.partial(train_step, run)
     batches = run.train_batches.batches(epoch, start=progress.batch)
     for x, y in itertools.islice(batches, total - progress.batch):  # x: (B, 1, 28, 28)
-        loss = train_step(run, x, y)
+        loss = step(x, y)
+        # One-cycle sets the rate of the next step; after the run's last step there is none
+        # (its line would run on below zero), so the rate logged last is the one last used.
+        if (config.scheduler == "onecycle"
+                and run.scheduler.last_epoch + 1 < run.scheduler.total_steps):
+            run.scheduler.step()
 
         # No .item() here: adding on the device keeps the GPU busy instead of waiting for it.
         progress.epoch_loss_sum += loss
@@ -475,7 +529,7 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals,
             log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
                         "batch": progress.batch, "train_loss": window_loss, "test_loss": None,
                         "test_accuracy": None, "seconds": round(progress.seconds, 3),
-                        "lr": optimizer.param_groups[0]["lr"]})
+                        "lr": _rate(run)})
             log.step_line(f"epoch {epoch} [{progress.batch}/{total}] loss {window_loss:.4f}",
                           postfix=f"loss {window_loss:.4f}")
             progress.window_loss_sum.zero_()

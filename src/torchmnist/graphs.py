@@ -1,0 +1,178 @@
+"""The training step and the test pass captured in CUDA graphs (--cuda-graph).
+
+An eager step of these small networks waits on some fifty kernel launches and the Python between
+them, not on arithmetic: on a GPU it costs about the same at any batch size up to 512. A CUDA
+graph records the kernels of one call once; a replay then launches all of them at once, on the
+same memory. What is captured is `train.train_step` itself, the function the guide's loop
+calls, so the code a reader follows is the code that runs. Each batch is copied into the
+graph's input buffers and the graph replayed; there is one graph per batch shape (full
+batches, and the shorter last batch of an epoch).
+
+What makes the step capturable (nothing in it may wait for the device):
+- the learning rate is a tensor on the device; the one-cycle schedule fills it between
+  replays, so the captured optimiser kernel reads the rate of each step;
+- the weight average (`train.update_average`) and the running loss sums never ask the host;
+- random numbers (augmentation, dropout) come from the default CUDA generator, which gives
+  every replay fresh numbers and advances just as the eager step does.
+
+The test pass over the device-resident test set is captured too, as one graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from torchmnist import device as devices
+from torchmnist.evaluate import Evaluation, test_sums, to_evaluation
+
+REHEARSALS = 3  # eager calls before a capture, as torch's own examples make
+
+
+def reason_not_to_graph(run) -> str | None:
+    """Why this run cannot replay its step from a CUDA graph, or None if it can."""
+    config = run.config
+    if run.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, and this run is on {run.device.type}"
+    if config.amp == "fp16":
+        return "the fp16 loss scaler checks for overflow on the host every step (use --amp bf16)"
+    if config.compile:
+        return "--compile is not combined with CUDA graphs here"
+    if config.detect_anomaly:
+        return "anomaly detection checks every backward on the host"
+    return None
+
+
+class _Saved:
+    """The state a rehearsal changes (weights, BatchNorm statistics, optimiser state, the
+    average, RNG streams), put back in place afterwards, so the tensors a graph captures keep
+    their addresses and the run continues as if nothing had happened."""
+
+    def __init__(self, run):
+        self.model = {k: v.clone() for k, v in run.model.state_dict().items()}
+        self.ema = ({k: v.clone() for k, v in run.ema.state_dict().items()}
+                    if run.ema is not None else None)
+        self.optimizer = {p: {k: v.clone() for k, v in state.items()
+                              if isinstance(v, torch.Tensor)}
+                          for p, state in run.optimizer.state.items()}
+        self.rng = devices.rng_state()
+
+    def restore(self, run) -> None:
+        run.model.load_state_dict(self.model)  # copies into the existing tensors
+        if run.ema is not None:
+            run.ema.load_state_dict(self.ema)
+        with torch.no_grad():
+            for p, state in run.optimizer.state.items():
+                saved = self.optimizer.get(p, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        # State the rehearsal created (momentum, Adam's moments and step count)
+                        # starts at zero, which is where each of these optimisers starts it.
+                        value.copy_(saved[key]) if key in saved else value.zero_()
+        devices.set_rng_state(self.rng)
+
+
+def rate_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make each learning rate a float32 tensor on the device, which a captured optimiser
+    kernel reads at every replay (a Python float would be frozen into the graph)."""
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor  # the input buffers the captured kernels read
+    y: torch.Tensor
+    loss: torch.Tensor  # written by every replay
+
+
+class GraphedStep:
+    """`train_step(run, x, y)`, replayed from CUDA graphs: one per batch shape."""
+
+    def __init__(self, run, train_step: Callable, examples: list[tuple[torch.Tensor,
+                                                                        torch.Tensor]]):
+        self.run, self.train_step = run, train_step
+        rate_tensors(run.optimizer, run.device)
+        self.rates = [group["lr"] for group in run.optimizer.param_groups]
+        saved = _Saved(run)
+        for x, y in examples:
+            devices.rehearse(lambda x=x, y=y: train_step(run, x, y), REHEARSALS)
+        saved.restore(run)
+        self.graphs: dict[tuple[int, ...], _Graph] = {}
+        for x, y in examples:
+            static_x, static_y = x.clone(), y.clone()
+            graph, loss = devices.capture(lambda: train_step(run, static_x, static_y))
+            self.graphs[tuple(x.shape)] = _Graph(graph, static_x, static_y, loss)
+        saved.restore(run)  # the capture ran nothing; this only checks every tensor still fits
+
+    @property
+    def shapes(self) -> list[int]:
+        return [shape[0] for shape in self.graphs]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One step on (x, y). The returned loss is the graph's own buffer, overwritten by the
+        next replay: use it (add it to a sum) before the next step."""
+        for group, rate in zip(self.run.optimizer.param_groups, self.rates, strict=True):
+            if group["lr"] is not rate:  # a scheduler that assigned a float instead of filling
+                rate.fill_(float(group["lr"]))
+                group["lr"] = rate
+        captured = self.graphs.get(tuple(x.shape))
+        if captured is None:  # a batch shape no graph was made for: the eager step
+            return self.train_step(self.run, x, y)
+        captured.x.copy_(x)
+        captured.y.copy_(y)
+        captured.graph.replay()
+        return captured.loss
+
+
+class GraphedTest:
+    """The whole test pass over a device-resident test set, replayed from one CUDA graph."""
+
+    def __init__(self, run):
+        self.run = run
+        model, config = run.tested_model, run.config
+
+        def sums():
+            return test_sums(model, run.test_batches, amp=config.amp,
+                             channels_last=config.channels_last)
+
+        model.eval()
+        devices.rehearse(sums, 1)
+        self.graph, (self.loss_sum, self.correct, self.total) = devices.capture(sums)
+        run.model.train()
+
+    def __call__(self) -> Evaluation:
+        self.run.tested_model.eval()  # as captured: dropout off, BatchNorm's running statistics
+        self.graph.replay()
+        return to_evaluation(self.loss_sum, self.correct, self.total)
+
+
+def install(run, train_step: Callable, examples: list) -> str:
+    """Capture the run's step (and, where its test set lives on the device, its test pass);
+    return the line to log. If a capture fails, the state is put back and the run goes on
+    eagerly, and the line says why."""
+    reason = reason_not_to_graph(run)
+    if reason is not None:
+        return f"CUDA graphs off: {reason}; the step runs eagerly"
+    saved = _Saved(run)
+    try:
+        run.graphed_step = GraphedStep(run, train_step, examples)
+        test = ""
+        if hasattr(run.test_batches, "images"):  # the tensor loader: the test set is on the GPU
+            run.graphed_test = GraphedTest(run)
+            test = "; the test pass in one more"
+    except RuntimeError as error:
+        run.graphed_step = run.graphed_test = None
+        torch.cuda.synchronize()  # raises here if the failure broke the device itself
+        saved.restore(run)
+        for group in run.optimizer.param_groups:  # some eager optimisers take no tensor rate
+            group["lr"] = float(group["lr"])
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"CUDA graph capture failed ({first}); the step runs eagerly"
+    shapes = ", ".join(str(n) for n in run.graphed_step.shapes)
+    return (f"CUDA graphs: the training step captured for batches of {shapes} images"
+            f"{test}")
