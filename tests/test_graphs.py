@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import torchmnist
 from torchmnist import device as devices
 from torchmnist import graphs, models
+
 training = importlib.import_module("torchmnist.train")  # the package attribute is the function
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -105,9 +105,10 @@ class GraphedStep:
         self.graphs: dict[tuple[int, ...], _Graph] = {}
         for x, y in examples:
             static_x, static_y = x.clone(), y.clone()
-            graph, loss = devices.capture(lambda: train_step(run, static_x, static_y))
+            graph, loss = devices.capture(
+                lambda sx=static_x, sy=static_y: train_step(run, sx, sy))
             self.graphs[tuple(x.shape)] = _Graph(graph, static_x, static_y, loss)
-        saved.restore(run)  # the capture ran nothing; this only checks every tensor still fits
+        saved.restore(run)  # a capture computes nothing; this undoes anything done beside it
 
     @property
     def shapes(self) -> list[int]:
