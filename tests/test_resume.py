@@ -198,7 +198,14 @@ def test_anomaly_detection_names_the_operation_in_one_sentence(tmp_path, capsys)
     assert all(t.isfinite().all() for t in saved["model"].values())
 
 
-def test_failed_write_never_corrupts_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    # What torch.save itself raises when the disk fills up under it: not an OSError.
+    (RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                  "writing file data/3: file write failed"), "file write failed"),
+], ids=["oserror", "torch-runtimeerror"])
+def test_failed_write_never_corrupts_the_previous_checkpoint(failure, reason, tmp_path, capsys,
+                                                             monkeypatch):
     real_save = torch.save
     calls = []
 
@@ -206,20 +213,21 @@ def test_failed_write_never_corrupts_the_previous_checkpoint(tmp_path, capsys, m
         calls.append(1)
         if len(calls) == 4:  # the fourth checkpoint: half written, then the disk is full
             f.write(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise failure
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     code, _, err = run_main(["train", "--dry-run", "--save-interval", "3", "--run-dir", "r"],
                             capsys)
     assert code == 1
-    assert_one_sentence_error(err, "could not write r/last.pt", "No space left on device",
+    assert_one_sentence_error(err, "could not write r/last.pt", reason, "free in r)",
                               "unchanged")
     monkeypatch.setattr(torch, "save", real_save)
     saved = checkpoint.load(tmp_path / "r" / "last.pt")
     assert saved["progress"]["batch"] == 9  # the third checkpoint, intact
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
-        "config.json", "last.pt", "metrics.jsonl", "train.log"]  # no half-written leftovers
+        ".torchmnist-lock", ".torchmnist-run", "config.json", "last.pt", "metrics.jsonl",
+        "train.log"]  # no half-written leftovers
 
 
 def test_best_and_kept_epoch_checkpoints(tmp_path, capsys):

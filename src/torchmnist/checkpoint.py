@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 
 from torchmnist.config import RESULT_KEYS, TrainConfig
 from torchmnist.errors import TrainingError, UsageError
+from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMAT_VERSION = 1
 
@@ -63,7 +65,7 @@ def _write_atomically(path: Path, write) -> None:
     renamed over `path` (a rename within one file system is atomic). A failure (disk full, no
     permission) removes the temporary file and leaves `path` as it was.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -71,17 +73,23 @@ def _write_atomically(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
         Path(tmp).unlink(missing_ok=True)
-        raise TrainingError(f"could not write {path}: {error.strerror or error}; the previous "
-                            "file there, if any, is unchanged") from None
+        reason = (error.strerror if isinstance(error, OSError) and error.strerror
+                  else (str(error).strip().splitlines() or ["unknown error"])[-1])
+        free = shutil.disk_usage(path.parent).free
+        raise TrainingError(f"could not write {path} ({reason}; {_size(free)} free in "
+                            f"{path.parent}); the previous file there, if any, is unchanged"
+                            ) from None
     _fsync_dir(path.parent)
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete half-written temporary files that a killed process left behind."""
-    for tmp in directory.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _umask() -> int:

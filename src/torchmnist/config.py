@@ -224,7 +224,8 @@ def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> Tr
     if unknown:
         raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
     if saved is not None:
-        base = {k: v for k, v in saved.items() if k in field_names()}
+        # Not the saved run_dir: a resumed run goes on where its checkpoint now is.
+        base = {k: v for k, v in saved.items() if k in field_names() and k != "run_dir"}
     else:
         recipe = explicit.get("recipe", "guide")
         if recipe not in RECIPES:

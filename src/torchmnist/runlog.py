@@ -36,7 +36,7 @@ class RunLog:
         # after that checkpoint by an interrupted run do not appear twice after a resume.
         with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
             for record in self.history:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._writer = None  # a TensorBoard SummaryWriter, with --tensorboard
 
@@ -60,7 +60,7 @@ class RunLog:
 
     def metric(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics.flush()
         if self._writer is not None:
             for key, value in record.items():
@@ -102,8 +102,16 @@ class RunLog:
             self._bar = None
 
     def close(self) -> None:
+        """Close the bar and every file; safe to call more than once."""
         self.close_bar()
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
         self._log.close()
         self._metrics.close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

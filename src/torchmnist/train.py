@@ -8,6 +8,7 @@ writes everything needed to continue from the very next batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from torchmnist import checkpoint, data, graphs, models
+from torchmnist import checkpoint, data, graphs, models, rundir
 from torchmnist import device as devices
 from torchmnist.augment import augment
 from torchmnist.config import TrainConfig, eval_interval, schedule_length
@@ -78,6 +79,7 @@ class Run:
     background: float  # the normalised value of an empty pixel, for augmentation
     progress: Progress
     log: RunLog
+    lock: rundir.RunLock  # held for the whole run
     # With --cuda-graph on CUDA: train_step and the test pass replayed from CUDA graphs.
     graphed_step: graphs.GraphedStep | None = None
     graphed_test: graphs.GraphedTest | None = None
@@ -150,26 +152,44 @@ def train(config: TrainConfig) -> dict:
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config)
-    # One-time work kept out of the training time: compilation, the capture of CUDA graphs,
-    # and on an accelerator the loading of its kernels and libraries, which the first steps
-    # would otherwise pay for.
-    with _explained_errors(run):
-        warmup_seconds = _warm_up(run)
-    setup_seconds = time.perf_counter() - setup_start - warmup_seconds
-    progress, log = run.progress, run.log
-    unit, every = eval_interval(config)
-    if config.tensorboard:
-        log.start_tensorboard(progress.step)
-        x, _ = next(iter(run.test_batches.batches()))  # the test set's first images, unshuffled
-        spec = data.DATASETS[config.dataset]
-        log.images("test images", (x[:64].float().cpu() * spec.std + spec.mean).clamp(0, 1),
-                   progress.step)
+    # However training ends (done, an error, a signal), the log files and the progress bar
+    # are closed, the run folder's lock is released and the graphs' device memory is freed.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(run.lock.release)
+        cleanup.callback(run.log.close)
+        cleanup.callback(_drop_graphs, run)
+        # One-time work kept out of the training time: compilation, the capture of CUDA
+        # graphs, and on an accelerator the loading of its kernels and libraries, which the
+        # first steps would otherwise pay for.
+        with _explained_errors(run):
+            warmup_seconds = _warm_up(run)
+        setup_seconds = time.perf_counter() - setup_start - warmup_seconds
+        if config.tensorboard:
+            _start_tensorboard(run)
+        # ---- train ------------------------------------------------------------------------
+        result = _train_epochs(run)
+        # ---- save -------------------------------------------------------------------------
+        if result is None:  # nothing was tested in this process (a finished run, resumed)
+            result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                                    channels_last=config.channels_last)
+        summary = _finish(run, result, saved_from, setup_seconds, warmup_seconds)
+        run.log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, "
+                      f"{run.progress.seconds:.2f} s training; checkpoint {run.last_path}")
+        return summary
 
-    # ---- train ----------------------------------------------------------------------------
+
+def _train_epochs(run: Run) -> Evaluation | None:
+    """The guide's loop over epochs: train, test, log, save; stop early at --target-accuracy
+    or on SIGINT/SIGTERM (saving first). Returns the last test's result, if any."""
+    config, progress = run.config, run.progress
+    unit, every = eval_interval(config)
+    total_steps = schedule_length(config, len(run.train_batches))[0]
     result = None
     with (StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly),
           _explained_errors(run)):
         for epoch in range(progress.epoch, run.epochs + 1):
+            if progress.step >= total_steps:
+                break  # a finished run, resumed: nothing left to train
             result = _train_epoch(run, epoch, stop, test_every=every if unit == "steps" else 0)
             reached = result is not None  # reached the target in a test within the epoch
             if stop.signum and progress.batch < run.epoch_steps(epoch) and not reached:
@@ -177,58 +197,79 @@ def train(config: TrainConfig) -> dict:
             if not reached and (epoch % every == 0 or epoch == run.epochs or unit == "steps"):
                 result = _test(run, epoch)
                 reached = _reached(run, result)
-            lr = _rate(run)  # the rate this epoch ended with
-            if config.scheduler == "step":
-                run.scheduler.step()
-            log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
-                        "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
-                        "test_loss": result.loss if result else None,
-                        "test_accuracy": result.accuracy if result else None,
-                        "seconds": round(progress.seconds, 3), "lr": lr})
-            progress.epoch, progress.batch = epoch + 1, 0
-            progress.epoch_loss_sum.zero_()
-            _save(run, run.last_path)
-            if config.keep:
-                _save(run, run.run_dir / f"epoch-{epoch:03d}.pt")
-                for old in sorted(run.run_dir.glob("epoch-*.pt"))[:-config.keep]:
-                    old.unlink()
+            _end_epoch(run, epoch, result)
             if reached:
-                log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}% "
-                          f"after {progress.target_seconds:.2f} s, at step {progress.step}")
+                run.log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}"
+                              f"% after {progress.target_seconds:.2f} s, at step {progress.step}")
                 break
             if stop.signum and epoch < run.epochs:
                 _stop(run, stop)  # between epochs
+    return result
 
-    # ---- save -----------------------------------------------------------------------------
-    if result is None:  # nothing was tested in this process (a finished run, resumed)
-        result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
-                                channels_last=config.channels_last)
+
+def _end_epoch(run: Run, epoch: int, result: Evaluation | None) -> None:
+    """Log the epoch, step a per-epoch schedule, save. An epoch cut short (a fractional
+    --epochs, or the target reached) stays open in the checkpoint, so that a longer run resumed
+    from it trains the rest of that epoch, exactly as a fresh run of that length would."""
+    config, progress = run.config, run.progress
+    complete = progress.batch == len(run.train_batches)
+    lr = _rate(run)  # the rate this epoch ended with
+    if complete and config.scheduler == "step":
+        run.scheduler.step()
+    run.log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
+                    "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
+                    "test_loss": result.loss if result else None,
+                    "test_accuracy": result.accuracy if result else None,
+                    "seconds": round(progress.seconds, 3), "lr": lr})
+    if complete:
+        progress.epoch, progress.batch = epoch + 1, 0
+        progress.epoch_loss_sum.zero_()
+    _save(run, run.last_path)
+    if config.keep:
+        _save(run, run.run_dir / f"epoch-{epoch:03d}.pt")
+        kept = sorted(run.run_dir.glob("epoch-[0-9][0-9][0-9].pt"))
+        for old in kept[:-config.keep]:
+            old.unlink()
+
+
+def _start_tensorboard(run: Run) -> None:
+    run.log.start_tensorboard(run.progress.step)
+    x, _ = next(iter(run.test_batches.batches()))  # the test set's first images, unshuffled
+    spec = data.DATASETS[run.config.dataset]
+    run.log.images("test images", (x[:64].float().cpu() * spec.std + spec.mean).clamp(0, 1),
+                   run.progress.step)
+
+
+def _finish(run: Run, result: Evaluation, saved_from: Path | None, setup_seconds: float,
+            warmup_seconds: float) -> dict:
+    """Write the final weights (--save-model) and return the run's summary."""
+    config, progress = run.config, run.progress
     model_files = []
     if config.save_model:
         model_files = [run.run_dir / "model.pt", run.run_dir / "model.safetensors"]
         for path in model_files:
             checkpoint.save_weights(path, run.tested_model.state_dict())
-    summary = {
+    best = run.run_dir / "best.pt"
+    return {
         "test_accuracy": result.accuracy, "test_loss": result.loss,
-        "best_accuracy": progress.best_accuracy, "epochs": progress.epoch - 1,
+        "best_accuracy": progress.best_accuracy,
+        "epochs": progress.epoch - 1 + (progress.batch > 0),  # epochs begun
         "steps": progress.step, "train_seconds": round(progress.seconds, 3),
         "target_accuracy": config.target_accuracy,
         "target_seconds": (round(progress.target_seconds, 3)
                            if progress.target_seconds is not None else None),
         "setup_seconds": round(setup_seconds, 3), "warmup_seconds": round(warmup_seconds, 3),
         "run_dir": str(run.run_dir), "checkpoint": str(run.last_path),
-        "best_checkpoint": (str(run.run_dir / "best.pt")
-                            if (run.run_dir / "best.pt").exists() else None),
+        "best_checkpoint": str(best) if best.exists() else None,
         "model_file": str(model_files[0]) if model_files else None,
         "safetensors_file": str(model_files[1]) if model_files else None,
         "device": str(run.device), "dataset": config.dataset, "model": config.model,
         "recipe": config.recipe, "resumed_from": str(saved_from) if saved_from else None,
     }
-    log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, {progress.seconds:.2f} s "
-              f"training; checkpoint {run.last_path}")
-    log.close()
-    run.graphed_step = run.graphed_test = None  # free the graphs' device memory now
-    return summary
+
+
+def _drop_graphs(run: Run) -> None:
+    run.graphed_step = run.graphed_test = None
 
 
 @contextlib.contextmanager
@@ -289,28 +330,43 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     progress = Progress(epoch_loss_sum=torch.zeros((), device=device),
                         window_loss_sum=torch.zeros((), device=device))
     if saved is not None:
+        # A resumed run goes on in the folder that holds its checkpoint, wherever that folder
+        # has been moved or copied to, unless --run-dir names another.
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
         _restore(saved, resume_path, model, optimizer, scheduler, scaler, ema)
         progress = Progress.from_state(saved["progress"], device)
+        total = schedule_length(config, len(train_batches))[0]
+        if progress.step > total:
+            raise UsageError(f"{resume_path} has already trained {progress.step} steps, and "
+                             f"--epochs {config.epochs} ends at step {total}; pass more epochs "
+                             "to go on, or start a new run")
     else:
         run_dir = Path(config.run_dir) if config.run_dir else _new_run_dir(config)
         if (run_dir / "last.pt").exists():
             raise UsageError(f"{run_dir} already holds a run's checkpoint; pass --resume to "
                              "continue it, or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_temporaries(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    log = RunLog(run_dir, history=saved["metrics"] if saved else None)
+    # Everything above only read; from here on the run folder is written, under its lock.
+    lock = rundir.claim(run_dir)
+    try:
+        rundir.remove_stale_temporaries(run_dir)
+        config = dataclasses.replace(config, run_dir=str(run_dir))
+        (run_dir / "config.json").write_text(
+            json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        log = RunLog(run_dir, history=saved["metrics"] if saved else None)
+    except BaseException:
+        lock.release()
+        raise
     run = Run(config, device, run_dir, model, torch.compile(model) if config.compile else model,
               optimizer, scheduler, scaler, ema, train_batches, test_batches,
-              background=-digits.spec.mean / digits.spec.std, progress=progress, log=log)
+              background=-digits.spec.mean / digits.spec.std, progress=progress, log=log,
+              lock=lock)
 
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
               f"{' (synthetic, dry run)' if config.dry_run else ''}, device {device} "
               f"({devices.describe(device)}), torch {torch.__version__}")
     log.print(f"data: {len(digits.train)} train / {len(digits.test)} test images from "
               f"{digits.source}; {config.loader} loader")
-    log.print("config: " + json.dumps(config.to_dict()))
+    log.print("config: " + json.dumps(config.to_dict(), allow_nan=False))
     if saved is not None:
         log.print(f"resuming from {resume_path} at epoch {progress.epoch}, batch "
                   f"{progress.batch} (step {progress.step})")

@@ -1,0 +1,117 @@
+"""Run folders: which folders torchmnist may write into, and the lock that keeps one writer.
+
+A run folder is one torchmnist made: it holds `.torchmnist-run`, a file only torchmnist writes.
+Training goes into a folder that does not exist yet, an empty one, or a run folder; any other
+folder (a project, a home directory, someone's data) is refused before anything in it is
+touched. For the whole run the folder is locked with an OS lock (`fcntl.lockf` on
+`.torchmnist-lock`), so a second training or resume into it stops with one sentence naming
+the process that holds it. The OS drops the lock when that process ends, however it ends, so a
+lock left by a killed run never blocks the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torchmnist.errors import UsageError
+
+MARKER = ".torchmnist-run"
+LOCK = ".torchmnist-lock"
+# Every temporary file torchmnist writes starts with this, so cleaning up after a killed run
+# can never remove a file of the user's (such as their own `.notes.tmp`).
+TEMPORARY_PREFIX = ".torchmnist-tmp."
+
+
+def is_run(folder: Path) -> bool:
+    """A folder torchmnist made: its marker, or (runs from before the marker) a last.pt that is
+    a torchmnist training checkpoint."""
+    if (folder / MARKER).is_file():
+        return True
+    last = folder / "last.pt"
+    if not last.is_file():
+        return False
+    from torchmnist import checkpoint
+
+    try:
+        return checkpoint.is_training_checkpoint(checkpoint.load(last))
+    except UsageError:
+        return False
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, touching nothing, a folder that training must not write into."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--run-dir {folder} is a file, not a folder")
+    if (folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
+            and not is_run(folder)):
+        raise UsageError(f"{folder} is not empty and is not a torchmnist run folder (it has no "
+                         f"{MARKER}); nothing in it was changed: choose a new or empty "
+                         "--run-dir")
+
+
+class RunLock:
+    """The exclusive lock on a run folder, held from `acquire` to `release`."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not on Windows: there the folder is not locked
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # A POSIX record lock, not flock: it belongs to this process alone, so DataLoader
+            # workers (forked children, which may outlive a killed trainer by seconds) never
+            # hold it, and the OS drops it the moment this process ends.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"{self.path.parent} is in use by another torchmnist process "
+                             f"(PID {holder}); wait for it to finish or choose another "
+                             "--run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing it drops the lock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(folder: Path) -> RunLock:
+    """Check the folder, make it, lock it and mark it as a run; return the held lock."""
+    from torchmnist import __version__
+
+    check_writable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder)
+    lock.acquire()
+    try:
+        check_writable(folder)  # filled by someone else between the check and the lock?
+        if not (folder / MARKER).is_file():
+            (folder / MARKER).write_text(json.dumps({"torchmnist": __version__}) + "\n",
+                                         encoding="utf-8")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete half-written temporary files that a killed torchmnist process left behind."""
+    for tmp in folder.glob(TEMPORARY_PREFIX + "*"):
+        tmp.unlink(missing_ok=True)

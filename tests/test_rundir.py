@@ -1,0 +1,158 @@
+"""Run folders: only torchmnist's own folders are written into, a resumed run stays where its
+checkpoint is, a run can be extended, and one folder has one writer at a time."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
+
+from torchmnist import checkpoint, rundir
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path)["model"]
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_untouched(tmp_path, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "config.json").write_text("x\n")
+    (folder / ".notes.tmp").write_text("n\n")
+    (folder / "metrics.jsonl").write_text("k\n")
+    before = _listing(folder)
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", str(folder)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(folder), "is not a torchmnist run folder",
+                              "nothing in it was changed")
+    assert _listing(folder) == before
+
+
+def test_the_current_folder_of_a_project_is_refused(tmp_path, capsys):
+    (tmp_path / "train.py").write_text("print('my project')\n")
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", "."], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "is not a torchmnist run folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.py"]
+
+
+def test_a_new_or_empty_folder_becomes_a_marked_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "new/deeper"):
+        assert run_main(["train", "--dry-run", "--run-dir", name], capsys)[0] == 0
+        assert rundir.is_run(tmp_path / name)
+        assert (tmp_path / name / rundir.MARKER).is_file()
+
+
+def test_only_torchmnist_temporaries_are_cleaned_up(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    (tmp_path / "r" / ".notes.tmp").write_text("mine\n")
+    stale = tmp_path / "r" / f"{rundir.TEMPORARY_PREFIX}last.pt.abc123"  # from a killed run
+    stale.write_bytes(b"half")
+    assert run_main(["train", "--resume", "--run-dir", "r", "--epochs", "2"], capsys)[0] == 0
+    assert (tmp_path / "r" / ".notes.tmp").read_text() == "mine\n"
+    assert not stale.exists()
+
+
+def test_a_moved_run_resumes_where_it_is_now(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "runs/a"], capsys)[0] == 0
+    shutil.move(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
+    code, out, err = run_main(["train", "--resume", "runs/b", "--epochs", "2", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(out)
+    assert not (tmp_path / "runs" / "a").exists()
+    assert Path(summary["run_dir"]) == Path("runs/b")
+    assert Path(summary["checkpoint"]) == Path("runs/b/last.pt")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "runs" / "b") if r["kind"] == "epoch"] \
+        == [1, 2]
+
+
+def test_resuming_a_copy_leaves_the_original_alone(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "a"], capsys)[0] == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    original = _listing(tmp_path / "a")
+    assert run_main(["train", "--resume", "c", "--epochs", "2"], capsys)[0] == 0
+    assert _listing(tmp_path / "a") == original
+
+
+def test_resuming_from_another_folder_writes_nothing_there(tmp_path):
+    run = tmp_path / "project" / "runs" / "a"
+    assert run_subprocess(["train", "--dry-run", "--run-dir", str(run)],
+                          cwd=tmp_path).returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = run_subprocess(["train", "--resume", str(run), "--epochs", "2", "--json"],
+                             cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert last_json(resumed.stdout)["epochs"] == 2
+
+
+@pytest.mark.parametrize("first, then, steps", [("0.5", "2", 32), ("0.02", "1", 16)])
+def test_a_fractional_run_can_be_extended_to_the_fresh_run(first, then, steps, tmp_path,
+                                                           capsys):
+    """16 batches an epoch: the extended run takes every step a fresh run of the new length
+    takes (none skipped, none trained twice) and, with no schedule, ends with its weights."""
+    assert run_main(["train", "--dry-run", "--run-dir", "part", "--epochs", first, "--device",
+                     "cpu"], capsys)[0] == 0
+    code, out, err = run_main(["train", "--resume", "--run-dir", "part", "--epochs", then,
+                               "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["steps"] == steps
+    assert run_main(["train", "--dry-run", "--run-dir", "fresh", "--epochs", then, "--device",
+                     "cpu"], capsys)[0] == 0
+    extended, fresh = _weights(tmp_path / "part" / "last.pt"), \
+        _weights(tmp_path / "fresh" / "last.pt")
+    assert all(torch.equal(extended[k], fresh[k]) for k in fresh)
+
+
+def test_resuming_a_finished_fractional_run_trains_nothing_more(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "r", "--epochs", "0.5"], capsys)[0] == 0
+    before = read_metrics(tmp_path / "r")
+    code, out, err = run_main(["train", "--resume", "--run-dir", "r", "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["steps"] == 8
+    assert read_metrics(tmp_path / "r") == before
+
+
+def test_resuming_with_fewer_epochs_than_done_is_refused_and_writes_nothing(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "r", "--epochs", "2"], capsys)[0] == 0
+    before = _listing(tmp_path / "r")
+    code, _, err = run_main(["train", "--resume", "--run-dir", "r", "--epochs", "1"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "has already trained 32 steps", "--epochs 1 ends at step 16")
+    assert _listing(tmp_path / "r") == before
+
+
+def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
+    first = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--dry-run",
+                              "--run-dir", "r", "--epochs", "200", "--device", "cpu"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "r" / "last.pt").exists():  # training has begun
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_subprocess(["train", "--resume", "--run-dir", "r", "--epochs", "300"],
+                                cwd=tmp_path)
+        assert second.returncode == 2
+        assert_one_sentence_error(second.stderr, "is in use by another torchmnist process",
+                                  f"PID {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The killed process's lock went with it (its loader workers never held it): the folder
+    # can be locked again at once.
+    with rundir.RunLock(tmp_path / "r"):
+        pass
