@@ -119,7 +119,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         raise UsageError(f"no checkpoint file at {path}")
     if path.stat().st_size == 0:
         raise UsageError(f"checkpoint {path} is empty")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return _load_safetensors(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -139,6 +139,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)"
                          f"{': ' + detail if detail else ''}") from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name: an 8-byte header length, then a JSON object."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    return (len(start) == 9 and start[8:9] == b"{"
+            and int.from_bytes(start[:8], "little") < path.stat().st_size)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -162,14 +170,33 @@ def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     official example's `mnist_cnn.pt`, or the tensors of a `.safetensors` file.
     """
     if is_training_checkpoint(obj):
-        if obj.get("ema"):  # an average of the weights is what the run tested: ship that one
-            averaged = {k: v for k, v in obj["ema"].items() if k != "n_averaged"}
-            return _strip_wrappers(averaged), obj.get("config")
-        return _strip_wrappers(obj["model"]), obj.get("config")
+        config = obj.get("config")
+        if not isinstance(config, dict):
+            what = ("has no config" if config is None else
+                    f"has a {type(config).__name__} where its config should be")
+            raise UsageError(f"{path} is a damaged checkpoint: it {what}")
+        # An average of the weights is what the run tested: ship that one.
+        state = obj["ema"] if obj.get("ema") else obj["model"]
+        if isinstance(state, dict):
+            state = {k: v for k, v in state.items() if k != "n_averaged"}
+        return _checked_tensors(state, path), config
     if isinstance(obj, dict) and obj and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return _strip_wrappers(obj), None
+        return _checked_tensors(obj, path), None
     raise UsageError(f"{path} is neither a torchmnist checkpoint nor a model state_dict")
+
+
+def _checked_tensors(state_dict: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict, if it is one and every value in it is finite; else one sentence."""
+    if not (isinstance(state_dict, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items())):
+        raise UsageError(f"{path} is a damaged checkpoint: its weights are not a mapping of "
+                         "names to tensors")
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise UsageError(f"{path} holds NaN or infinite values in {name}; weights like "
+                             "these give no usable predictions")
+    return _strip_wrappers(state_dict)
 
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -201,6 +228,11 @@ def load_training(path: Path) -> dict:
     if not is_training_checkpoint(saved) or "progress" not in saved:
         raise UsageError(f"{path} holds model weights only, not a training checkpoint to resume "
                          "(use `torchmnist test` to evaluate it)")
+    for key in ("config", "progress"):
+        if not isinstance(saved.get(key), dict):
+            raise UsageError(f"{path} is a damaged checkpoint: it has no {key} to resume from")
+    _checked_tensors(saved["model"], path)  # a mapping of finite tensors
+    weights(saved, path)  # and the average, if there is one
     return saved
 
 

@@ -217,7 +217,7 @@ def _train(explicit: dict[str, Any]) -> int:
         config = cfg.resolve(explicit)
     summary = train(config)
     if config.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary, allow_nan=False))
     return 0
 
 
@@ -235,7 +235,7 @@ def _bench(explicit: dict[str, Any]) -> int:
     report = bench.run(config, loaders=bench.parse_loaders(loaders) if loaders else [],
                        steps=steps, trials=trials, accuracy_trials=accuracy_trials)
     if options.get("json"):
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
     return 0
 
 
@@ -268,7 +268,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace, result: dict, sentence: str) -> None:
     """The result as one JSON line with --json, else as a sentence."""
-    print(json.dumps(result) if args.json else sentence)
+    print(json.dumps(result, allow_nan=False) if args.json else sentence)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -293,7 +293,7 @@ def _predict(args: argparse.Namespace) -> int:
     failed = [r for r in results if "error" in r]
     for result in results:
         if args.json:
-            print(json.dumps(result), flush=True)
+            print(json.dumps(result, allow_nan=False), flush=True)
         elif "error" in result:
             print(f"torchmnist: error: {result['file']}: {result['error']}", file=sys.stderr)
         else:

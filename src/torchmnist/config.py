@@ -251,6 +251,10 @@ def validate(config: TrainConfig) -> None:
                 "log_interval": config.log_interval}
     if config.threads is not None:
         positive["threads"] = config.threads
+    for name in dataclasses.fields(config):  # inf or nan would pass the range checks below
+        value = getattr(config, name.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{_flag(name.name)} must be a finite number, not {value}")
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{_flag(name)} must be at least 1, not {value}")

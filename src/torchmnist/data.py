@@ -8,6 +8,7 @@ both loaders visit the samples in the same order. The test set is never shuffled
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -50,6 +51,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # IDX: uint8 data, 3 or 1 dimensions
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # the same in MNIST, Fashion-MNIST and KMNIST
 SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 
 
@@ -83,9 +85,16 @@ def default_data_dir() -> Path:
 # Finding, downloading and checking the files
 
 
+def _places(spec: DatasetSpec, root: Path) -> list[Path]:
+    """Where a dataset's files are looked for, in order: torchvision's layout under the root;
+    the layout of the guide's own script (~/.torch/datasets/mnist/MNIST/raw, one folder per
+    dataset); and Debian's dataset packages."""
+    return [root / spec.folder / "raw", root / spec.name / spec.folder / "raw",
+            SYSTEM_DATASETS_DIR / spec.name]
+
+
 def _candidates(spec: DatasetSpec, root: Path, name: str) -> list[Path]:
-    places = [root / spec.folder / "raw", SYSTEM_DATASETS_DIR / spec.name]
-    return [place / f"{name}{suffix}" for place in places for suffix in ("", ".gz")]
+    return [place / f"{name}{suffix}" for place in _places(spec, root) for suffix in ("", ".gz")]
 
 
 def _locate(spec: DatasetSpec, root: Path) -> tuple[dict[str, Path], list[str]]:
@@ -104,44 +113,71 @@ def _download(spec: DatasetSpec, root: Path) -> str | None:
     import torchvision.datasets
 
     dataset_class = getattr(torchvision.datasets, spec.folder)
+    raw = root / spec.folder / "raw"
+    made = [folder for folder in (root, root / spec.folder, raw) if not folder.exists()]
+    before = set(raw.iterdir()) if raw.is_dir() else set()
     try:
         dataset_class(str(root), train=True, download=True)
     except Exception as error:  # no network, a proxy, a full disk: all end the same way
+        # Leave no debris: the files and folders this attempt made (a mistyped --data-dir
+        # would otherwise keep an empty MNIST/raw).
+        for path in (set(raw.iterdir()) if raw.is_dir() else set()) - before:
+            if path.is_file():
+                path.unlink()
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
         reason = str(error).strip().splitlines()
         return reason[-1] if reason else type(error).__name__
     return None
 
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read one IDX file (optionally gzipped), checking magic number, shape and size."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as error:
-        raise UsageError(f"cannot read dataset file {path}: {error}") from None
+def read_idx(path: Path, magic: int, max_items: int | None = None) -> np.ndarray:
+    """Read one IDX file (optionally gzipped), checking magic number, shape and size.
+
+    The header is read and checked first, and the data then read only up to the size the
+    header implies (plus one byte, to tell a file that is longer): a small .gz file that
+    expands to gigabytes is never decompressed whole."""
     ndim = 3 if magic == IMAGE_MAGIC else 1
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UsageError(f"dataset file {path} is truncated: {len(raw)} bytes is shorter than "
-                         f"the {header}-byte IDX header")
-    found_magic = int.from_bytes(raw[:4], "big")
-    if found_magic != magic:
-        raise UsageError(f"dataset file {path} is not an IDX {'image' if ndim == 3 else 'label'} "
-                         f"file (magic number {found_magic:#010x}, expected {magic:#010x})")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if ndim == 3 and shape[1:] != (28, 28):
-        raise UsageError(f"dataset file {path} holds {shape[1]}x{shape[2]} images, not 28x28")
-    expected = header + math.prod(shape)
-    if len(raw) != expected:
-        state = "truncated" if len(raw) < expected else "longer than its header says"
-        raise UsageError(f"dataset file {path} is {state}: expected {expected} bytes for "
-                         f"{shape[0]} items, found {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(header)
+            if len(head) < header:
+                raise UsageError(f"dataset file {path} is truncated: {len(head)} bytes is "
+                                 f"shorter than the {header}-byte IDX header")
+            found_magic = int.from_bytes(head[:4], "big")
+            if found_magic != magic:
+                raise UsageError(f"dataset file {path} is not an IDX "
+                                 f"{'image' if ndim == 3 else 'label'} file (magic number "
+                                 f"{found_magic:#010x}, expected {magic:#010x})")
+            shape = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big")
+                          for i in range(ndim))
+            if ndim == 3 and shape[1:] != (28, 28):
+                raise UsageError(f"dataset file {path} holds {shape[1]}x{shape[2]} images, not "
+                                 "28x28")
+            if max_items is not None and shape[0] > max_items:
+                raise UsageError(f"dataset file {path} holds {shape[0]} items, more than the "
+                                 f"{max_items} of its split: are the train and test files "
+                                 "swapped?")
+            size = math.prod(shape)
+            body = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise UsageError(f"cannot read dataset file {path}: {error}") from None
+    if len(body) != size:
+        state = "truncated" if len(body) < size else "longer than its header says"
+        found = f"found {header + len(body)}" if len(body) < size else "found more"
+        raise UsageError(f"dataset file {path} is {state}: expected {header + size} bytes for "
+                         f"{shape[0]} items, {found}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
 def _read_split(files: dict[str, Path], split: str) -> Split:
     image_name, label_name = FILES[split]
-    images = read_idx(files[image_name], IMAGE_MAGIC)
-    labels = read_idx(files[label_name], LABEL_MAGIC)
+    # More items than the dataset has is a mistake (the two splits swapped, another
+    # dataset's files); fewer is a subset someone made, and is read.
+    images = read_idx(files[image_name], IMAGE_MAGIC, SPLIT_SIZES[split])
+    labels = read_idx(files[label_name], LABEL_MAGIC, SPLIT_SIZES[split])
     if len(images) != len(labels):
         raise UsageError(f"dataset files {files[image_name]} and {files[label_name]} disagree: "
                          f"{len(images)} images but {len(labels)} labels")
@@ -162,7 +198,8 @@ def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool
         failure = _download(spec, root)
         files, missing = _locate(spec, root)
     if missing:
-        places = f"{root / spec.folder / 'raw'} and {SYSTEM_DATASETS_DIR / spec.name}"
+        *others, last = _places(spec, root)
+        places = f"{', '.join(str(p) for p in others)} and {last}"
         raise UsageError(
             f"{spec.folder} files missing: {', '.join(missing)} (searched {places}, plain or "
             f".gz; {failure or 'the download gave no files'}); put the files in "

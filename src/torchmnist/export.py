@@ -23,6 +23,7 @@ from torch import nn
 
 from torchmnist import __version__, checkpoint, data
 from torchmnist.errors import TorchMnistError, UsageError
+from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4
@@ -39,7 +40,8 @@ def contract(name: str, spec: data.DatasetSpec) -> dict[str, str]:
     """What an exported file expects and returns, stored inside it as metadata."""
     return {
         "torchmnist_version": __version__, "model": name, "dataset": spec.name,
-        "mean": repr(spec.mean), "std": repr(spec.std), "classes": json.dumps(spec.classes),
+        "mean": repr(spec.mean), "std": repr(spec.std),
+        "classes": json.dumps(spec.classes, allow_nan=False),
         "input": f"float32 (N, 1, 28, 28): 28x28 images in [0, 1], white ink on black, "
                  f"MNIST-style (torchmnist.preprocess), then (x - {spec.mean}) / {spec.std}",
         "output": "float32 (N, 10) log-probabilities (logits): softmax gives probabilities",
@@ -53,7 +55,10 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     source = Path(checkpoint_path)
-    out = Path(out) if out else source.with_name(source.name.split(".")[0] + FORMATS[format])
+    default_name = source.name.split(".")[0] + FORMATS[format]
+    out = Path(out) if out else source.with_name(default_name)
+    if out.is_dir():  # a folder: the file goes inside it, named after the checkpoint
+        out = out / default_name
     if out.exists() and out.resolve() == source.resolve():
         raise UsageError(f"exporting would overwrite {source} itself; choose --out")
     trained = checkpoint.load_model(source, model=model, dataset=dataset)
@@ -66,7 +71,9 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
         expected = network(x).numpy()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    # Written under a temporary name that ends as the format's files do (whatever --out ends
+    # with), checked, and only then renamed to --out.
+    partial = out.with_name(f"{TEMPORARY_PREFIX}{out.name}{FORMATS[format]}")
     try:
         if format == "onnx":
             _write_onnx(network, x, partial, contract(trained.name, spec))
@@ -144,7 +151,8 @@ def _write_torchscript(network: nn.Module, x: torch.Tensor, path: Path, metadata
         traced = torch.jit.trace(network, x[:2])  # the networks have no data-dependent branches
     with _quiet():  # torch.jit is deprecated in favour of torch.export, yet still the format
         # that C++ (libtorch) and older deployments load
-        torch.jit.save(traced, str(path), _extra_files={"torchmnist.json": json.dumps(metadata)})
+        torch.jit.save(traced, str(path),
+                       _extra_files={"torchmnist.json": json.dumps(metadata, allow_nan=False)})
 
 
 def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:

@@ -21,25 +21,43 @@ from torchmnist.evaluate import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare
 
 _GLOB_CHARACTERS = set("*?[")
+# What a directory scan takes, by extension, as torchvision's ImageFolder does; a file named
+# explicitly is tried whatever its name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm", ".pbm")
 
 
 def expand(inputs: list[str]) -> list[tuple[str, str | None]]:
-    """Files to predict, in order, from paths, directories (their files, sorted) and glob
-    patterns; each with the reason it cannot be used, if it cannot."""
+    """Files to predict, in order, from paths, directories (their image files, sorted) and
+    glob patterns; each with the reason it cannot be used, if it cannot. Every input gets at
+    least one entry, whatever is wrong with it."""
     files: list[tuple[str, str | None]] = []
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            files += [(str(p), None) for p in found] or [(item, "the directory has no files")]
-        elif path.exists():
-            files.append((item, None))
-        elif _GLOB_CHARACTERS & set(item):
-            matches = sorted(m for m in glob.glob(item) if Path(m).is_file())
-            files += [(m, None) for m in matches] or [(item, "no files match this pattern")]
-        else:
-            files.append((item, "no such file or directory"))
+        try:
+            files += _expand_one(item)
+        except OSError as error:  # a name too long, a folder that cannot be listed, ...
+            files.append((item, f"cannot read it: {error.strerror or error}"))
     return files
+
+
+def _expand_one(item: str) -> list[tuple[str, str | None]]:
+    path = Path(item)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and p.is_file() and not p.name.startswith("."))
+        return [(str(p), None) for p in found] or [(item, "the directory has no image files")]
+    if path.exists():
+        return [(item, None)]
+    if _GLOB_CHARACTERS & set(item):
+        matches = sorted(m for m in glob.glob(item) if Path(m).is_file())
+        return [(m, None) for m in matches] or [(item, "no files match this pattern")]
+    return [(item, "no such file or directory")]
+
+
+def shown(name: str) -> str:
+    """A file name as it can always be printed: bytes that are not UTF-8 (a name such as
+    caf\\xe9.png from another system) as backslash escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int = 3,
@@ -64,7 +82,8 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int =
                 images.append(prepare(file, spec.name))
             except ImageError as error:
                 problem = str(error)
-        results.append({"file": file, "error": problem} if problem else {"file": file})
+        results.append({"file": shown(file), "error": problem} if problem
+                       else {"file": shown(file)})
     if save_preprocessed is not None:
         _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed)
 

@@ -12,6 +12,7 @@ model with onnxruntime can prepare its inputs exactly as `torchmnist predict` do
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 INK_FLOOR = 0.1  # after stretching ink to [0, 1]: weaker values are paper texture or noise
 MIN_CONTRAST = 0.08  # ink must differ from the page by this much (of the full range) to count
 DENOISE_FROM = 100  # pixels: pictures at least this big are median-filtered before cropping
+MAX_PIXELS = 120_000_000  # larger images are refused (a 108-megapixel photo is read)
+MAX_SIDE = 2048  # larger images are shrunk to this while they are read
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,19 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     try:
         if os.path.getsize(path) == 0:
             raise ImageError("the file is empty")
-        with open(path, "rb") as file, Image.open(file) as image:
+        with (open(path, "rb") as file, warnings.catch_warnings(),
+              Image.open(file) as image):
+            # Pillow warns from 89 million pixels on; MAX_PIXELS below is the limit here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.seek(0)
-            image.load()
-            return _to_grey(image)
+            width, height = image.size  # read from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"the image is {width}x{height} pixels, more than the "
+                                 f"{MAX_PIXELS // 10**6} million torchmnist reads; scale it "
+                                 "down first")
+            return _to_grey(_reduced(image))
+    except ImageError:
+        raise
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         raise ImageError(f"cannot read it: {error.strerror}") from None
     except UnidentifiedImageError:
@@ -61,6 +73,24 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
                          ) from None
     except Image.DecompressionBombError as error:
         raise ImageError(str(error)) from None
+
+
+def _reduced(image):
+    """The decoded image, its longer side at most MAX_SIDE pixels: a JPEG is decoded at a
+    fraction of its size to begin with, anything else shrunk as soon as it is decoded, so a
+    big photo never becomes big arrays of floats. (A 28x28 result loses nothing by it.)"""
+    width, height = image.size
+    if max(width, height) > MAX_SIDE:
+        scale = MAX_SIDE / max(width, height)
+        image.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
+    image.load()
+    if max(image.size) > MAX_SIDE:
+        if image.mode.startswith("I;16"):  # 16-bit scans: 32-bit integers resize
+            image = image.convert("I")
+        elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):
+            image = image.convert("RGBA")
+        image.thumbnail((MAX_SIDE, MAX_SIDE))
+    return image
 
 
 def _to_grey(image) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,21 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     np.add.at(confusion, (labels, predictions), 1)
 
     out = Path(out) if out else run_dir / "report"
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     figures = {"curves": out / "curves.png", "confusion": out / "confusion.png",
                "mistakes": out / "mistakes.png"}
-    _plot_curves(records, figures["curves"])
-    _plot_confusion(confusion, spec.classes, figures["confusion"])
-    wrong = np.nonzero(predictions != labels)[0]
-    wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")]
-    _plot_mistakes(digits.test.images.numpy(), labels, predictions, probabilities,
-                   wrong[:mistakes], spec.classes, figures["mistakes"])
+    try:
+        _plot_curves(records, figures["curves"])
+        _plot_confusion(confusion, spec.classes, figures["confusion"])
+        wrong = np.nonzero(predictions != labels)[0]
+        wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")]
+        _plot_mistakes(digits.test.images.numpy(), labels, predictions, probabilities,
+                       wrong[:mistakes], spec.classes, figures["mistakes"])
+    except BaseException:
+        if made:  # leave no half-made report folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     numbers = {"test_accuracy": float((predictions == labels).mean()),
                "correct": int((predictions == labels).sum()), "total": len(labels),
@@ -75,15 +82,51 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if missing:
         raise UsageError(f"{run_dir} is not a torchmnist run directory: {', '.join(missing)} "
                          "missing")
+    path = run_dir / "config.json"
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        records = [json.loads(line) for line in
-                   (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{run_dir} holds a damaged config.json or metrics.jsonl: {error}"
-                         ) from None
-    return config, records
+        raise UsageError(f"{path} is damaged: {error}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is damaged: it holds a {type(config).__name__}, not an "
+                         "object of settings")
+    return config, _read_metrics(run_dir / "metrics.jsonl")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl, each checked; a bad line is named by its number."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is damaged: {error}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}, line {number}, is not JSON: {error.msg}") from None
+        problem = _record_problem(record)
+        if problem:
+            raise UsageError(f"{path}, line {number}, is not a torchmnist metrics record: "
+                             f"{problem}")
+        records.append(record)
+    return records
+
+
+def _record_problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return f"it is a {type(record).__name__}, not an object"
+    if record.get("kind") not in ("train", "epoch"):
+        return "its kind is neither train nor epoch"
+    if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+        return "it has no whole-number step"
+    for key in ("train_loss", "test_loss", "test_accuracy", "lr"):
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"its {key} is not a number"
+    return None
 
 
 def _plot_curves(records: list[dict], path: Path) -> None:
@@ -207,6 +250,6 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
     defaults = TrainConfig().to_dict()
     for key, value in config.items():
         if key in defaults and value != defaults[key]:
-            lines.append(f"| `{key}` | `{json.dumps(value)}` |")
+            lines.append(f"| `{key}` | `{json.dumps(value, allow_nan=False)}` |")
     lines += ["", "The whole resolved configuration is `config.json` in the run directory.", ""]
     return "\n".join(lines)

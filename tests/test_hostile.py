@@ -1,0 +1,268 @@
+"""Careless and hostile inputs: odd file names, non-finite numbers, crafted files, swapped or
+oversized data. Each ends in one sentence (or one line per file) and leaves nothing behind."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_sentence_error, make_dataset_files, run_main, write_idx
+from PIL import Image
+
+from torchmnist import checkpoint, data, models
+from torchmnist.errors import UsageError
+
+
+def _ring(size: int = 200) -> np.ndarray:
+    """A dark ring (a "0") on a light page, uint8."""
+    ys, xs = np.indices((size, size))
+    r = np.hypot(ys - size * 0.5, (xs - size * 0.5) * 1.5)
+    return np.where((r > size * 0.2) & (r < size * 0.3), 20, 235).astype(np.uint8)
+
+
+@pytest.fixture
+def weights_file(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "guide.pth"
+    torch.save(models.build("guide").state_dict(), path)
+    return path
+
+
+# ---- predict: every argument gets its own line -------------------------------------------
+
+
+def test_a_bad_argument_does_not_stop_the_others(weights_file, tmp_path, capsys):
+    Image.fromarray(_ring()).save(tmp_path / "good.png")
+    long_name = "x" * 300 + ".png"  # longer than a file name may be
+    code, out, err = run_main(["predict", str(weights_file), long_name, "good.png", "--json"],
+                              capsys)
+    assert code == 2
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["file"] for line in lines] == [long_name, "good.png"]
+    assert "File name too long" in lines[0]["error"]
+    assert "class" in lines[1]
+    assert "Traceback" not in err
+
+
+def test_a_directory_scan_takes_image_files_only(weights_file, tmp_path, capsys):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    Image.fromarray(_ring()).save(folder / "a.png")
+    Image.fromarray(_ring()).save(folder / "b.JPG")
+    (folder / "labels.csv").write_text("a.png,0\n")
+    code, out, _ = run_main(["predict", str(weights_file), "digits", "--json"], capsys)
+    assert code == 0
+    assert [json.loads(line)["file"] for line in out.splitlines()] == ["digits/a.png",
+                                                                       "digits/b.JPG"]
+    # Named explicitly, a file that is not an image is an error line of its own.
+    code, out, _ = run_main(["predict", str(weights_file), "digits/labels.csv", "--json"], capsys)
+    assert code == 2
+    assert json.loads(out)["error"] == "not an image file Pillow can read"
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(weights_file, tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(_ring()).save(tmp_path / name)
+    for flags in ([], ["--json"]):
+        result = subprocess.run([sys.executable, "-m", "torchmnist", "predict",
+                                 str(weights_file), name, *flags], cwd=tmp_path,
+                                capture_output=True, text=True,
+                                env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        assert result.returncode == 0, result.stderr
+        assert "caf\\xe9.png" in result.stdout.replace("\\\\", "\\")
+
+
+# ---- strict JSON and finite numbers -------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--momentum", "nan"),
+                                         ("--weight-decay", "inf"), ("--gamma", "inf")])
+def test_non_finite_flags_are_refused(flag, value, capsys):
+    code, _, err = run_main(["train", "--dry-run", flag, value, "--run-dir", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, f"{flag} must be a finite number")
+    assert not Path("r").exists()
+
+
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(tmp_path, capsys):
+    torch.manual_seed(0)
+    state = models.build("guide").state_dict()
+    state["fc1.bias"][3] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    Image.fromarray(_ring()).save(tmp_path / "x.png")
+    for command in (["test", "nan.pt", "--json"], ["predict", "nan.pt", "x.png", "--json"],
+                    ["export", "nan.pt", "--format", "safetensors"]):
+        code, out, err = run_main(command, capsys)
+        assert code == 2, command
+        assert_one_sentence_error(err, "nan.pt holds NaN or infinite values in fc1.bias")
+        assert out == ""
+
+
+# ---- crafted and hand-edited files ---------------------------------------------------------
+
+
+def _dry_run(capsys, run_dir="r"):
+    assert run_main(["train", "--dry-run", "--run-dir", run_dir], capsys)[0] == 0
+    return Path(run_dir)
+
+
+@pytest.mark.parametrize("config", [None, [1, 2]], ids=["no-config", "config-list"])
+def test_a_checkpoint_with_a_crafted_config_is_refused(config, capsys):
+    run = _dry_run(capsys)
+    saved = checkpoint.load(run / "last.pt")
+    if config is None:
+        del saved["config"]
+    else:
+        saved["config"] = config
+    torch.save(saved, run / "last.pt")
+    for command in (["test", "r/last.pt", "--no-download"],
+                    ["train", "--resume", "r", "--epochs", "2"]):
+        code, _, err = run_main(command, capsys)
+        assert code == 2, command
+        assert_one_sentence_error(err, "r/last.pt")
+        assert "damaged checkpoint" in err or "no config" in err
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("[1, 2]", "it is a list, not an object"),
+    ('{"kind": "train", "epoch": 1}', "it has no whole-number step"),
+    ("{not json", "is not JSON"),
+], ids=["list", "no-step", "not-json"])
+def test_report_names_the_bad_line_of_metrics_and_leaves_nothing(line, problem, capsys):
+    run = _dry_run(capsys)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines.insert(2, line)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    code, _, err = run_main(["report", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "metrics.jsonl, line 3", problem)
+    assert not (run / "report").exists()
+
+
+def test_report_refuses_a_config_that_is_not_an_object(capsys):
+    run = _dry_run(capsys)
+    (run / "config.json").write_text("[1]\n")
+    code, _, err = run_main(["report", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "config.json is damaged")
+
+
+# ---- export paths ---------------------------------------------------------------------------
+
+
+def test_export_takes_any_suffix_and_a_folder(weights_file, tmp_path, capsys):
+    make_dataset_files(tmp_path / "data" / "MNIST" / "raw", n_train=64, n_test=300)
+    code, out, err = run_main(["export", str(weights_file), "--format", "safetensors", "--out",
+                               "model.bin", "--data-dir", "data", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["file"] == "model.bin"
+    assert checkpoint.load_model("model.bin").name == "guide"  # readable under any name
+    (tmp_path / "exports").mkdir()
+    code, out, err = run_main(["export", str(weights_file), "--format", "safetensors", "--out",
+                               "exports", "--data-dir", "data", "--json"], capsys)
+    assert code == 0, err
+    assert Path(json.loads(out)["file"]) == Path("exports/guide.safetensors")
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["guide.safetensors"]
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def test_swapped_train_and_test_files_are_refused(tmp_path, capsys):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    write_idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (100, 28, 28)))
+    write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 100))
+    write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10_001, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 10_001))
+    with pytest.raises(UsageError, match="holds 10001 items, more than the 10000 of its split: "
+                                         "are the train and test files swapped"):
+        data.load("mnist", tmp_path / "data", download=False)
+
+
+def test_a_gzip_bomb_is_read_only_as_far_as_its_header_says(tmp_path):
+    # A valid header for 100 images, then 64 MB of zeros that compress to almost nothing.
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (100, 28, 28))
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(bytes(2**20))
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(UsageError, match="longer than its header says"):
+            data.read_idx(path, data.IMAGE_MAGIC, 10_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # 100 images are 78 KB; the 64 MB were never held
+
+
+def test_a_header_claiming_too_many_items_is_refused_before_reading(tmp_path):
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (5_000_000, 28, 28))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(header))
+    with pytest.raises(UsageError, match="holds 5000000 items, more than the 60000"):
+        data.read_idx(path, data.IMAGE_MAGIC, 60_000)
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def failing_download(root, train=True, download=False):
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"half a file")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", failing_download)
+    with pytest.raises(UsageError, match="Error downloading"):
+        data.load("mnist", tmp_path / "typo", download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_guide_scripts_own_folder_is_searched(tmp_path):
+    make_dataset_files(tmp_path / "datasets" / "mnist" / "MNIST" / "raw", n_train=32, n_test=16)
+    digits = data.load("mnist", tmp_path / "datasets", download=False)
+    assert (len(digits.train), len(digits.test)) == (32, 16)
+    assert "datasets/mnist/MNIST/raw" in digits.source
+
+
+# ---- images that would take gigabytes -------------------------------------------------------
+
+
+def test_an_image_above_the_pixel_limit_is_refused_without_decoding(weights_file, tmp_path,
+                                                                    capsys):
+    Image.new("1", (11_000, 11_000)).save(tmp_path / "huge.png")  # 121 million pixels
+    code, out, _ = run_main(["predict", str(weights_file), "huge.png", "--json"], capsys)
+    assert code == 2
+    assert json.loads(out)["error"] == ("the image is 11000x11000 pixels, more than the 120 "
+                                        "million torchmnist reads; scale it down first")
+
+
+def test_a_large_photo_is_reduced_while_read_and_stays_small_in_memory(weights_file, tmp_path):
+    side = 10_000  # 100 million pixels
+    page = Image.new("L", (side, side), 235)
+    page.paste(Image.fromarray(_ring(4000)), (3000, 3000))
+    page.save(tmp_path / "photo.png")
+    del page
+    script = ("import json, resource, sys\n"
+              "from torchmnist.predict import predict\n"
+              f"result = predict({str(weights_file)!r}, ['photo.png'], device='cpu')[0]\n"
+              "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+              "print(json.dumps({'result': result, 'peak': peak}))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert "class" in report["result"], report
+    assert report["peak"] < 1.5 * 2**30, report["peak"]  # ru_maxrss is in KB on Linux
