@@ -35,6 +35,31 @@ def mnist_dir() -> Path:
     return Path(root).resolve()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_state() -> str | None:
+    """`git status` of the checkout, untracked files included; None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_unchanged():
+    """Tests write only under their temporary folders: after the suite, the checkout is as it
+    was before it (a test that wrote a run folder into it once went unnoticed)."""
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    if before is not None and after != before:
+        pytest.fail(f"the tests changed the checkout; git status before:\n{before}\nafter:\n"
+                    f"{after}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Every test runs in its own directory, with no data folder unless it asks for one."""

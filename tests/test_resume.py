@@ -258,11 +258,12 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, capsys, monkey
     path = _good_checkpoint(tmp_path, capsys)
     saved = torch.load(path, weights_only=True)
     # Save it the way a CUDA run would: every storage tagged with the location "cuda:0".
-    monkeypatch.setattr(torch.serialization, "_package_registry",
-                        list(torch.serialization._package_registry))
-    torch.serialization.register_package(0, lambda storage: "cuda:0", lambda obj, loc: None)
-    torch.save(saved, path)
-    monkeypatch.undo()
+    # (A context of its own: undoing the whole monkeypatch would also undo the test's chdir.)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "_package_registry",
+                      list(torch.serialization._package_registry))
+        torch.serialization.register_package(0, lambda storage: "cuda:0", lambda obj, loc: None)
+        torch.save(saved, path)
     if not torch.cuda.is_available():  # the control: without map_location it cannot load here
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(path, weights_only=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,14 @@ def test_an_operation_without_a_deterministic_kernel_ends_in_one_sentence():
     with pytest.raises(RuntimeError, match="out of memory"):  # anything else passes through
         with _explained_errors(run):
             raise RuntimeError("CUDA out of memory")
+
+
+@pytest.mark.parametrize("flags, code", [([], 0), (["--lr", "1e10"], 1)],
+                         ids=["finished", "diverged"])
+def test_files_and_the_bar_are_closed_however_training_ends(flags, code, tmp_path):
+    # -X dev reports every file left open when it is garbage-collected (ResourceWarning).
+    done = subprocess.run([sys.executable, "-X", "dev", "-m", "torchmnist", "train", "--dry-run",
+                           "--run-dir", "r", "--device", "cpu", *flags], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == code, done.stderr
+    assert "ResourceWarning" not in done.stderr, done.stderr

@@ -51,10 +51,11 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     try:
         if os.path.getsize(path) == 0:
             raise ImageError("the file is empty")
-        with (open(path, "rb") as file, warnings.catch_warnings(),
-              Image.open(file) as image):
-            # Pillow warns from 89 million pixels on; MAX_PIXELS below is the limit here.
+        with warnings.catch_warnings():
+            # Pillow warns from 89 million pixels on; MAX_PIXELS is the limit here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # Pillow's own file, closed with the image
+        with image:
             image.seek(0)
             width, height = image.size  # read from the header: nothing is decoded yet
             if width * height > MAX_PIXELS:
