@@ -51,6 +51,9 @@ def _default_text(name: str) -> str:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    parser.add_argument("--config", metavar="FILE", help="read settings from a TOML, YAML or "
+                        "JSON file (a run's own config.json too), with the flags' names as "
+                        "keys (lr, batch_size, ...); flags given on the command line win")
     for f in dataclasses.fields(cfg.TrainConfig):
         if f.name in skip:
             continue
@@ -107,9 +110,22 @@ def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
                         "and its four 1-pixel shifts (5 times the work)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from torchmnist import __version__
+
+    try:
+        torch_version = version("torch")  # without importing torch, which takes seconds
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"torchmnist {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchmnist", description="Train and test MNIST models the way "
                      "'Grokking PyTorch' teaches, fast, on CPU or GPU.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     train = commands.add_parser(
@@ -208,6 +224,8 @@ def _train(explicit: dict[str, Any]) -> int:
     from torchmnist.checkpoint import find_resume, load_training
     from torchmnist.train import train
 
+    if "config" in explicit:  # the file's settings, then the flags typed, which win
+        explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
     if explicit.get("resume"):
         # A resumed run keeps its saved settings; only flags given now may change them.
         path = find_resume(explicit["resume"], explicit.get("run_dir"))
@@ -226,6 +244,8 @@ def _bench(explicit: dict[str, Any]) -> int:
 
     options = {k: explicit.pop(k) for k in ("trials", "steps", "loaders", "accuracy_trials",
                                             "json") if k in explicit}
+    if "config" in explicit:
+        explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
     config = cfg.resolve(explicit)
     trials, steps = options.get("trials", 3), options.get("steps", 200)
     accuracy_trials = options.get("accuracy_trials", 3)

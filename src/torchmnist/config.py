@@ -5,15 +5,20 @@ fields below (their `help` and `choices` metadata), the API takes a `TrainConfig
 checkpoint stores the resolved config as a plain dict so a run can be resumed or inspected.
 
 A *recipe* is a named set of defaults. Resolution order, later wins:
-dataclass defaults (= the guide's recipe) -> the chosen recipe -> values the user gave explicitly.
+the plain defaults (= the guide's recipe) -> the chosen recipe (and its dataset's values) ->
+values given explicitly. So `TrainConfig(recipe="fast", lr=0.2)` is the fast recipe at rate 0.2,
+as `torchmnist train --recipe fast --lr 0.2` is; every config is checked when it is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torchmnist.errors import UsageError
@@ -29,11 +34,22 @@ LOADERS = ("tensor", "dataloader")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+class _Unset:
+    """What a field holds until `__post_init__` fills it: the recipe's value, else the plain
+    default (kept in the field's metadata)."""
+
+    def __repr__(self) -> str:
+        return "<from the recipe>"
+
+
+UNSET: Any = _Unset()
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None,
          type: Callable[[str], Any] | None = None) -> Any:
     # `type` parses the flag's text; it defaults to the type of the default value.
-    return field(default=default, metadata={"help": help, "choices": choices,
-                                            "type": type or _type_of(default)})
+    return field(default=UNSET, metadata={"help": help, "choices": choices, "default": default,
+                                          "type": type or _type_of(default)})
 
 
 def number(text: str) -> int | float:
@@ -136,11 +152,18 @@ class TrainConfig:
                          "made in memory, one epoch unless --epochs is given (offline, never "
                          "touches the data directory)")
 
+    def __post_init__(self) -> None:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if getattr(self, f.name) is not UNSET}
+        for name, value in _recipe_values(given).items():
+            setattr(self, name, value)
+        validate(self)
+
     @classmethod
     def for_recipe(cls, recipe: str = "guide", **overrides: Any) -> TrainConfig:
         """A recipe's config with some values changed: `TrainConfig.for_recipe("official",
-        epochs=1)`. (A bare `TrainConfig(...)` starts from the guide's values.)"""
-        return resolve({"recipe": recipe, **overrides})
+        epochs=1)`, the same as `TrainConfig(recipe="official", epochs=1)`."""
+        return cls(recipe=recipe, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,11 +233,30 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def plain_default(name: str) -> Any:
+    """The value `name` takes when neither the user nor the recipe sets it (the guide's)."""
+    return next(f.metadata["default"] for f in dataclasses.fields(TrainConfig)
+                if f.name == name)
+
+
 def default_for(name: str, recipe: str = "guide") -> Any:
     """The value `name` takes under `recipe` when the user does not set it."""
     if name in RECIPES[recipe]:
         return RECIPES[recipe][name]
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return plain_default(name)
+
+
+def _recipe_values(given: dict[str, Any]) -> dict[str, Any]:
+    """Every field's value: the ones given, then the recipe's, then the plain defaults."""
+    recipe = given.get("recipe", "guide")
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    dataset = given.get("dataset", RECIPES[recipe].get("dataset", "mnist"))
+    base = {**RECIPES[recipe], **DATASET_RECIPES.get((recipe, dataset), {})}
+    if given.get("dry_run") and "epochs" not in given:
+        base["epochs"] = 1  # a dry run checks the pipeline, one short epoch is enough
+    return {name: given[name] if name in given else base.get(name, plain_default(name))
+            for name in field_names()}
 
 
 def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> TrainConfig:
@@ -223,20 +265,14 @@ def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> Tr
     unknown = set(explicit) - set(field_names())
     if unknown:
         raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    if saved is not None:
-        # Not the saved run_dir: a resumed run goes on where its checkpoint now is.
-        base = {k: v for k, v in saved.items() if k in field_names() and k != "run_dir"}
-    else:
-        recipe = explicit.get("recipe", "guide")
-        if recipe not in RECIPES:
-            raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        dataset = explicit.get("dataset", RECIPES[recipe].get("dataset", "mnist"))
-        base = {**RECIPES[recipe], **DATASET_RECIPES.get((recipe, dataset), {})}
-        if explicit.get("dry_run") and "epochs" not in explicit:
-            base["epochs"] = 1  # a dry run checks the pipeline, one short epoch is enough
-    config = TrainConfig(**{**base, **explicit})
-    validate(config)
-    return config
+    if saved is None:
+        return TrainConfig(**explicit)  # the recipe fills the rest
+    # Resuming: every value is the checkpoint's, never the recipe's. A key the checkpoint lacks
+    # was added after it was written, and its run used the plain default. Not the saved
+    # run_dir: a resumed run goes on where its checkpoint now is.
+    base = {name: plain_default(name) for name in field_names()}
+    base.update((k, v) for k, v in saved.items() if k in field_names() and k != "run_dir")
+    return TrainConfig(**{**base, **explicit})
 
 
 def validate(config: TrainConfig) -> None:
@@ -302,3 +338,93 @@ def eval_interval(config: TrainConfig) -> tuple[str, int]:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files (--config)
+
+
+def coerce(name: str, value: Any) -> Any:
+    """A value from a config file as the field `name` takes it, or one sentence saying why not:
+    text is parsed as the flag's text is; numbers, booleans and null must fit the field."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    default = f.metadata["default"]
+    if value is None and default is None:
+        return None
+    if isinstance(default, bool) or (default is None and name == "pin_memory"):
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{name} must be true or false, not {value!r}")
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            return f.metadata["type"](value)
+        except ValueError:
+            raise UsageError(f"{name} must be a number, not {value!r}") from None
+    if isinstance(default, str) or f.metadata["type"] is str:
+        if isinstance(value, str):
+            return value
+        if name == "eval_interval" and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # eval_interval = 2 means 2 epochs, as "2" does
+        raise UsageError(f"{name} must be text, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{name} must be a number, not {value!r}")
+    if f.metadata["type"] is int and not float(value).is_integer():
+        raise UsageError(f"{name} must be a whole number, not {value!r}")
+    return int(value) if f.metadata["type"] is int else value
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a TOML, YAML or JSON file (a run's own config.json included), checked
+    against the schema; unknown keys are refused by name."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read --config {path}: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
+    values = _parse_config(path, text)
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a table of settings, not a "
+                         f"{type(values).__name__}")
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise UsageError(f"--config {path} has unknown settings: {', '.join(unknown)}")
+    values.pop("resume", None)  # what to resume is said on the command line, never in a file
+    from torchmnist import rundir
+
+    if rundir.is_run(path.parent):  # a run's own config.json: a new run, not that folder
+        values.pop("run_dir", None)
+    try:
+        return {name: coerce(name, value) for name, value in values.items()}
+    except UsageError as error:
+        raise UsageError(f"--config {path}: {error}") from None
+
+
+def _parse_config(path: Path, text: str) -> Any:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise UsageError("a TOML --config needs Python 3.11, or the tomli package "
+                                     "before it (pip install tomli)") from None
+            return tomllib.loads(text)
+        if suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError("a YAML --config needs PyYAML; install it with: pip install "
+                                 "pyyaml (or use TOML or JSON)") from None
+            return yaml.safe_load(text)
+        if suffix == ".json":
+            return json.loads(text)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each parser has its own error class
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--config {path} is not valid {suffix[1:].upper()}: {first}") from None
+    raise UsageError(f"--config {path}: the name must end in .toml, .yaml, .yml or .json")

@@ -1,0 +1,114 @@
+"""The one configuration schema from Python and from files: recipes apply as on the CLI,
+every config is checked when it is made, and --config files are read strictly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from conftest import assert_one_sentence_error, last_json, run_main
+
+import torchmnist
+from torchmnist import config, rundir
+from torchmnist.errors import UsageError
+
+
+def test_a_recipe_named_in_python_applies_as_on_the_cli():
+    fast = torchmnist.TrainConfig(recipe="fast")
+    assert (fast.model, fast.lr, fast.scheduler) == ("fast", 0.15, "onecycle")
+    assert fast == config.resolve({"recipe": "fast"})  # the CLI's path
+    assert torchmnist.TrainConfig(recipe="fast", lr=0.3).lr == 0.3  # given values win
+    fashion = torchmnist.TrainConfig(recipe="best", dataset="fashion-mnist")
+    assert (fashion.augment, fashion.epochs) == ("translate", 45)
+    assert torchmnist.TrainConfig().model == "guide"
+
+
+def test_a_dry_run_is_one_epoch_in_python_too():
+    assert torchmnist.TrainConfig(dry_run=True).epochs == 1
+    assert torchmnist.TrainConfig(dry_run=True, epochs=3).epochs == 3
+
+
+@pytest.mark.parametrize("values, sentence", [
+    ({"lr": -1}, "--lr must be positive, not -1"),
+    ({"recipe": "quick"}, "unknown recipe 'quick'"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+    ({"momentum": float("nan")}, "--momentum must be a finite number"),
+])
+def test_a_config_is_checked_when_it_is_made(values, sentence):
+    with pytest.raises(UsageError, match=sentence.replace("(", r"\(")):
+        torchmnist.TrainConfig(**values)
+
+
+def test_a_changed_copy_is_checked_and_keeps_the_rest():
+    fast = torchmnist.TrainConfig(recipe="fast")
+    assert dataclasses.replace(fast, epochs=2).lr == 0.15
+    with pytest.raises(UsageError, match="--epochs must be positive"):
+        dataclasses.replace(fast, epochs=0)
+
+
+def test_a_resumed_config_takes_plain_defaults_for_keys_its_checkpoint_lacks():
+    saved = torchmnist.TrainConfig(recipe="fast-gpu").to_dict()
+    del saved["cuda_graph"]  # written before the setting existed, when runs were eager
+    assert config.resolve({}, saved=saved).cuda_graph is False
+
+
+# ---- --config ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, text", [
+    ("c.toml", 'recipe = "fast"\nlr = 0.2\neval_interval = 2\n'),
+    ("c.json", '{"recipe": "fast", "lr": 0.2, "eval_interval": "2"}'),
+    ("c.yaml", "recipe: fast\nlr: 0.2\neval_interval: 2\n"),
+])
+def test_config_files_set_values_and_flags_win(name, text, tmp_path):
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    (tmp_path / name).write_text(text)
+    values = config.read_config_file(tmp_path / name)
+    assert values == {"recipe": "fast", "lr": 0.2, "eval_interval": "2"}
+
+
+def test_train_with_a_config_file_and_a_flag(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text('recipe = "fast"\nlr = 0.2\ndry_run = true\n')
+    code, out, err = run_main(["train", "--config", "c.toml", "--lr", "0.1", "--run-dir", "r",
+                               "--json"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["recipe"], saved["lr"], saved["model"]) == ("fast", 0.1, "fast")
+    assert last_json(out)["recipe"] == "fast"
+
+
+def test_a_runs_own_config_json_reproduces_it_in_a_new_folder(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--recipe", "fast", "--run-dir", "a"], capsys)[0] == 0
+    assert rundir.is_run(tmp_path / "a")
+    code, _, err = run_main(["train", "--config", "a/config.json", "--run-dir", "b"], capsys)
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / n / "config.json").read_text()) for n in "ab")
+    assert {k: v for k, v in a.items() if k != "run_dir"} == \
+        {k: v for k, v in b.items() if k != "run_dir"}
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("c.json", '{"lrr": 1, "foo": 2}', "has unknown settings: foo, lrr"),
+    ("c.toml", 'lr = "fast"\n', "lr must be a number, not 'fast'"),
+    ("c.toml", "nesterov = 1\n", "nesterov must be true or false, not 1"),
+    ("c.toml", "batch_size = 6.5\n", "batch_size must be a whole number, not 6.5"),
+    ("c.toml", "lr = [\n", "is not valid TOML"),
+    ("c.json", "[1, 2]", "must hold a table of settings, not a list"),
+    ("c.ini", "lr=1", "must end in .toml, .yaml, .yml or .json"),
+])
+def test_bad_config_files_exit_2_naming_the_problem(name, text, fragment, tmp_path, capsys):
+    (tmp_path / name).write_text(text)
+    code, _, err = run_main(["train", "--config", name, "--dry-run", "--run-dir", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, name, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_version_names_torchmnist_and_torch(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_main(["--version"], capsys)
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"torchmnist {torchmnist.__version__} (torch ")
