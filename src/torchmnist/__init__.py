@@ -1,9 +1,10 @@
 """torchmnist: the "Grokking PyTorch" MNIST pipeline as an installable package.
 
     import torchmnist
-    summary = torchmnist.train(torchmnist.TrainConfig(epochs=1))
-    result = torchmnist.evaluate(summary["checkpoint"])
-    for p in torchmnist.predict(summary["checkpoint"], ["my_digit.jpg"]):
+    result = torchmnist.train(torchmnist.TrainConfig(recipe="fast"))
+    network = result.model  # the trained nn.Module; torchmnist.load(run_dir) gives it back
+    summary = torchmnist.evaluate(result["run_dir"])
+    for p in torchmnist.predict(result["run_dir"], ["my_digit.jpg"]):
         print(p["file"], p["class"], p["probability"])
 """
 
@@ -21,10 +22,11 @@ except ImportError:
     # runs an exported ONNX model with onnxruntime prepares its images with it.
     pass
 else:
+    from torchmnist.checkpoint import load_network as load  # noqa: E402
     from torchmnist.evaluate import evaluate  # noqa: E402
     from torchmnist.export import export  # noqa: E402
     from torchmnist.predict import predict  # noqa: E402
     from torchmnist.report import report  # noqa: E402
     from torchmnist.train import train  # noqa: E402
 
-    __all__ += ["evaluate", "export", "predict", "report", "train"]
+    __all__ += ["evaluate", "export", "load", "predict", "report", "train"]

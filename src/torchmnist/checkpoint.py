@@ -265,6 +265,23 @@ class Trained:
     config: dict | None  # the run's config, for a full checkpoint
 
 
+def file_in(path: str | os.PathLike) -> Path:
+    """A checkpoint file as given, or, for a run folder, its last.pt."""
+    path = Path(path)
+    return path / "last.pt" if path.is_dir() else path
+
+
+def load_network(path: str | os.PathLike, *, model: str | None = None,
+                 dataset: str | None = None, device: str = "auto") -> nn.Module:
+    """The trained network of a checkpoint, run folder, state_dict or safetensors file, on
+    `device` and in eval mode, ready for `network(x)` on normalised (N, 1, 28, 28) images.
+    (`torchmnist.load`.)"""
+    from torchmnist import device as devices
+
+    return load_model(path, model=model, dataset=dataset).model.to(
+        devices.resolve_device(device))
+
+
 def load_model(path: str | os.PathLike, *, model: str | None = None,
                dataset: str | None = None) -> Trained:
     """The network in a checkpoint, plain state_dict or safetensors file, on the CPU.
@@ -275,6 +292,7 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
     """
     from torchmnist import models
 
+    path = file_in(path)
     state_dict, config = weights(load(path), path)
     config = config or {}
     name = model or config.get("model") or models.matching_model(state_dict)

@@ -19,7 +19,7 @@ from torchmnist.errors import TorchMnistError, UsageError
 
 # Flags whose form is not "--name VALUE".
 _SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_model", "json",
-             "dry_run", "compile", "tensorboard"}
+             "dry_run", "compile", "tensorboard", "quiet"}
 _ON_OFF = {"download", "pin_memory", "nesterov", "channels_last", "cuda_graph"}
 _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
              "test_batch_size": "N", "epochs": "E", "log_interval": "N", "save_interval": "N",
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="whole training runs, one per seed from --seed on, for time to "
                        "accuracy; 0 to skip (default: 3)")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON line")
-    _add_train_flags(bench, skip=("run_dir", "resume", "json", "keep", "save_model"))
+    _add_train_flags(bench, skip=("run_dir", "resume", "json", "keep", "save_model", "quiet"))
     return parser
 
 

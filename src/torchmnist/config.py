@@ -148,6 +148,8 @@ class TrainConfig:
                               "with no PATH from last.pt in --run-dir, else in the newest run "
                               "under runs/; default: start a new run")
     json: bool = _opt(False, "print a JSON summary as the last line on stdout")
+    quiet: bool = _opt(False, "print nothing while training (errors still go to stderr, the "
+                       "--json line to stdout, every line to train.log)")
     dry_run: bool = _opt(False, "run the whole pipeline quickly on a small synthetic dataset "
                          "made in memory, one epoch unless --epochs is given (offline, never "
                          "touches the data directory)")

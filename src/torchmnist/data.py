@@ -97,9 +97,10 @@ def _candidates(spec: DatasetSpec, root: Path, name: str) -> list[Path]:
     return [place / f"{name}{suffix}" for place in _places(spec, root) for suffix in ("", ".gz")]
 
 
-def _locate(spec: DatasetSpec, root: Path) -> tuple[dict[str, Path], list[str]]:
+def _locate(spec: DatasetSpec, root: Path, splits: tuple[str, ...] = ("train", "test"),
+            ) -> tuple[dict[str, Path], list[str]]:
     found, missing = {}, []
-    for name in FILES["train"] + FILES["test"]:
+    for name in (name for split in splits for name in FILES[split]):
         path = next((p for p in _candidates(spec, root, name) if p.is_file()), None)
         if path is None:
             missing.append(name)
@@ -188,15 +189,17 @@ def _read_split(files: dict[str, Path], split: str) -> Split:
 
 
 def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = True,
-         ) -> DigitData:
-    """Find (or download) and check a dataset's four files, and decode them into tensors."""
+         splits: tuple[str, ...] = ("train", "test")) -> DigitData:
+    """Find (or download) and check a dataset's files, and decode them into tensors: both
+    splits, or only those named (testing a model needs only the two test files; the training
+    split is then empty)."""
     spec = DATASETS[dataset]
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    files, missing = _locate(spec, root)
+    files, missing = _locate(spec, root, splits)
     failure = "downloading is off (--no-download)"
     if missing and download:
         failure = _download(spec, root)
-        files, missing = _locate(spec, root)
+        files, missing = _locate(spec, root, splits)
     if missing:
         *others, last = _places(spec, root)
         places = f"{', '.join(str(p) for p in others)} and {last}"
@@ -206,8 +209,10 @@ def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool
             f"{root / spec.folder / 'raw'}, or point --data-dir or TORCHMNIST_DATA_DIR at a "
             f"folder that has {spec.folder}/raw")
     sources = sorted({str(path.parent) for path in files.values()})
-    return DigitData(spec, _read_split(files, "train"), _read_split(files, "test"),
-                     source=", ".join(sources))
+    nothing = Split(torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    train, test = (_read_split(files, split) if split in splits else nothing
+                   for split in ("train", "test"))
+    return DigitData(spec, train, test, source=", ".join(sources))
 
 
 def synthetic(dataset: str = "mnist", seed: int = 0, n_train: int = 1024, n_test: int = 512,

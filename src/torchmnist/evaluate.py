@@ -86,12 +86,25 @@ def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
                           for chunk in x.split(batch_size)])
 
 
+def test_data(trained: checkpoint.Trained, data_dir: str | os.PathLike | None = None,
+              download: bool = True) -> data.DigitData:
+    """The test set a trained model is scored on: its run's own synthetic data for a dry run,
+    else its dataset's test files (only those) from `data_dir`, else from the folder its run
+    was trained from, else the default places."""
+    config = trained.config or {}
+    if config.get("dry_run"):
+        return data.synthetic(trained.dataset, seed=config.get("seed", 1))
+    if data_dir is None:
+        data_dir = config.get("data_dir")
+    return data.load(trained.dataset, data_dir, download=download, splits=("test",))
+
+
 def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              dataset: str | None = None, data_dir: str | os.PathLike | None = None,
              download: bool = True, device: str = "auto", batch_size: int = 1000,
              tta: bool = False) -> dict:
-    """Test a torchmnist checkpoint, or a plain state_dict (the guide's `model.pth`, the
-    official example's `mnist_cnn.pt`), on a dataset's test set.
+    """Test a torchmnist checkpoint or run folder, or a plain state_dict (the guide's
+    `model.pth`, the official example's `mnist_cnn.pt`), on a dataset's test set.
 
     The model and dataset come from the checkpoint's config when it has one; for a plain
     state_dict the model is recognised from its parameter names and shapes.
@@ -99,7 +112,7 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     target = devices.resolve_device(device)
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
-    digits = data.load(dataset, data_dir, download=download)
+    digits = test_data(trained, data_dir, download=download)
     test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
     result = evaluate_model(network, test_batches, tta=tta,
                             background=-digits.spec.mean / digits.spec.std)

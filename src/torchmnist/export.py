@@ -23,6 +23,7 @@ from torch import nn
 
 from torchmnist import __version__, checkpoint, data
 from torchmnist.errors import TorchMnistError, UsageError
+from torchmnist.evaluate import test_data
 from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -65,7 +66,7 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     spec = data.DATASETS[trained.dataset]
     network = trained.model.float().eval()
 
-    test = data.load(spec.name, data_dir, download=download).test
+    test = test_data(trained, data_dir, download=download).test
     x = data.normalize(test.images[:PARITY_IMAGES], spec.mean, spec.std)  # (256, 1, 28, 28)
     with torch.inference_mode():
         expected = network(x).numpy()

@@ -18,7 +18,7 @@ from torchmnist import checkpoint, data
 from torchmnist import device as devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import probabilities
-from torchmnist.preprocess import ImageError, normalise, prepare
+from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture
 
 _GLOB_CHARACTERS = set("*?[")
 # What a directory scan takes, by extension, as torchvision's ImageFolder does; a file named
@@ -54,18 +54,33 @@ def _expand_one(item: str) -> list[tuple[str, str | None]]:
     return [(item, "no such file or directory")]
 
 
+def _sources(inputs: list) -> list[tuple[str, object, str | None]]:
+    """(name, path or picture, problem) for each image the inputs give."""
+    sources: list[tuple[str, object, str | None]] = []
+    for index, item in enumerate(inputs):
+        if isinstance(item, str | os.PathLike):
+            sources += [(file, file, problem) for file, problem in expand([os.fspath(item)])]
+        else:
+            if isinstance(item, torch.Tensor):
+                item = item.detach().cpu().numpy()
+            sources.append((f"<input {index}>", item, None))
+    return sources
+
+
 def shown(name: str) -> str:
     """A file name as it can always be printed: bytes that are not UTF-8 (a name such as
     caf\\xe9.png from another system) as backslash escapes."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int = 3,
+def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
             model: str | None = None, dataset: str | None = None, device: str = "auto",
             save_preprocessed: str | os.PathLike | None = None,
             batch_size: int = 256, tta: bool = False) -> list[dict]:
-    """One result per file, in order: {"file", "prediction", "class", "probability", "top"},
-    or {"file", "error"} for a file that could not be read as an image. `tta` averages the
+    """One result per image, in order: {"file", "prediction", "class", "probability", "top"},
+    or {"file", "error"} for one that could not be read. `inputs` are paths, folders and glob
+    patterns (as on the command line), or pictures in memory: PIL images, NumPy arrays or
+    tensors (`preprocess.prepare_picture`), whose "file" is "<input N>". `tta` averages the
     probabilities over each image and its four 1-pixel shifts."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, not {top}")
@@ -76,14 +91,15 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list[str], *, top: int =
 
     results: list[dict] = []
     images: list[np.ndarray] = []
-    for file, problem in expand(inputs):
+    for name, source, problem in _sources(inputs):
         if problem is None:
             try:
-                images.append(prepare(file, spec.name))
+                images.append(prepare(source, spec.name) if isinstance(source, str)
+                              else prepare_picture(source, spec.name))
             except ImageError as error:
                 problem = str(error)
-        results.append({"file": shown(file), "error": problem} if problem
-                       else {"file": shown(file)})
+        results.append({"file": shown(name), "error": problem} if problem
+                       else {"file": shown(name)})
     if save_preprocessed is not None:
         _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed)
 

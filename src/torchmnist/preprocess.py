@@ -177,6 +177,30 @@ def prepare(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
     return to_28x28(ink_map(read_grey(path)), STYLES[dataset])
 
 
+def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
+    """`prepare` for a picture in memory: a PIL image, or a NumPy array, grey (H, W) or
+    (1, H, W), or colour (H, W, 3 or 4), of uint8 0-255 or floats in [0, 1]."""
+    from PIL import Image
+
+    if not isinstance(picture, Image.Image):
+        array = np.asarray(picture)
+        if array.ndim == 3 and array.shape[0] == 1:
+            array = array[0]
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+            raise ImageError(f"an array of shape {tuple(array.shape)} is not a picture: give "
+                             "(H, W), (1, H, W) or (H, W, 3|4)")
+        if array.dtype != np.uint8:
+            array = np.round(np.clip(array.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)
+        picture = Image.fromarray(array)
+    else:
+        picture = picture.copy()  # reduced in place below; the caller's image stays as it was
+    width, height = picture.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"the image is {width}x{height} pixels, more than the "
+                         f"{MAX_PIXELS // 10**6} million torchmnist reads; scale it down first")
+    return to_28x28(ink_map(_to_grey(_reduced(picture))), STYLES[dataset])
+
+
 def normalise(image: np.ndarray, mean: float, std: float) -> np.ndarray:
     """(28, 28) in [0, 1] -> (1, 28, 28) float32 with the training set's mean and std, the
     input every torchmnist model (and its ONNX or TorchScript export) takes."""

@@ -20,6 +20,7 @@ from torchmnist import device as devices
 from torchmnist.config import TrainConfig
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import probabilities as class_probabilities
+from torchmnist.evaluate import test_data
 
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -36,10 +37,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     config, records = _read_run(run_dir)
     trained = checkpoint.load_model(run_dir / "last.pt")
     spec = data.DATASETS[trained.dataset]
-    if config.get("dry_run"):
-        digits = data.synthetic(spec.name, seed=config.get("seed", 1))
-    else:
-        digits = data.load(spec.name, data_dir or config.get("data_dir"), download=download)
+    digits = test_data(trained, data_dir, download=download)
     target = devices.resolve_device(device)
     x = data.normalize(digits.test.images, spec.mean, spec.std)
     probabilities = class_probabilities(trained.model.to(target), x, target).numpy()

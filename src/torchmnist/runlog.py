@@ -26,10 +26,12 @@ _TENSORBOARD_TAGS = {
 
 class RunLog:
     def __init__(self, run_dir: Path, *, history: list[dict[str, Any]] | None = None,
-                 progress_bar: bool | None = None):
+                 progress_bar: bool | None = None, quiet: bool = False):
         self.run_dir = run_dir
         self.history: list[dict[str, Any]] = list(history or [])
-        self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self.quiet = quiet  # nothing on the console; train.log still gets every line
+        self.progress_bar = (not quiet and sys.stderr.isatty() if progress_bar is None
+                             else progress_bar)
         self._bar: tqdm | None = None
         self._log = open(run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
         # metrics.jsonl is rewritten from the history a checkpoint carries, so records written
@@ -44,7 +46,7 @@ class RunLog:
         """Show a line to the user and keep it in train.log."""
         if self._bar is not None:
             self._bar.write(line)
-        else:
+        elif not self.quiet:
             print(line, flush=True)
         self._log.write(line + "\n")
         self._log.flush()

@@ -147,8 +147,21 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def train(config: TrainConfig) -> dict:
-    """Train and test as `config` says; return the run's summary (also the CLI's --json)."""
+class TrainResult(dict):
+    """What `train` returns: the run's summary (the CLI's --json), as a dict, and `model`, the
+    trained network (the weight average, with --ema) in eval mode on the training device."""
+
+    def __init__(self, summary: dict, model: nn.Module):
+        super().__init__(summary)
+        self.model = model
+
+    @property
+    def summary(self) -> dict:
+        return dict(self)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train and test as `config` says; return the summary and the trained model."""
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config)
@@ -175,7 +188,7 @@ def train(config: TrainConfig) -> dict:
         summary = _finish(run, result, saved_from, setup_seconds, warmup_seconds)
         run.log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, "
                       f"{run.progress.seconds:.2f} s training; checkpoint {run.last_path}")
-        return summary
+        return TrainResult(summary, run.tested_model.eval())
 
 
 def _train_epochs(run: Run) -> Evaluation | None:
@@ -349,10 +362,14 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     lock = rundir.claim(run_dir)
     try:
         rundir.remove_stale_temporaries(run_dir)
-        config = dataclasses.replace(config, run_dir=str(run_dir))
+        # The data folder as an absolute path, so that test, export and report find it from
+        # any working directory.
+        config = dataclasses.replace(config, run_dir=str(run_dir), data_dir=(
+            str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None))
         (run_dir / "config.json").write_text(
             json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        log = RunLog(run_dir, history=saved["metrics"] if saved else None)
+        log = RunLog(run_dir, history=saved["metrics"] if saved else None,
+                     quiet=config.quiet)
     except BaseException:
         lock.release()
         raise

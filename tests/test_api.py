@@ -1,0 +1,99 @@
+"""The Python API a Lightning or Keras user expects: the trained model back from `train`,
+`load`, `predict` on pictures in memory, silence on request; and commands that take a run
+folder and find its data themselves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import last_json, make_dataset_files, run_main
+from PIL import Image
+from torch import nn
+
+import torchmnist
+from torchmnist import checkpoint
+
+
+def _ring(size: int = 120) -> np.ndarray:
+    ys, xs = np.indices((size, size))
+    r = np.hypot(ys - size * 0.5, (xs - size * 0.5) * 1.5)
+    return np.where((r > size * 0.2) & (r < size * 0.3), 20, 235).astype(np.uint8)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    config = torchmnist.TrainConfig(dry_run=True, run_dir=str(tmp_path / "run"), quiet=True)
+    return torchmnist.train(config)
+
+
+def test_train_gives_back_the_model_beside_the_summary(trained, tmp_path):
+    assert isinstance(trained.model, nn.Module) and not trained.model.training
+    saved = checkpoint.load(trained["checkpoint"])["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in trained.model.state_dict().items())
+    assert json.loads(json.dumps(trained)) == trained.summary  # still the --json summary
+
+
+def test_load_gives_a_ready_network_from_a_run_folder(trained, tmp_path):
+    network = torchmnist.load(tmp_path / "run", device="cpu")
+    assert not network.training
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(network(x), trained.model.cpu()(x))
+
+
+def test_quiet_prints_nothing_and_still_logs(tmp_path, capsys):
+    torchmnist.train(torchmnist.TrainConfig(dry_run=True, run_dir=str(tmp_path / "q"),
+                                            quiet=True))
+    assert capsys.readouterr().out == ""
+    assert "done: test accuracy" in (tmp_path / "q" / "train.log").read_text()
+    code, out, _ = run_main(["train", "--dry-run", "--quiet", "--json", "--run-dir", "c"],
+                            capsys)
+    assert code == 0
+    assert len(out.splitlines()) == 1 and "test_accuracy" in json.loads(out)
+
+
+def test_predict_takes_pictures_in_memory_as_it_takes_files(trained, tmp_path):
+    picture = _ring()
+    Image.fromarray(picture).save(tmp_path / "ring.png")
+    from_file = torchmnist.predict(trained["run_dir"], [str(tmp_path / "ring.png")],
+                                   device="cpu")[0]
+    inputs = [Image.fromarray(picture), picture, picture / 255.0,
+              torch.from_numpy(picture)[None]]
+    results = torchmnist.predict(trained["run_dir"], inputs, device="cpu")
+    assert [r["file"] for r in results] == [f"<input {i}>" for i in range(4)]
+    for result in results:
+        assert result["prediction"] == from_file["prediction"]
+        assert result["probability"] == pytest.approx(from_file["probability"], abs=1e-3)
+    bad = torchmnist.predict(trained["run_dir"], [np.zeros((2, 3, 4, 5))], device="cpu")[0]
+    assert "is not a picture" in bad["error"]
+
+
+def test_commands_take_a_run_folder_and_find_its_data(tmp_path, capsys):
+    make_dataset_files(tmp_path / "data" / "MNIST" / "raw")
+    code, out, err = run_main(["train", "--data-dir", "data", "--epochs", "1", "--run-dir",
+                               "run", "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    trained_accuracy = last_json(out)["test_accuracy"]
+    # Testing needs only the two test files, found where the run was trained from.
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / "data" / "MNIST" / "raw" / name).unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(tmp_path / "run", elsewhere / "run")
+    code, out, err = run_main(["test", str(elsewhere / "run"), "--json", "--no-download",
+                               "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] == trained_accuracy
+    code, out, err = run_main(["export", str(elsewhere / "run"), "--format", "safetensors",
+                               "--json"], capsys)
+    assert code == 0, err
+
+
+def test_a_dry_run_is_tested_on_its_own_synthetic_data(trained, capsys):
+    code, out, err = run_main(["test", trained["run_dir"], "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] == trained["test_accuracy"]
