@@ -299,8 +299,12 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
     if name is None:
         raise UsageError(f"{path} does not match any known model "
                          f"({', '.join(models.MODELS)}); name one with --model")
-    if name not in models.MODELS:
-        raise UsageError(f"--model must be one of {', '.join(models.MODELS)}, not {name!r}")
+    if models.is_import_path(name) and model is None:
+        raise UsageError(f"{path} holds your own model {name}; pass --model {name} to load it "
+                         "(torchmnist imports no code that a checkpoint names by itself)")
+    if name not in models.MODELS and not models.is_import_path(name):
+        raise UsageError(f"--model must be one of {', '.join(models.MODELS)} or an import path "
+                         f"such as mypackage.nets:MyNet, not {name!r}")
     network = models.build(name)
     try:
         network.load_state_dict(state_dict)

@@ -25,7 +25,8 @@ _METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": 
              "test_batch_size": "N", "epochs": "E", "log_interval": "N", "save_interval": "N",
              "num_workers": "N", "keep": "N", "seed": "S", "lr": "LR", "momentum": "M",
              "gamma": "G", "weight_decay": "WD", "warmup": "F", "label_smoothing": "F",
-             "ema": "DECAY", "target_accuracy": "A", "eval_interval": "N[s]"}
+             "ema": "DECAY", "target_accuracy": "A", "eval_interval": "N[s]", "model": "MODEL",
+             "init_from": "CKPT", "freeze": "PREFIXES"}
 
 
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
@@ -79,9 +80,10 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=cfg.MODELS, help="the network, for a plain "
-                        "state_dict (default: from the checkpoint, else recognised from the "
-                        "weights' names and shapes)")
+    parser.add_argument("--model", metavar="MODEL", help="the network: "
+                        f"{', '.join(cfg.MODELS)}, or your own as package.module:Class, which "
+                        "must be named here for a checkpoint of it to load (default: from the "
+                        "checkpoint, else recognised from the weights' names and shapes)")
     parser.add_argument("--dataset", choices=cfg.DATASETS, help="what the model was trained "
                         "on, which sets the normalisation and class names (default: from the "
                         "checkpoint, else mnist)")
@@ -230,6 +232,11 @@ def _train(explicit: dict[str, Any]) -> int:
         # A resumed run keeps its saved settings; only flags given now may change them.
         path = find_resume(explicit["resume"], explicit.get("run_dir"))
         saved_config = load_training(path)["config"]
+        saved_model = str(saved_config.get("model", ""))
+        if ":" in saved_model and explicit.get("model") != saved_model:
+            raise UsageError(f"{path} was trained with your own model {saved_model}; pass "
+                             f"--model {saved_model} to resume it (torchmnist imports no code "
+                             "that a checkpoint names by itself)")
         config = cfg.resolve({**explicit, "resume": str(path)}, saved=saved_config)
     else:
         config = cfg.resolve(explicit)

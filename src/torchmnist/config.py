@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,10 @@ class TrainConfig:
                        "official, fast (quickest to 99%% on a CPU), fast-gpu (on a GPU), best "
                        "(highest accuracy)", choices=RECIPE_NAMES)
     dataset: str = _opt("mnist", "dataset to train and test on", choices=DATASETS)
-    model: str = _opt("guide", "network: the guide's small CNN, the official example's, or "
-                      "torchmnist's fast and best ones", choices=MODELS)
+    model: str = _opt("guide", "network: the guide's small CNN (guide), the official "
+                      "example's (official), torchmnist's fast and best ones, or your own as "
+                      "an import path, package.module:Class (from Python, also a class or "
+                      "an nn.Module instance)")
     # Where the data comes from.
     data_dir: str | None = _opt(None, "dataset root (torchvision layout, e.g. DIR/MNIST/raw); "
                                 "default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets")
@@ -90,6 +93,13 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, which is "
                       "then the model tested and saved (0: off)")
+    init_from: str | None = _opt(None, "start from the weights of this checkpoint, run folder "
+                                 "or state_dict (fine-tuning): shapes must match, except a "
+                                 "final layer for another number of classes, which starts "
+                                 "afresh; nothing else of that run is taken")
+    freeze: str = _opt("", "comma-separated parameter name prefixes (conv1,conv2) to keep "
+                       "fixed: left out of the optimiser, so they stay bit for bit as "
+                       "loaded")
     batch_size: int = _opt(64, "training batch size")
     test_batch_size: int = _opt(1000, "test batch size (does not change results)")
     epochs: float = _opt(10, "number of epochs to train; a fraction such as 0.6 ends the last "
@@ -159,6 +169,13 @@ class TrainConfig:
                  if getattr(self, f.name) is not UNSET}
         for name, value in _recipe_values(given).items():
             setattr(self, name, value)
+        if not isinstance(self.model, str):  # your own network, as a class or an instance
+            network_class = self.model if isinstance(self.model, type) else type(self.model)
+            if not isinstance(self.model, type):
+                # Trained as given (not a fresh copy); a copy of this config made with
+                # dataclasses.replace builds a fresh one from the import path instead.
+                self.__dict__["network"] = self.model
+            self.model = f"{network_class.__module__}:{network_class.__qualname__}"
         validate(self)
 
     @classmethod
@@ -227,7 +244,8 @@ DATASET_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 RESULT_KEYS = (
     "recipe", "dataset", "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
     "scheduler", "gamma", "warmup", "label_smoothing", "ema", "batch_size", "seed", "loader",
-    "augment", "amp", "channels_last", "compile", "deterministic", "dry_run",
+    "augment", "amp", "channels_last", "compile", "deterministic", "dry_run", "init_from",
+    "freeze",
 )
 
 
@@ -279,6 +297,9 @@ def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> Tr
 
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot work, with one sentence naming the setting."""
+    if config.model not in MODELS and not _IMPORT_PATH.fullmatch(config.model):
+        raise UsageError(f"--model must be one of {', '.join(MODELS)} or an import path such as "
+                         f"mypackage.nets:MyNet, not {config.model!r}")
     for name in dataclasses.fields(config):
         choices = name.metadata.get("choices")
         value = getattr(config, name.name)
@@ -317,6 +338,14 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--target-accuracy is a fraction in (0, 1], such as 0.99, not "
                          f"{config.target_accuracy}")
     eval_interval(config)
+
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.<>]*")
+
+
+def frozen_prefixes(config: TrainConfig) -> list[str]:
+    """--freeze as a list of parameter name prefixes."""
+    return [part.strip() for part in config.freeze.split(",") if part.strip()]
 
 
 def schedule_length(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:

@@ -101,7 +101,71 @@ MODELS: dict[str, type[nn.Module]] = {"guide": GuideNet, "official": OfficialNet
 
 
 def build(name: str) -> nn.Module:
-    return MODELS[name]()
+    """A fresh network: a built-in one by name, or your own by import path
+    (`package.module:Class`, a class whose constructor takes no arguments)."""
+    if name in MODELS:
+        return MODELS[name]()
+    network_class = import_model(name)
+    try:
+        return network_class()
+    except Exception as error:  # noqa: BLE001 - the user's constructor may fail in any way
+        from torchmnist.errors import UsageError
+
+        kind = type(error).__name__
+        raise UsageError(f"--model {name}: {network_class.__name__}() failed ({kind}: "
+                         f"{error}); an imported model is made with no arguments") from None
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def import_model(path: str) -> type[nn.Module]:
+    """The nn.Module class an import path names, or one sentence saying why not."""
+    import importlib
+
+    from torchmnist.errors import UsageError
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"--model {path!r} is neither a built-in model ({', '.join(MODELS)}) "
+                         "nor an import path such as mypackage.nets:MyNet")
+    try:
+        found = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - whatever importing the user's module raises
+        raise UsageError(f"--model {path}: cannot import {module_name} "
+                         f"({type(error).__name__}: {error})") from None
+    for part in attribute.split("."):
+        found = getattr(found, part, None)
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise UsageError(f"--model {path} does not name an nn.Module class")
+    return found
+
+
+def check_output(network: nn.Module, x: torch.Tensor, classes: int) -> None:
+    """Refuse, in one sentence, a network that does not map (B, 1, 28, 28) images to (B,
+    classes) log-probabilities, which the loss (F.nll_loss, as in the guide) expects."""
+    from torchmnist.errors import UsageError
+
+    training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            out = network(x[:2])
+    except Exception as error:  # noqa: BLE001 - the user's forward may fail in any way
+        raise UsageError(f"the model fails on a batch of (2, 1, 28, 28) images: "
+                         f"{type(error).__name__}: {error}") from None
+    finally:
+        network.train(training)
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (len(x[:2]), classes)):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"the model must return ({len(x[:2])}, {classes}) log-probabilities "
+                         f"for ({len(x[:2])}, 1, 28, 28) images, not {shape}")
+    if not torch.allclose(out.float().exp().sum(1), torch.ones(len(out), device=out.device),
+                          atol=1e-3):
+        raise UsageError("the model must return log-probabilities (end its forward with "
+                         "F.log_softmax(x, dim=1), as the guide's network does): the loss is "
+                         "F.nll_loss")
 
 
 def matching_model(state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmnist import checkpoint, data, graphs, models, rundir
 from torchmnist import device as devices
 from torchmnist.augment import augment
-from torchmnist.config import TrainConfig, eval_interval, schedule_length
+from torchmnist.config import TrainConfig, eval_interval, frozen_prefixes, schedule_length
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.evaluate import Evaluation, evaluate_model
 from torchmnist.runlog import RunLog
@@ -105,8 +105,50 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
 
+def _load_initial_weights(model: nn.Module, source: str) -> str:
+    """--init-from: copy another run's weights in (fine-tuning); return the line to log."""
+    path = checkpoint.file_in(source)
+    state, _ = checkpoint.weights(checkpoint.load(path), path)
+    own = model.state_dict()
+    extra = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    if extra or missing:
+        name = (extra or missing)[0]
+        raise UsageError(f"--init-from {path} does not fit this model: {name} is "
+                         f"{'only there' if extra else 'missing there'}")
+    # The final layer is the one whose size is the number of classes.
+    final = next(reversed([n for n, _ in model.named_parameters()])).rsplit(".", 1)[0]
+    fresh = []
+    for key, value in own.items():
+        if state[key].shape != value.shape:
+            if key.rsplit(".", 1)[0] != final:
+                raise UsageError(f"--init-from {path} does not fit this model: {key} is "
+                                 f"{tuple(state[key].shape)} there, {tuple(value.shape)} here")
+            fresh.append(key)
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    kept = f", except {final} (another number of classes), which starts afresh" if fresh else ""
+    return f"initial weights from {path}{kept}"
+
+
+def _freeze(model: nn.Module, config: TrainConfig) -> None:
+    """--freeze: parameters under these name prefixes get no gradient, so the optimiser never
+    sees them (the guide's requires_grad=False aside)."""
+    names = [name for name, _ in model.named_parameters()]
+    prefixes = frozen_prefixes(config)
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise UsageError(f"--freeze {prefix} names no parameter of the {config.model} model "
+                             f"(its parameters: {', '.join(names)})")
+    for name, parameter in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            parameter.requires_grad_(False)
+    if prefixes and not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"--freeze {config.freeze} leaves no parameter to train")
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> optim.Optimizer:
-    params = list(model.parameters())  # the model is already on its device (see the guide)
+    # Only what trains (--freeze leaves some out); already on its device, as the guide says.
+    params = [p for p in model.parameters() if p.requires_grad]
     decay = config.weight_decay
     on_cuda = params[0].device.type == "cuda"
     # On CUDA one fused kernel updates every parameter; elsewhere torch picks its default.
@@ -331,7 +373,15 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
                                      config.test_batch_size, device, shuffle=False,
                                      **loader_options)
 
-    model = models.build(config.model).to(device)  # before the optimiser takes its parameters
+    network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
+    model = (network if network is not None else models.build(config.model)).to(device)
+    if models.is_import_path(config.model):
+        models.check_output(model, next(iter(test_batches.batches()))[0],
+                            len(digits.spec.classes))
+    notes = []
+    if config.init_from and saved is None:
+        notes.append(_load_initial_weights(model, config.init_from))
+    _freeze(model, config)  # before the optimiser takes the parameters it trains
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
@@ -384,6 +434,8 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     log.print(f"data: {len(digits.train)} train / {len(digits.test)} test images from "
               f"{digits.source}; {config.loader} loader")
     log.print("config: " + json.dumps(config.to_dict(), allow_nan=False))
+    for note in notes:
+        log.print(note)
     if saved is not None:
         log.print(f"resuming from {resume_path} at epoch {progress.epoch}, batch "
                   f"{progress.batch} (step {progress.step})")
