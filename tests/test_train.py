@@ -190,3 +190,55 @@ def test_files_and_the_bar_are_closed_however_training_ends(flags, code, tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == code, done.stderr
     assert "ResourceWarning" not in done.stderr, done.stderr
+
+
+# ---- validation and early stopping ---------------------------------------------------------
+
+
+def test_a_validation_split_chooses_and_the_test_set_is_scored_once(tmp_path, capsys):
+    summary = _train(tmp_path, "v", "--val-size", "256", "--epochs", "3", "--device", "cpu",
+                     capsys=capsys)
+    log = (tmp_path / "v" / "train.log").read_text()
+    assert "data: 768 train / 256 validation / 512 test images" in log
+    epochs = [r for r in read_metrics(tmp_path / "v") if r["kind"] == "epoch"]
+    assert [r["test_accuracy"] for r in epochs] == [None] * 3  # never looked at in training
+    assert all(r["val_accuracy"] is not None for r in epochs)
+    assert summary["best_accuracy"] == max(r["val_accuracy"] for r in epochs)
+    assert summary["test_accuracy"] is not None and summary["val_accuracy"] is not None
+    saved = checkpoint.load(tmp_path / "v" / "last.pt")
+    index = saved["val_index"]
+    assert len(index) == 256 and len(set(index.tolist())) == 256
+    assert saved["config"]["val_size"] == 256
+
+
+def test_a_run_with_a_validation_split_resumes_exactly(tmp_path, capsys):
+    flags = ["--val-size", "256", "--device", "cpu"]
+    _train(tmp_path, "full", *flags, "--epochs", "3", capsys=capsys)
+    _train(tmp_path, "part", *flags, "--epochs", "1", capsys=capsys)
+    _train(tmp_path, "part", "--resume", "--epochs", "3", capsys=capsys)
+    a = checkpoint.load(tmp_path / "full" / "last.pt")
+    b = checkpoint.load(tmp_path / "part" / "last.pt")
+    assert torch.equal(a["val_index"], b["val_index"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_patience_stops_when_the_choice_no_longer_improves(tmp_path, capsys):
+    # A rate so small the accuracy cannot move: the first test is the best there will be.
+    summary = _train(tmp_path, "p", "--val-size", "256", "--epochs", "10", "--patience", "2",
+                     "--lr", "1e-12", "--device", "cpu", capsys=capsys)
+    assert summary["epochs"] == 3
+    assert "stopping early: 2 tests in a row without a better validation accuracy" in \
+        (tmp_path / "p" / "train.log").read_text()
+
+
+def test_target_accuracy_watches_the_test_set_even_with_validation(tmp_path, capsys):
+    summary = _train(tmp_path, "t", "--val-size", "256", "--target-accuracy", "0.01",
+                     "--eval-interval", "4s", "--epochs", "2", capsys=capsys)
+    assert summary["target_seconds"] is not None and summary["steps"] == 4
+
+
+def test_a_validation_split_must_leave_training_images(tmp_path, capsys):
+    code, _, err = run_main(["train", "--dry-run", "--val-size", "1024", "--run-dir", "x"],
+                            capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "--val-size 1024 leaves nothing to train on")

@@ -73,6 +73,7 @@ class DigitData:
     train: Split
     test: Split
     source: str  # where the files came from, for the log
+    val: Split | None = None  # held out from train (--val-size)
 
 
 def default_data_dir() -> Path:

@@ -41,7 +41,8 @@ class Progress:
     epoch: int = 1  # the epoch in progress, counting from 1
     batch: int = 0  # batches of this epoch already trained
     step: int = 0  # optimiser steps in the whole run
-    best_accuracy: float | None = None
+    best_accuracy: float | None = None  # of validation with --val-size, else of test
+    stale_tests: int = 0  # tests in a row without a better best_accuracy (--patience)
     target_seconds: float | None = None  # when --target-accuracy was reached
     seconds: float = 0.0  # time spent training and testing, summed over resumes
     # Running loss sums, kept on the device so that adding to them never waits for it.
@@ -76,6 +77,8 @@ class Run:
     ema: AveragedModel | None
     train_batches: data.TensorBatches | data.LoaderBatches
     test_batches: data.TensorBatches | data.LoaderBatches
+    val_batches: data.TensorBatches | None  # --val-size: held out from the training set
+    val_index: torch.Tensor | None  # which training images those are (saved in checkpoints)
     background: float  # the normalised value of an empty pixel, for augmentation
     progress: Progress
     log: RunLog
@@ -103,6 +106,24 @@ class Run:
     def tested_model(self) -> nn.Module:
         """The weights that are tested and shipped: the average when --ema is on."""
         return self.ema.module if self.ema is not None else self.model
+
+
+def _hold_out(digits: data.DigitData, config: TrainConfig, saved_index: torch.Tensor | None,
+              ) -> tuple[data.DigitData, torch.Tensor]:
+    """Split --val-size images off the training set: a permutation of its own (epoch 0 of the
+    seed's orders, which training never uses), or the split a checkpoint recorded."""
+    n = len(digits.train)
+    if config.val_size >= n:
+        raise UsageError(f"--val-size {config.val_size} leaves nothing to train on: the "
+                         f"training set has {n} images")
+    index = (saved_index if saved_index is not None
+             else data.epoch_order(n, config.seed, 0)[:config.val_size].sort().values)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[index] = False
+    images, labels = digits.train.images, digits.train.labels
+    held = dataclasses.replace(digits, train=data.Split(images[keep], labels[keep]),
+                               val=data.Split(images[index], labels[index]))
+    return held, index
 
 
 def _load_initial_weights(model: nn.Module, source: str) -> str:
@@ -222,20 +243,23 @@ def train(config: TrainConfig) -> TrainResult:
         if config.tensorboard:
             _start_tensorboard(run)
         # ---- train ------------------------------------------------------------------------
-        result = _train_epochs(run)
+        test, val = _train_epochs(run) or (None, None)
         # ---- save -------------------------------------------------------------------------
-        if result is None:  # nothing was tested in this process (a finished run, resumed)
-            result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
-                                    channels_last=config.channels_last)
-        summary = _finish(run, result, saved_from, setup_seconds, warmup_seconds)
-        run.log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, "
+        # Scored now if it was not in the loop: a finished run, resumed, or a run that chose
+        # on a validation set, whose test set is scored this once.
+        if test is None:
+            test = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                                  channels_last=config.channels_last)
+        summary = _finish(run, test, val, saved_from, setup_seconds, warmup_seconds)
+        run.log.print(f"done: test accuracy {100 * test.accuracy:.2f}%, "
                       f"{run.progress.seconds:.2f} s training; checkpoint {run.last_path}")
         return TrainResult(summary, run.tested_model.eval())
 
 
-def _train_epochs(run: Run) -> Evaluation | None:
-    """The guide's loop over epochs: train, test, log, save; stop early at --target-accuracy
-    or on SIGINT/SIGTERM (saving first). Returns the last test's result, if any."""
+def _train_epochs(run: Run) -> tuple[Evaluation | None, Evaluation | None] | None:
+    """The guide's loop over epochs: train, test, log, save; stop early at --target-accuracy,
+    for --patience, or on SIGINT/SIGTERM (saving first). Returns the last (test, validation)
+    results, if anything was tested."""
     config, progress = run.config, run.progress
     unit, every = eval_interval(config)
     total_steps = schedule_length(config, len(run.train_batches))[0]
@@ -251,18 +275,24 @@ def _train_epochs(run: Run) -> Evaluation | None:
                 _stop(run, stop)  # mid-epoch
             if not reached and (epoch % every == 0 or epoch == run.epochs or unit == "steps"):
                 result = _test(run, epoch)
-                reached = _reached(run, result)
+                reached = _reached(run, result[0])
             _end_epoch(run, epoch, result)
             if reached:
                 run.log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}"
                               f"% after {progress.target_seconds:.2f} s, at step {progress.step}")
+                break
+            if config.patience and progress.stale_tests >= config.patience:
+                run.log.print(f"stopping early: {config.patience} tests in a row without a "
+                              f"better {'validation' if run.val_batches else 'test'} accuracy "
+                              f"than {100 * progress.best_accuracy:.2f}%")
                 break
             if stop.signum and epoch < run.epochs:
                 _stop(run, stop)  # between epochs
     return result
 
 
-def _end_epoch(run: Run, epoch: int, result: Evaluation | None) -> None:
+def _end_epoch(run: Run, epoch: int,
+               result: tuple[Evaluation | None, Evaluation | None] | None) -> None:
     """Log the epoch, step a per-epoch schedule, save. An epoch cut short (a fractional
     --epochs, or the target reached) stays open in the checkpoint, so that a longer run resumed
     from it trains the rest of that epoch, exactly as a fresh run of that length would."""
@@ -271,11 +301,16 @@ def _end_epoch(run: Run, epoch: int, result: Evaluation | None) -> None:
     lr = _rate(run)  # the rate this epoch ended with
     if complete and config.scheduler == "step":
         run.scheduler.step()
-    run.log.metric({"kind": "epoch", "epoch": epoch, "step": progress.step,
-                    "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
-                    "test_loss": result.loss if result else None,
-                    "test_accuracy": result.accuracy if result else None,
-                    "seconds": round(progress.seconds, 3), "lr": lr})
+    test, val = result or (None, None)
+    record = {"kind": "epoch", "epoch": epoch, "step": progress.step,
+              "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
+              "test_loss": test.loss if test else None,
+              "test_accuracy": test.accuracy if test else None,
+              "seconds": round(progress.seconds, 3), "lr": lr}
+    if run.val_batches is not None:
+        record.update(val_loss=val.loss if val else None,
+                      val_accuracy=val.accuracy if val else None)
+    run.log.metric(record)
     if complete:
         progress.epoch, progress.batch = epoch + 1, 0
         progress.epoch_loss_sum.zero_()
@@ -295,8 +330,8 @@ def _start_tensorboard(run: Run) -> None:
                    run.progress.step)
 
 
-def _finish(run: Run, result: Evaluation, saved_from: Path | None, setup_seconds: float,
-            warmup_seconds: float) -> dict:
+def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Path | None,
+            setup_seconds: float, warmup_seconds: float) -> dict:
     """Write the final weights (--save-model) and return the run's summary."""
     config, progress = run.config, run.progress
     model_files = []
@@ -308,6 +343,8 @@ def _finish(run: Run, result: Evaluation, saved_from: Path | None, setup_seconds
     return {
         "test_accuracy": result.accuracy, "test_loss": result.loss,
         "best_accuracy": progress.best_accuracy,
+        "val_accuracy": val.accuracy if val else None,
+        "val_loss": val.loss if val else None,
         "epochs": progress.epoch - 1 + (progress.batch > 0),  # epochs begun
         "steps": progress.step, "train_seconds": round(progress.seconds, 3),
         "target_accuracy": config.target_accuracy,
@@ -365,6 +402,10 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         digits = data.synthetic(config.dataset, seed=config.seed)
     else:
         digits = data.load(config.dataset, config.data_dir, download=config.download)
+    val_index = None
+    if config.val_size:
+        val_index = saved.get("val_index") if saved is not None else None
+        digits, val_index = _hold_out(digits, config, val_index)
     pin_memory = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
     loader_options = dict(num_workers=config.num_workers, pin_memory=pin_memory)
     train_batches = data.make_batches(config.loader, digits.train, digits.spec, config.batch_size,
@@ -372,6 +413,8 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     test_batches = data.make_batches(config.loader, digits.test, digits.spec,
                                      config.test_batch_size, device, shuffle=False,
                                      **loader_options)
+    val_batches = (data.TensorBatches(digits.val, digits.spec, config.test_batch_size, device,
+                                      shuffle=False) if val_index is not None else None)
 
     network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
     model = (network if network is not None else models.build(config.model)).to(device)
@@ -424,14 +467,15 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         lock.release()
         raise
     run = Run(config, device, run_dir, model, torch.compile(model) if config.compile else model,
-              optimizer, scheduler, scaler, ema, train_batches, test_batches,
-              background=-digits.spec.mean / digits.spec.std, progress=progress, log=log,
+              optimizer, scheduler, scaler, ema, train_batches, test_batches, val_batches,
+              val_index, background=-digits.spec.mean / digits.spec.std, progress=progress, log=log,
               lock=lock)
 
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
               f"{' (synthetic, dry run)' if config.dry_run else ''}, device {device} "
               f"({devices.describe(device)}), torch {torch.__version__}")
-    log.print(f"data: {len(digits.train)} train / {len(digits.test)} test images from "
+    held = f" / {len(digits.val)} validation" if val_batches is not None else ""
+    log.print(f"data: {len(digits.train)} train{held} / {len(digits.test)} test images from "
               f"{digits.source}; {config.loader} loader")
     log.print("config: " + json.dumps(config.to_dict(), allow_nan=False))
     for note in notes:
@@ -477,6 +521,7 @@ def _save(run: Run, path: Path) -> None:
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "progress": run.progress.state(), "rng": devices.rng_state(),
+        "val_index": run.val_index,
         "metrics": run.log.history})
 
 
@@ -490,28 +535,40 @@ def _check_finite(run: Run) -> None:
             "(--detect-anomaly finds the operation)")
 
 
-def _test(run: Run, epoch: int) -> Evaluation:
-    """Test, log, keep best.pt; the time counts as training time (it is how a target is seen)."""
+def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
+    """Validate (with --val-size) and test, log, keep best.pt and count --patience; return
+    (test, validation) results. With a validation set the test set is only scored here when
+    --target-accuracy watches it. The time counts as training time (it is how a target is
+    seen)."""
     progress, config = run.progress, run.config
     start = time.perf_counter()
-    if run.graphed_test is not None:
-        result = run.graphed_test()
-    else:
-        result = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
-                                channels_last=config.channels_last)
+    val = test = None
+    if run.val_batches is not None:
+        val = evaluate_model(run.tested_model, run.val_batches, amp=config.amp,
+                             channels_last=config.channels_last)
+    if run.val_batches is None or config.target_accuracy is not None:
+        if run.graphed_test is not None:
+            test = run.graphed_test()
+        else:
+            test = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+                                  channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
-    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: test loss "
-                  f"{result.loss:.4f}, accuracy {result.correct}/{result.total} "
-                  f"({100 * result.accuracy:.2f}%), {progress.seconds:.2f} s so far")
-    if result.accuracy > (progress.best_accuracy or 0.0):
-        progress.best_accuracy = result.accuracy
+    shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
+    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: " + "; ".join(
+        f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} ({100 * r.accuracy:.2f}%)"
+        for name, r in shown) + f", {progress.seconds:.2f} s so far")
+    chosen = val if val is not None else test  # what best.pt and --patience follow
+    if chosen.accuracy > (progress.best_accuracy or 0.0):
+        progress.best_accuracy, progress.stale_tests = chosen.accuracy, 0
         _save(run, run.run_dir / "best.pt")
-    return result
+    else:
+        progress.stale_tests += 1
+    return test, val
 
 
-def _reached(run: Run, result: Evaluation) -> bool:
+def _reached(run: Run, result: Evaluation | None) -> bool:
     target = run.config.target_accuracy
-    if target is None or result.accuracy < target:
+    if target is None or result is None or result.accuracy < target:
         return False
     if run.progress.target_seconds is None:
         run.progress.target_seconds = run.progress.seconds
@@ -615,8 +672,8 @@ def update_average(average: AveragedModel, model: nn.Module, decay: float) -> No
     average.n_averaged += 1
 
 
-def _train_epoch(run: Run, epoch: int, stop: StopSignals,
-                 test_every: int = 0) -> Evaluation | None:
+def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
+                 ) -> tuple[Evaluation | None, Evaluation | None] | None:
     """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
     return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
     config, progress, log = run.config, run.progress, run.log
@@ -661,11 +718,11 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals,
             progress.window_batches = 0
         if test_every and progress.step % test_every == 0 and not last_batch:
             progress.seconds += time.perf_counter() - mark
-            result = _test(run, epoch)  # adds its own time
+            test, val = _test(run, epoch)  # adds its own time
             mark = time.perf_counter()
             run.model.train()
-            if _reached(run, result):
-                hit = result
+            if _reached(run, test):
+                hit = test, val
                 break
         if config.save_interval and progress.batch % config.save_interval == 0 and not last_batch:
             _save(run, run.last_path)  # the end of the epoch is saved after testing
