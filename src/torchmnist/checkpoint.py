@@ -312,5 +312,7 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
         found = models.matching_model(state_dict)
         hint = f" (it matches --model {found})" if found else ""
         raise UsageError(f"{path} does not hold weights for the {name!r} model{hint}") from None
+    if hasattr(network, "exit_threshold") and "exit_threshold" in config:  # early-exit
+        network.exit_threshold = config["exit_threshold"]
     return Trained(network.eval(), name, dataset or config.get("dataset") or "mnist",
                    config or None)

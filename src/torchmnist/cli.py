@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--batch-size", type=int, default=1000, metavar="N",
                       help="test batch size (default: 1000)")
     _add_tta_flag(test)
+    test.add_argument("--exit-threshold", type=float, metavar="T", help="--model early-exit: "
+                      "an image leaves at the first head whose top probability reaches T "
+                      "(default: the run's)")
     _add_json_flag(test)
 
     predict = commands.add_parser(
@@ -271,13 +274,22 @@ def _test(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.exit_threshold is not None and not 0 < args.exit_threshold <= 1:
+        raise UsageError(f"--exit-threshold must be above 0 and at most 1, not "
+                         f"{args.exit_threshold}")
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
                       data_dir=args.data_dir, download=args.download, device=args.device,
-                      batch_size=args.batch_size, tta=args.tta)
+                      batch_size=args.batch_size, tta=args.tta,
+                      exit_threshold=args.exit_threshold)
     how = " with test-time augmentation" if args.tta else ""
+    exits = result["exits"]
+    early = (f"; leaving at threshold {exits['threshold']:g}: heads 1/2/3 took "
+             f"{'/'.join(str(n) for n in exits['per_head'])} images, "
+             f"{100 * exits['compute_fraction']:.0f}% of the whole network's compute"
+             if exits else "")
     _show(args, result, f"{result['checkpoint']}: {result['model']} model on {result['dataset']} "
           f"test set{how}: loss {result['test_loss']:.4f}, accuracy {result['correct']}/"
-          f"{result['total']} ({100 * result['test_accuracy']:.2f}%)")
+          f"{result['total']} ({100 * result['test_accuracy']:.2f}%){early}")
     return 0
 
 

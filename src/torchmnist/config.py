@@ -26,7 +26,7 @@ from torchmnist.errors import UsageError
 
 RECIPE_NAMES = ("guide", "official", "fast", "fast-gpu", "best")  # the keys of RECIPES
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
-MODELS = ("guide", "official", "fast", "best")
+MODELS = ("guide", "official", "fast", "best", "early-exit")
 OPTIMIZERS = ("sgd", "adadelta", "adam", "adamw")
 SCHEDULERS = ("none", "step", "onecycle")
 AMP = ("none", "bf16", "fp16")
@@ -93,6 +93,9 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, which is "
                       "then the model tested and saved (0: off)")
+    exit_threshold: float = _opt(0.9, "--model early-exit: in testing, an image leaves at "
+                                 "the first head whose top probability reaches this (1: every "
+                                 "image runs the whole network)")
     init_from: str | None = _opt(None, "start from the weights of this checkpoint, run folder "
                                  "or state_dict (fine-tuning): shapes must match, except a "
                                  "final layer for another number of classes, which starts "
@@ -337,6 +340,13 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--gamma must be positive, not {config.gamma}")
     if not config.weight_decay >= 0:
         raise UsageError(f"--weight-decay must not be negative, not {config.weight_decay}")
+    if config.model == "early-exit" and config.label_smoothing:
+        raise UsageError("--model early-exit trains its heads on the mean of their F.nll_loss, "
+                         "which label smoothing would turn into a reward for disagreeing "
+                         "heads: pass --label-smoothing 0")
+    if not 0 < config.exit_threshold <= 1:
+        raise UsageError(f"--exit-threshold must be above 0 and at most 1, not "
+                         f"{config.exit_threshold}")
     for name in ("warmup", "label_smoothing", "ema"):
         if not 0 <= getattr(config, name) < 1:
             raise UsageError(f"--{_flag(name)} must be at least 0 and below 1, not "

@@ -102,7 +102,7 @@ def test_data(trained: checkpoint.Trained, data_dir: str | os.PathLike | None = 
 def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              dataset: str | None = None, data_dir: str | os.PathLike | None = None,
              download: bool = True, device: str = "auto", batch_size: int = 1000,
-             tta: bool = False) -> dict:
+             tta: bool = False, exit_threshold: float | None = None) -> dict:
     """Test a torchmnist checkpoint or run folder, or a plain state_dict (the guide's
     `model.pth`, the official example's `mnist_cnn.pt`), on a dataset's test set.
 
@@ -114,9 +114,22 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
     digits = test_data(trained, data_dir, download=download)
     test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
+    early_exit = hasattr(network, "exits")
+    if early_exit:
+        if exit_threshold is not None:
+            network.exit_threshold = exit_threshold
+        network.exits = [0, 0, 0]
     result = evaluate_model(network, test_batches, tta=tta,
                             background=-digits.spec.mean / digits.spec.std)
     return {"checkpoint": str(checkpoint_path), "model": model_name, "dataset": dataset,
             "test_loss": result.loss, "test_accuracy": result.accuracy,
             "correct": result.correct, "total": result.total, "tta": tta,
-            "device": str(target)}
+            "device": str(target), "exits": _exits(network) if early_exit else None}
+
+
+def _exits(network: nn.Module) -> dict:
+    """Where an early-exit network's test images left, and what that cost per image."""
+    counts = list(network.exits)
+    mean = sum(c * macs for c, macs in zip(counts, network.MACS, strict=True)) / sum(counts)
+    return {"threshold": network.exit_threshold, "per_head": counts, "mean_macs": mean,
+            "full_macs": network.MACS[-1], "compute_fraction": mean / network.MACS[-1]}

@@ -55,7 +55,7 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     """Export, check parity on 256 test images, and return what was written and measured."""
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
-    source = Path(checkpoint_path)
+    source = checkpoint.file_in(checkpoint_path)  # a run folder: its last.pt
     default_name = source.name.split(".")[0] + FORMATS[format]
     out = Path(out) if out else source.with_name(default_name)
     if out.is_dir():  # a folder: the file goes inside it, named after the checkpoint
@@ -65,6 +65,8 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     trained = checkpoint.load_model(source, model=model, dataset=dataset)
     spec = data.DATASETS[trained.dataset]
     network = trained.model.float().eval()
+    if hasattr(network, "exit_threshold"):  # early-exit: the file holds the whole network
+        network.exit_threshold = 1.0
 
     test = test_data(trained, data_dir, download=download).test
     x = data.normalize(test.images[:PARITY_IMAGES], spec.mean, spec.std)  # (256, 1, 28, 28)
@@ -76,15 +78,23 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     # with), checked, and only then renamed to --out.
     partial = out.with_name(f"{TEMPORARY_PREFIX}{out.name}{FORMATS[format]}")
     try:
-        if format == "onnx":
-            _write_onnx(network, x, partial, contract(trained.name, spec))
-            actual = _run_onnx(partial, x.numpy())
-        elif format == "torchscript":
-            _write_torchscript(network, x, partial, contract(trained.name, spec))
-            actual = _run_torchscript(partial, x)
-        else:
-            _write_safetensors(network, partial, contract(trained.name, spec))
-            actual = _run_safetensors(partial, trained.name, x)
+        try:
+            if format == "onnx":
+                _write_onnx(network, x, partial, contract(trained.name, spec))
+                actual = _run_onnx(partial, x.numpy())
+            elif format == "torchscript":
+                _write_torchscript(network, x, partial, contract(trained.name, spec))
+                actual = _run_torchscript(partial, x)
+            else:
+                _write_safetensors(network, partial, contract(trained.name, spec))
+                actual = _run_safetensors(partial, trained.name, x)
+        except TorchMnistError:
+            raise
+        except Exception as error:  # noqa: BLE001 - an exporter or runtime that fails
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise ExportError(f"the {format} export of the {trained.name} model failed "
+                              f"({type(error).__name__}: {first}); {out} was not written"
+                              ) from None
         difference = float(np.abs(actual - expected).max())
         agree = float((actual.argmax(1) == expected.argmax(1)).mean())
         if not difference <= TOLERANCE:
@@ -172,5 +182,7 @@ def _write_safetensors(network: nn.Module, path: Path, metadata: dict) -> None:
 
 def _run_safetensors(path: Path, name: str, x: torch.Tensor) -> np.ndarray:
     reloaded = checkpoint.load_model(path, model=name).model
+    if hasattr(reloaded, "exit_threshold"):  # early-exit: compared as the whole network
+        reloaded.exit_threshold = 1.0
     with torch.inference_mode():
         return reloaded(x).numpy()

@@ -163,7 +163,10 @@ def install(run, train_step: Callable, examples: list) -> str:
     try:
         run.graphed_step = GraphedStep(run, train_step, examples)
         test = ""
-        if hasattr(run.test_batches, "images"):  # the tensor loader: the test set is on the GPU
+        # The test pass too, where the test set lives on the GPU (the tensor loader) and the
+        # model takes one path for every batch (not early-exit's per-image exits).
+        if (hasattr(run.test_batches, "images")
+                and not getattr(run.tested_model, "data_dependent", False)):
             run.graphed_test = GraphedTest(run)
             test = "; the test pass in one more"
     except RuntimeError as error:

@@ -418,6 +418,8 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
 
     network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
     model = (network if network is not None else models.build(config.model)).to(device)
+    if hasattr(model, "exit_threshold"):  # --model early-exit
+        model.exit_threshold = config.exit_threshold
     if models.is_import_path(config.model):
         models.check_output(model, next(iter(test_batches.batches()))[0],
                             len(digits.spec.classes))
