@@ -52,9 +52,9 @@ def main() -> int:
                     "from its weights, all layers training": {"init_from": base["run_dir"]},
                     "from its weights, features frozen": {"init_from": base["run_dir"],
                                                           "freeze": FEATURES}}
-            for label, values in ways.items():
-                runs = [train(f"{source}-{target}-{label[:12]}-{seed}".replace(" ", "_"),
-                              dataset=target, epochs=1, seed=seed, **values)
+            for way, (label, values) in enumerate(ways.items()):
+                runs = [train(f"{source}-{target}-{way}-{seed}", dataset=target, epochs=1,
+                              seed=seed, **values)
                         for seed in range(1, args.seeds + 1)]
                 accuracies = [r["test_accuracy"] for r in runs]
                 print(f"  {label:<40} mean {100 * statistics.mean(accuracies):.2f}% ("

@@ -97,3 +97,17 @@ def test_a_dry_run_is_tested_on_its_own_synthetic_data(trained, capsys):
     code, out, err = run_main(["test", trained["run_dir"], "--json", "--device", "cpu"], capsys)
     assert code == 0, err
     assert json.loads(out)["test_accuracy"] == trained["test_accuracy"]
+
+
+def test_training_and_test_report_the_same_accuracy_and_loss(tmp_path, capsys):
+    # The fast recipe trains in bf16; every reported test number is the fp32 evaluation that
+    # `torchmnist test` (and report, and the exported files) compute.
+    code, out, err = run_main(["train", "--dry-run", "--recipe", "fast", "--run-dir", "r",
+                               "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    trained = last_json(out)
+    code, out, err = run_main(["test", "r", "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    tested = json.loads(out)
+    assert (tested["test_accuracy"], tested["test_loss"]) == (trained["test_accuracy"],
+                                                              trained["test_loss"])

@@ -109,7 +109,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
             if run.graphed_test is not None and not premade:
                 result = run.graphed_test()
             else:
-                result = evaluate_model(run.tested_model, test_batches, amp=config.amp,
+                result = evaluate_model(run.tested_model, test_batches,
                                         channels_last=config.channels_last)
             infer_rate = result.total / (time.perf_counter() - start)
         finally:

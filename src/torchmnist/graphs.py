@@ -138,8 +138,7 @@ class GraphedTest:
         model, config = run.tested_model, run.config
 
         def sums():
-            return test_sums(model, run.test_batches, amp=config.amp,
-                             channels_last=config.channels_last)
+            return test_sums(model, run.test_batches, channels_last=config.channels_last)
 
         model.eval()
         devices.rehearse(sums, 1)

@@ -248,7 +248,7 @@ def train(config: TrainConfig) -> TrainResult:
         # Scored now if it was not in the loop: a finished run, resumed, or a run that chose
         # on a validation set, whose test set is scored this once.
         if test is None:
-            test = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+            test = evaluate_model(run.tested_model, run.test_batches,
                                   channels_last=config.channels_last)
         summary = _finish(run, test, val, saved_from, setup_seconds, warmup_seconds)
         run.log.print(f"done: test accuracy {100 * test.accuracy:.2f}%, "
@@ -545,14 +545,17 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
     progress, config = run.progress, run.config
     start = time.perf_counter()
     val = test = None
+    # In fp32 whatever --amp trains in: every accuracy torchmnist reports then comes from the
+    # one evaluation that `torchmnist test`, report and the exported files compute, and they
+    # agree to the image.
     if run.val_batches is not None:
-        val = evaluate_model(run.tested_model, run.val_batches, amp=config.amp,
+        val = evaluate_model(run.tested_model, run.val_batches,
                              channels_last=config.channels_last)
     if run.val_batches is None or config.target_accuracy is not None:
         if run.graphed_test is not None:
             test = run.graphed_test()
         else:
-            test = evaluate_model(run.tested_model, run.test_batches, amp=config.amp,
+            test = evaluate_model(run.tested_model, run.test_batches,
                                   channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
     shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
