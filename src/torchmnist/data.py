@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from torchmnist.errors import UsageError
@@ -220,21 +219,26 @@ def synthetic(dataset: str = "mnist", seed: int = 0, n_train: int = 1024, n_test
               ) -> DigitData:
     """A small learnable stand-in for a dataset, made in memory: for --dry-run and tests.
 
-    Each class is a fixed random blob pattern; samples are shifted by up to 4 pixels and noisy,
-    so a model has something real (but quick) to learn.
+    Class k is a bar, 6 pixels wide and 20 long, at its own place: horizontal for even k,
+    vertical for odd k, 2k pixels from the edge, jittered by a pixel, on noise. Structure a
+    network learns in a few steps, so that a dry run shows a falling loss and an accuracy far
+    above chance (the guide's recipe: about 40% after its one epoch, 80% after two), and a
+    broken training step shows at once.
     """
     g = torch.Generator().manual_seed(seed)
-    coarse = (torch.rand(10, 1, 6, 6, generator=g) > 0.55).float()
-    templates = F.interpolate(coarse, size=(20, 20), mode="bilinear", align_corners=False)[:, 0]
 
     def make(n: int) -> Split:
         labels = torch.randint(0, 10, (n,), generator=g)
-        shifts = torch.randint(0, 9, (n, 2), generator=g)
+        jitter = torch.randint(-1, 2, (n,), generator=g)
         images = torch.zeros(n, 28, 28)
         for i in range(n):
-            r, c = shifts[i].tolist()
-            images[i, r:r + 20, c:c + 20] = templates[labels[i]]
-        images = (images + 0.15 * torch.randn(n, 28, 28, generator=g)).clamp(0, 1)
+            k = int(labels[i])
+            start = max(2 + 2 * k + int(jitter[i]), 0)
+            if k % 2 == 0:
+                images[i, start:start + 6, 4:24] = 1.0
+            else:
+                images[i, 4:24, start:start + 6] = 1.0
+        images = (images + 0.1 * torch.randn(n, 28, 28, generator=g)).clamp(0, 1)
         return Split((images * 255).round().to(torch.uint8), labels)
 
     return DigitData(DATASETS[dataset], make(n_train), make(n_test), source="synthetic")
