@@ -187,7 +187,9 @@ def test_diverged_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, caps
 def test_anomaly_detection_names_the_operation_in_one_sentence(tmp_path, capsys):
     # On the CPU: which operation first returns NaN (and whether the forward pass already
     # overflows) is the device's business; the sentence is what is tested.
-    code, _, err = run_main(["train", "--dry-run", "--lr", "1e10", "--detect-anomaly",
+    # 1e5 diverges over a few steps, so a backward is the first to meet NaN (with 1e10 the
+    # forward pass overflows first, which the plain divergence check reports).
+    code, _, err = run_main(["train", "--dry-run", "--lr", "1e5", "--detect-anomaly",
                              "--save-interval", "1", "--log-interval", "1", "--run-dir", "r",
                              "--device", "cpu"], capsys)
     assert code == 1
