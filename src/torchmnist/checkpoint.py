@@ -8,8 +8,10 @@ A torchmnist checkpoint is one `torch.save` file holding a dict:
     optimizer         the optimiser's state_dict
     scheduler         the LR scheduler's state_dict, or None
     scaler            the AMP gradient scaler's state_dict, or None
+    ema               the weight average's state_dict, or None
     progress          epoch, batch within the epoch, global step, running loss sums, best accuracy
     rng               python, numpy, torch (and CUDA) RNG states
+    val_index         the training images held out for validation (--val-size), or None
     metrics           every record written to metrics.jsonl so far
 
 Everything in it is a tensor or a plain Python value, so it loads with
