@@ -112,3 +112,10 @@ def test_version_names_torchmnist_and_torch(capsys):
     assert stopped.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"torchmnist {torchmnist.__version__} (torch ")
+
+
+def test_the_best_recipe_chooses_on_a_validation_split():
+    assert torchmnist.TrainConfig(recipe="best").val_size == 5000
+    # Fashion-MNIST keeps the values it was measured with until it is measured with a split.
+    assert torchmnist.TrainConfig(recipe="best", dataset="fashion-mnist").val_size == 0
+    assert torchmnist.TrainConfig(recipe="best", dry_run=True).val_size == 256  # of 1,024

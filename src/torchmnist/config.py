@@ -222,11 +222,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "log_interval": 100, "save_interval": 0,
     },
     # The highest accuracy: a wider network, augmentation and an average of the weights.
+    # best.pt is chosen on 5,000 held-out training images, and the test set is scored once.
     "best": {
         "model": "best", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
         "weight_decay": 5e-4, "scheduler": "onecycle", "warmup": 0.15, "label_smoothing": 0.1,
         "batch_size": 128, "epochs": 30, "augment": "affine", "ema": 0.999, "amp": "bf16",
-        "channels_last": True, "log_interval": 100, "save_interval": 200,
+        "channels_last": True, "log_interval": 100, "save_interval": 200, "val_size": 5000,
     },
 }
 
@@ -246,7 +247,8 @@ RECIPES["fast-gpu"] = {**RECIPES["fast"], "lr": 0.4, "batch_size": 512, "epochs"
 # 93.36% with affine, 93.95% with translate, 94.00% with translate for 45 epochs).
 DATASET_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("fast", "fashion-mnist"): {"lr": 0.1, "epochs": 8},
-    ("best", "fashion-mnist"): {"augment": "translate", "epochs": 45},
+    # Not yet measured with a validation split: it keeps the values it was measured with.
+    ("best", "fashion-mnist"): {"augment": "translate", "epochs": 45, "val_size": 0},
 }
 
 # Keys that change what a run computes. Resuming with a different value would not continue the
@@ -285,6 +287,8 @@ def _recipe_values(given: dict[str, Any]) -> dict[str, Any]:
     base = {**RECIPES[recipe], **DATASET_RECIPES.get((recipe, dataset), {})}
     if given.get("dry_run") and "epochs" not in given:
         base["epochs"] = 1  # a dry run checks the pipeline, one short epoch is enough
+    if given.get("dry_run") and base.get("val_size") and "val_size" not in given:
+        base["val_size"] = 256  # a recipe's split, scaled to the 1,024 synthetic images
     return {name: given[name] if name in given else base.get(name, plain_default(name))
             for name in field_names()}
 
