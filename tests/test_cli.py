@@ -106,7 +106,8 @@ def test_no_cuda_means_cpu():
 @pytest.mark.parametrize("flags, fragment", [
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--batch-size", "many"], "invalid int value: 'many'"),
-    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--dataset", "cifar"], "--dataset must be one of mnist, fashion-mnist, kmnist, or "
+                             "folder:PATH"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--lr", "nan"], "--lr must be a finite number, not nan"),
     (["--epochs", "0"], "--epochs must be positive"),

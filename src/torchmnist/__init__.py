@@ -3,6 +3,7 @@
     import torchmnist
     result = torchmnist.train(torchmnist.TrainConfig(recipe="fast"))
     network = result.model  # the trained nn.Module; torchmnist.load(run_dir) gives it back
+    # your own images: TrainConfig(dataset=torchmnist.OwnData(train=(x, y), test=(x, y)))
     summary = torchmnist.evaluate(result["run_dir"])
     for p in torchmnist.predict(result["run_dir"], ["my_digit.jpg"]):
         print(p["file"], p["class"], p["probability"])
@@ -23,10 +24,11 @@ except ImportError:
     pass
 else:
     from torchmnist.checkpoint import load_network as load  # noqa: E402
+    from torchmnist.data import OwnData  # noqa: E402
     from torchmnist.evaluate import evaluate  # noqa: E402
     from torchmnist.export import export  # noqa: E402
     from torchmnist.predict import predict  # noqa: E402
     from torchmnist.report import report  # noqa: E402
     from torchmnist.train import train  # noqa: E402
 
-    __all__ += ["evaluate", "export", "load", "predict", "report", "train"]
+    __all__ += ["OwnData", "evaluate", "export", "load", "predict", "report", "train"]

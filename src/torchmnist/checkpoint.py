@@ -12,6 +12,8 @@ A torchmnist checkpoint is one `torch.save` file holding a dict:
     progress          epoch, batch within the epoch, global step, running loss sums, best accuracy
     rng               python, numpy, torch (and CUDA) RNG states
     val_index         the training images held out for validation (--val-size), or None
+    dataset_spec      the data's normalisation and class names (data.DatasetSpec.to_dict), so a
+                      model trained on your own images is used with the numbers it learnt on
     metrics           every record written to metrics.jsonl so far
 
 Everything in it is a tensor or a plain Python value, so it loads with
@@ -20,6 +22,7 @@ Everything in it is a tensor or a plain Python value, so it loads with
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -37,6 +40,7 @@ from torchmnist.errors import TrainingError, UsageError
 from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMAT_VERSION = 1
+DATASET_SPEC = "dataset_spec"  # the payload key of data.DatasetSpec.to_dict()
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -48,14 +52,16 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     _write_atomically(Path(path), lambda f: torch.save(payload, f))
 
 
-def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write bare weights: `.safetensors` (no pickle at all) or a torch `state_dict` file."""
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write bare weights: `.safetensors` (no pickle at all; with `metadata`, text it keeps
+    beside the tensors) or a torch `state_dict` file."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save as to_safetensors
 
-        _write_atomically(path, lambda f: f.write(to_safetensors(tensors)))
+        _write_atomically(path, lambda f: f.write(to_safetensors(tensors, metadata=metadata)))
     else:
         _write_atomically(path, lambda f: torch.save(tensors, f))
 
@@ -263,8 +269,9 @@ class Trained:
 
     model: nn.Module  # in eval mode
     name: str  # the --model name
-    dataset: str  # the --dataset name, which fixes the normalisation and the class names
+    dataset: str  # the --dataset value
     config: dict | None  # the run's config, for a full checkpoint
+    spec: Any = None  # data.DatasetSpec: the normalisation and the class names
 
 
 def file_in(path: str | os.PathLike) -> Path:
@@ -295,9 +302,11 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
     from torchmnist import models
 
     path = file_in(path)
-    state_dict, config = weights(load(path), path)
+    saved = load(path)
+    state_dict, config = weights(saved, path)
     config = config or {}
-    name = model or config.get("model") or models.matching_model(state_dict)
+    spec = _dataset_spec(saved, config, dataset, path)
+    name = model or config.get("model") or models.matching_model(state_dict, len(spec.classes))
     if name is None:
         raise UsageError(f"{path} does not match any known model "
                          f"({', '.join(models.MODELS)}); name one with --model")
@@ -307,14 +316,54 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
     if name not in models.MODELS and not models.is_import_path(name):
         raise UsageError(f"--model must be one of {', '.join(models.MODELS)} or an import path "
                          f"such as mypackage.nets:MyNet, not {name!r}")
-    network = models.build(name)
+    network = models.build(name, len(spec.classes))
     try:
         network.load_state_dict(state_dict)
     except RuntimeError:
-        found = models.matching_model(state_dict)
+        found = models.matching_model(state_dict, len(spec.classes))
         hint = f" (it matches --model {found})" if found else ""
         raise UsageError(f"{path} does not hold weights for the {name!r} model{hint}") from None
     if hasattr(network, "exit_threshold") and "exit_threshold" in config:  # early-exit
         network.exit_threshold = config["exit_threshold"]
-    return Trained(network.eval(), name, dataset or config.get("dataset") or "mnist",
-                   config or None)
+    return Trained(network.eval(), name, spec.name, config or None, spec)
+
+
+def _safetensors_spec(path: Path) -> Any:
+    """The dataset spec a safetensors file written by torchmnist keeps in its metadata (as JSON
+    text under DATASET_SPEC), or None."""
+    if not (path.suffix == ".safetensors" or _looks_like_safetensors(path)):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(DATASET_SPEC)
+        return json.loads(text) if text is not None else None
+    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged spec, said by the caller
+        return {}
+
+
+def _dataset_spec(saved: Any, config: dict, dataset: str | None, path: Path):
+    """What the network was trained on: the spec its checkpoint stored, else (a checkpoint
+    from before specs were stored, or bare weights) the built-in dataset named by --dataset,
+    by its config, else MNIST."""
+    from torchmnist import data
+
+    if dataset is not None:
+        if not data.is_builtin(dataset):
+            raise UsageError(f"--dataset {dataset} cannot be given for {path}: only a "
+                             "checkpoint of a run on that data knows its normalisation and "
+                             "classes")
+        return data.DATASETS[dataset]
+    stored = (saved.get(DATASET_SPEC) if is_training_checkpoint(saved)
+              else _safetensors_spec(path))
+    if stored is not None:
+        try:
+            return data.DatasetSpec.from_dict(stored)
+        except ValueError as error:
+            raise UsageError(f"{path} is a damaged checkpoint: {error}") from None
+    name = config.get("dataset") or "mnist"
+    if not isinstance(name, str) or not data.is_builtin(name):
+        raise UsageError(f"{path} is a damaged checkpoint: it was trained on {name!r} but does "
+                         "not say how that data was normalised")
+    return data.DATASETS[name]

@@ -25,7 +25,8 @@ from typing import Any
 from torchmnist.errors import UsageError
 
 RECIPE_NAMES = ("guide", "official", "fast", "fast-gpu", "best")  # the keys of RECIPES
-DATASETS = ("mnist", "fashion-mnist", "kmnist")
+DATASETS = ("mnist", "fashion-mnist", "kmnist")  # besides folder:PATH and own data
+FOLDER_PREFIX, OWN_PREFIX = "folder:", "own:"  # the same as in data.py, which needs torch
 MODELS = ("guide", "official", "fast", "best", "early-exit")
 OPTIMIZERS = ("sgd", "adadelta", "adam", "adamw")
 SCHEDULERS = ("none", "step", "onecycle")
@@ -69,7 +70,9 @@ class TrainConfig:
     recipe: str = _opt("guide", "named set of defaults; explicit flags override it: guide, "
                        "official, fast (quickest to 99%% on a CPU), fast-gpu (on a GPU), best "
                        "(highest accuracy)", choices=RECIPE_NAMES)
-    dataset: str = _opt("mnist", "dataset to train and test on", choices=DATASETS)
+    dataset: str = _opt("mnist", "dataset to train and test on: mnist, fashion-mnist, kmnist, "
+                        "or folder:PATH, your own images in PATH/train/<class>/ and "
+                        "PATH/test/<class>/ (from Python, also torchmnist.OwnData)")
     model: str = _opt("guide", "network: the guide's small CNN (guide), the official "
                       "example's (official), torchmnist's fast and best ones, or your own as "
                       "an import path, package.module:Class (from Python, also a class or "
@@ -175,6 +178,14 @@ class TrainConfig:
                          "touches the data directory)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str | _Unset):  # your own data (data.OwnData)
+            if not all(hasattr(self.dataset, a) for a in ("train", "test", "name")):
+                raise UsageError(f"dataset must be a name, folder:PATH or torchmnist.OwnData, "
+                                 f"not {type(self.dataset).__name__}")
+            # Trained as given; the config records its name, as it records a model's path.
+            self.__dict__["own_data"] = self.dataset
+            name = re.sub(r"[^\w.-]", "-", str(self.dataset.name)) or "own"
+            self.dataset = OWN_PREFIX + name
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if getattr(self, f.name) is not UNSET}
         for name, value in _recipe_values(given).items():
@@ -314,6 +325,12 @@ def validate(config: TrainConfig) -> None:
     if config.model not in MODELS and not _IMPORT_PATH.fullmatch(config.model):
         raise UsageError(f"--model must be one of {', '.join(MODELS)} or an import path such as "
                          f"mypackage.nets:MyNet, not {config.model!r}")
+    dataset = config.dataset
+    if not (dataset in DATASETS or (dataset.startswith(FOLDER_PREFIX)
+                                    and dataset[len(FOLDER_PREFIX):].strip())
+            or dataset.startswith(OWN_PREFIX)):
+        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, or folder:PATH for "
+                         f"your own images, not {dataset!r}")
     for name in dataclasses.fields(config):
         choices = name.metadata.get("choices")
         value = getattr(config, name.name)

@@ -9,6 +9,7 @@ both loaders visit the samples in the same order. The test set is never shuffled
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import math
 import os
@@ -21,16 +22,46 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from torchmnist import config
 from torchmnist.errors import UsageError
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """What a model needs to know of its data: how to normalise and what the classes are.
+
+    A checkpoint stores it (`to_dict`), so a model trained on your own images is tested,
+    exported and asked to predict with the numbers it was trained with, wherever it goes."""
+
     name: str  # the --dataset value, also the folder name under /usr/share/datasets
     folder: str  # torchvision's folder under the data root, and its dataset class name
     mean: float  # of the training pixels scaled to [0, 1]
     std: float
     classes: tuple[str, ...]
+    # For your own data: a CRC-32 of its images and labels, so that resuming on other data is
+    # refused. Built-in datasets have their files checked instead.
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mean": self.mean, "std": self.std,
+                "classes": list(self.classes), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, values: object) -> DatasetSpec:
+        """The spec a checkpoint stored, checked: a damaged one raises ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError("the dataset description is not a table")
+        name, mean, std = values.get("name"), values.get("mean"), values.get("std")
+        classes, fingerprint = values.get("classes"), values.get("fingerprint", "")
+        numbers_ok = all(isinstance(v, int | float) and not isinstance(v, bool)
+                         and math.isfinite(v) for v in (mean, std))
+        if not (isinstance(name, str) and numbers_ok and std > 0
+                and isinstance(classes, list | tuple) and len(classes) >= 2
+                and all(isinstance(c, str) for c in classes) and isinstance(fingerprint, str)):
+            raise ValueError("the dataset description is damaged")
+        builtin = DATASETS.get(name)
+        return cls(name, builtin.folder if builtin else "", float(mean), float(std),
+                   tuple(classes), fingerprint)
 
 
 DATASETS = {
@@ -73,6 +104,23 @@ class DigitData:
     test: Split
     source: str  # where the files came from, for the log
     val: Split | None = None  # held out from train (--val-size)
+
+
+@dataclass
+class OwnData:
+    """Your own images to train and test on, from Python: `TrainConfig(dataset=OwnData(...))`.
+
+    `train` and `test` are each a torch `Dataset` yielding (image, label) pairs, or a pair of
+    tensors (images, labels). Images are 28x28 grey: uint8 0-255, or floats in [0, 1] (stored
+    as uint8, as MNIST is), shaped (N, 28, 28) or (N, 1, 28, 28); a Dataset may also yield PIL
+    images. Labels are whole numbers from 0 to the number of classes - 1. `classes` names them
+    (default: the Dataset's own `classes`, else "0", "1", ...); `name` labels the run.
+    """
+
+    train: object
+    test: object
+    classes: tuple[str, ...] | list[str] | None = None
+    name: str = "own"
 
 
 def default_data_dir() -> Path:
@@ -189,11 +237,19 @@ def _read_split(files: dict[str, Path], split: str) -> Split:
 
 
 def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = True,
-         splits: tuple[str, ...] = ("train", "test")) -> DigitData:
+         splits: tuple[str, ...] = ("train", "test"),
+         classes: tuple[str, ...] | None = None) -> DigitData:
     """Find (or download) and check a dataset's files, and decode them into tensors: both
     splits, or only those named (testing a model needs only the two test files; the training
-    split is then empty)."""
-    spec = DATASETS[dataset]
+    split is then empty). `folder:PATH` reads an image folder (`load_folder`), whose labels
+    follow `classes` when given (a trained model's)."""
+    if dataset.startswith(FOLDER_PREFIX):
+        return load_folder(dataset[len(FOLDER_PREFIX):], splits, classes)
+    if dataset.startswith(OWN_PREFIX):
+        raise UsageError(f"the data of this run ({dataset}) was given from Python: pass it "
+                         "again as TrainConfig(dataset=OwnData(...)), or the test images as "
+                         "torchmnist.evaluate(..., test=(images, labels))")
+    spec = builtin_spec(dataset)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     files, missing = _locate(spec, root, splits)
     failure = "downloading is off (--no-download)"
@@ -213,6 +269,201 @@ def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool
     train, test = (_read_split(files, split) if split in splits else nothing
                    for split in ("train", "test"))
     return DigitData(spec, train, test, source=", ".join(sources))
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own data: tensors or a Dataset from Python, or an image folder (--dataset folder:PATH)
+
+# --dataset folder:PATH, and what the config records for data given from Python (own:NAME).
+FOLDER_PREFIX, OWN_PREFIX = config.FOLDER_PREFIX, config.OWN_PREFIX
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+
+
+def is_builtin(dataset: str) -> bool:
+    return dataset in DATASETS
+
+
+def builtin_spec(dataset: str) -> DatasetSpec:
+    """The spec of a built-in dataset, or one sentence saying the name is not one."""
+    if dataset not in DATASETS:
+        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, not {dataset!r}")
+    return DATASETS[dataset]
+
+
+def short_name(dataset: str) -> str:
+    """The dataset as a run folder's name shows it: mnist, the image folder's name, own data's
+    name."""
+    if dataset.startswith(FOLDER_PREFIX):
+        dataset = Path(dataset[len(FOLDER_PREFIX):]).name or "folder"
+    elif dataset.startswith(OWN_PREFIX):
+        dataset = dataset[len(OWN_PREFIX):]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset) or "data"
+
+
+def _own_spec(name: str, train: Split, test: Split, classes: tuple[str, ...]) -> DatasetSpec:
+    """Normalisation measured on the training images, as MNIST's 0.1307 and 0.3081 were."""
+    pixels = train.images.to(torch.float64).div_(255)
+    std = float(pixels.std()) if len(train) else 0.0
+    if not std > 0:
+        raise UsageError(f"the training images of {name} are all the same grey: nothing to "
+                         "learn from")
+    crc = 0
+    for tensor in (train.images, train.labels, test.images, test.labels):
+        crc = zlib.crc32(tensor.contiguous().numpy().tobytes(), crc)
+    return DatasetSpec(name, "", float(pixels.mean()), std, classes, f"{crc:08x}")
+
+
+def _as_uint8(images: torch.Tensor, what: str) -> torch.Tensor:
+    """(N, 28, 28) or (N, 1, 28, 28) images, uint8 or floats in [0, 1] -> (N, 28, 28) uint8."""
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
+        raise UsageError(f"{what} must be 28x28 grey images shaped (N, 28, 28) or "
+                         f"(N, 1, 28, 28), not {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.contiguous()
+    if not images.is_floating_point():
+        raise UsageError(f"{what} must be uint8 (0-255) or floats in [0, 1], not "
+                         f"{images.dtype}")
+    if len(images) and not (images.min() >= 0 and images.max() <= 1):
+        raise UsageError(f"{what} must hold floats in [0, 1] (give them before normalising: "
+                         f"torchmnist normalises itself), not values from "
+                         f"{float(images.min()):.3g} to {float(images.max()):.3g}")
+    return images.mul(255).round_().to(torch.uint8)
+
+
+def _picture(image: object, what: str) -> torch.Tensor:
+    """One image a Dataset yielded (a PIL image, a tensor or an array) as (28, 28)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("L"))
+    picture = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.array(image))
+    if picture.numel() != 28 * 28:
+        raise UsageError(f"{what} yields an image shaped {tuple(picture.shape)}: give 28x28 "
+                         "grey images (torchvision's transforms.Resize and Grayscale make them)")
+    return picture.reshape(28, 28)
+
+
+def to_split(part: object, what: str) -> Split:
+    """A pair of tensors (images, labels) or a torch Dataset of (image, label) as a Split."""
+    arrays = (torch.Tensor, np.ndarray)
+    if (isinstance(part, tuple | list) and len(part) == 2
+            and all(isinstance(v, arrays) for v in part)):
+        images, labels = (torch.as_tensor(v).detach().cpu() for v in part)
+    elif isinstance(part, Dataset) or (hasattr(part, "__getitem__") and hasattr(part, "__len__")
+                                       and not isinstance(part, str | bytes | dict)):
+        pairs = [part[i] for i in range(len(part))]
+        if not pairs:
+            raise UsageError(f"{what} is empty")
+        if not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+            raise UsageError(f"{what} must yield (image, label) pairs")
+        images = torch.stack([_picture(image, what) for image, _ in pairs])
+        labels = torch.as_tensor([int(label) for _, label in pairs])
+    else:
+        raise UsageError(f"{what} must be a torch Dataset of (image, label) pairs or a pair of "
+                         f"tensors (images, labels), not {type(part).__name__}")
+    images = _as_uint8(images, f"the images of {what}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UsageError(f"{what} has {len(images)} images but labels shaped "
+                         f"{tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise UsageError(f"the labels of {what} must be whole numbers, not {labels.dtype}")
+    return Split(images, labels.to(torch.int64).contiguous())
+
+
+def from_own(own: OwnData, dataset: str) -> DigitData:
+    """Your data from Python, checked and stored as the built-in datasets are; `dataset` is
+    the name the config records for it (own:NAME)."""
+    train, test = to_split(own.train, "the training data"), to_split(own.test, "the test data")
+    if not len(train) or not len(test):
+        raise UsageError(f"the {'training' if not len(train) else 'test'} data is empty")
+    classes = own.classes or getattr(own.train, "classes", None)
+    top = int(max(train.labels.max(), test.labels.max()))
+    if classes is None:
+        classes = [str(k) for k in range(max(top + 1, 2))]
+    classes = tuple(str(c) for c in classes)
+    if len(classes) < 2:
+        raise UsageError("own data needs at least two classes")
+    low = int(min(train.labels.min(), test.labels.min()))
+    if low < 0 or top >= len(classes):
+        raise UsageError(f"labels must run from 0 to {len(classes) - 1} for {len(classes)} "
+                         f"classes, not {low} to {top}")
+    spec = _own_spec(dataset, train, test, classes)
+    return DigitData(spec, train, test, source="data given from Python")
+
+
+def _read_image_folder(root: Path, classes: tuple[str, ...] | None = None,
+                       ) -> tuple[Split, tuple[str, ...]]:
+    """An ImageFolder layout (root/<class>/<image>), classes in sorted order as torchvision
+    takes them, each image made 28x28 grey as `preprocess.as_stored` makes it."""
+    from torchmnist import preprocess
+
+    found = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()
+                         and not d.name.startswith(".")))
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise UsageError(f"{root} must hold a folder per class (at least two), with the "
+                             f"images of that class in it; found {len(classes)}")
+    elif set(found) - set(classes):
+        extra = sorted(set(found) - set(classes))[0]
+        raise UsageError(f"{root} has a class folder {extra!r} that the training images do "
+                         "not have")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and p.is_file()) if folder.is_dir() else []
+        for path in files:
+            try:
+                image = preprocess.as_stored(preprocess.read_grey(path))
+            except preprocess.ImageError as error:
+                raise UsageError(f"cannot use {path}: {error}") from None
+            images.append(torch.from_numpy(np.round(image * 255).astype(np.uint8)))
+            labels.append(label)
+    if not images:
+        raise UsageError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
+                         "folders")
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), classes
+
+
+def load_folder(path: str | os.PathLike, splits: tuple[str, ...] = ("train", "test"),
+                classes: tuple[str, ...] | None = None) -> DigitData:
+    """--dataset folder:PATH: PATH/train/<class>/* and PATH/test/<class>/*, the layout of
+    torchvision's ImageFolder, for 28x28-ish grey images (others are made grey and resized).
+    Only the splits named are read; the spec is measured on the training images when they
+    are read (testing a model uses the spec in its checkpoint)."""
+    root = Path(path).expanduser()
+    for split in splits:
+        if not (root / split).is_dir():
+            raise UsageError(f"--dataset folder:{path}: {root / split} is not a folder; an image "
+                             f"folder dataset holds train/<class>/ and test/<class>/ folders "
+                             "of images")
+    nothing = Split(torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    train, classes = (_read_image_folder(root / "train", classes) if "train" in splits
+                      else (nothing, classes))
+    test, test_classes = (_read_image_folder(root / "test", classes) if "test" in splits
+                          else (nothing, classes))
+    classes = classes or test_classes
+    name = FOLDER_PREFIX + str(root)  # the spec's name is the --dataset value
+    if "train" in splits:
+        spec = _own_spec(name, train, test, classes)
+    else:  # the caller puts the checkpoint's spec in its place
+        spec = DatasetSpec(name, "", 0.0, 1.0, classes)
+    return DigitData(spec, train, test, source=str(root))
+
+
+def subset(digits: DigitData, seed: int, n_train: int = 1024, n_test: int = 512) -> DigitData:
+    """A dry run on your own data: a seeded sample of it, as small as the synthetic set."""
+    def sample(split: Split, n: int, salt: int) -> Split:
+        index = epoch_order(len(split), seed, salt)[:n].sort().values
+        return Split(split.images[index], split.labels[index])
+
+    # Orders of "epochs" that training never reaches, so the sample is its own draw.
+    return dataclasses.replace(digits, train=sample(digits.train, n_train, 2**31 - 1),
+                               test=sample(digits.test, n_test, 2**31 - 2),
+                               source=f"{digits.source} (a sample, dry run)")
 
 
 def synthetic(dataset: str = "mnist", seed: int = 0, n_train: int = 1024, n_test: int = 512,

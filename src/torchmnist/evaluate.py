@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def test_sums(model: nn.Module, test_batches, *, amp: str = "none", channels_las
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with devices.autocast(x.device, amp):
-                output = log_probabilities(model, x, tta=tta, background=background)  # (B, 10)
+                output = log_probabilities(model, x, tta=tta, background=background)  # (B, classes)
             batch_loss = F.nll_loss(output, y, reduction="sum")
             batch_correct = (output.argmax(dim=1) == y).sum()
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
@@ -87,32 +88,51 @@ def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
 
 
 def test_data(trained: checkpoint.Trained, data_dir: str | os.PathLike | None = None,
-              download: bool = True) -> data.DigitData:
-    """The test set a trained model is scored on: its run's own synthetic data for a dry run,
-    else its dataset's test files (only those) from `data_dir`, else from the folder its run
-    was trained from, else the default places."""
+              download: bool = True, test: object = None) -> data.DigitData:
+    """The test set a trained model is scored on, with the normalisation and classes it was
+    trained with: `test` when given (images and labels, or a Dataset, as data.OwnData takes
+    them); its run's own synthetic data (or sample) for a dry run; else its dataset's test
+    files (only those) from `data_dir`, else from the folder its run was trained from, else
+    the default places."""
     config = trained.config or {}
-    if config.get("dry_run"):
-        return data.synthetic(trained.dataset, seed=config.get("seed", 1))
-    if data_dir is None:
-        data_dir = config.get("data_dir")
-    return data.load(trained.dataset, data_dir, download=download, splits=("test",))
+    empty = data.Split(torch.zeros(0, 28, 28, dtype=torch.uint8),
+                       torch.zeros(0, dtype=torch.int64))
+    if test is not None:
+        digits = data.DigitData(trained.spec, empty, data.to_split(test, "the test data"),
+                                source="data given from Python")
+    elif config.get("dry_run") and data.is_builtin(trained.dataset):
+        digits = data.synthetic(trained.dataset, seed=config.get("seed", 1))
+    else:
+        if data_dir is None:
+            data_dir = config.get("data_dir")
+        digits = data.load(trained.dataset, data_dir, download=download, splits=("test",),
+                           classes=trained.spec.classes)
+        if config.get("dry_run"):  # the sample of your data that the dry run tested on
+            digits = data.subset(digits, config.get("seed", 1))
+    top = int(digits.test.labels.max()) if len(digits.test) else -1
+    if top >= len(trained.spec.classes) or (len(digits.test) and digits.test.labels.min() < 0):
+        raise UsageError(f"the test labels run to {top}, but the model knows "
+                         f"{len(trained.spec.classes)} classes")
+    return dataclasses.replace(digits, spec=trained.spec)
 
 
 def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              dataset: str | None = None, data_dir: str | os.PathLike | None = None,
              download: bool = True, device: str = "auto", batch_size: int = 1000,
-             tta: bool = False, exit_threshold: float | None = None) -> dict:
+             tta: bool = False, exit_threshold: float | None = None,
+             test: object = None) -> dict:
     """Test a torchmnist checkpoint or run folder, or a plain state_dict (the guide's
     `model.pth`, the official example's `mnist_cnn.pt`), on a dataset's test set.
 
     The model and dataset come from the checkpoint's config when it has one; for a plain
-    state_dict the model is recognised from its parameter names and shapes.
+    state_dict the model is recognised from its parameter names and shapes. `test` scores
+    test images of your own instead: (images, labels) or a Dataset, as data.OwnData takes
+    them.
     """
     target = devices.resolve_device(device)
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
-    digits = test_data(trained, data_dir, download=download)
+    digits = test_data(trained, data_dir, download=download, test=test)
     test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
     early_exit = hasattr(network, "exits")
     if early_exit:

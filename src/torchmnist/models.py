@@ -15,34 +15,34 @@ from torch import nn
 class GuideNet(nn.Module):
     """The network of "Grokking PyTorch": two 5x5 convolutions, 21,840 parameters."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.conv2_drop = nn.Dropout2d()  # drops whole feature maps, p=0.5
         self.fc1 = nn.Linear(320, 50)
-        self.fc2 = nn.Linear(50, 10)
+        self.fc2 = nn.Linear(50, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
         x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 10, 12, 12)
         x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))  # (B, 20, 4, 4)
         x = x.flatten(1)  # (B, 320)
         x = F.relu(self.fc1(x))  # (B, 50)
-        return F.log_softmax(self.fc2(x), dim=1)  # (B, 10)
+        return F.log_softmax(self.fc2(x), dim=1)  # (B, classes)
 
 
 class OfficialNet(nn.Module):
     """The network of the official PyTorch MNIST example: two 3x3 convolutions, 1.2M
     parameters, most of them in fc1."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
         self.dropout1 = nn.Dropout(0.25)
         self.dropout2 = nn.Dropout(0.5)
         self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
+        self.fc2 = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
         x = F.relu(self.conv1(x))  # (B, 32, 26, 26)
@@ -50,7 +50,7 @@ class OfficialNet(nn.Module):
         x = self.dropout1(F.max_pool2d(x, 2))  # (B, 64, 12, 12)
         x = x.flatten(1)  # (B, 9216)
         x = self.dropout2(F.relu(self.fc1(x)))  # (B, 128)
-        return F.log_softmax(self.fc2(x), dim=1)  # (B, 10)
+        return F.log_softmax(self.fc2(x), dim=1)  # (B, classes)
 
 
 class FastNet(nn.Module):
@@ -61,25 +61,25 @@ class FastNet(nn.Module):
     so that those run on a quarter of the pixels. 27,418 parameters.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, kernel_size=5, bias=False)  # BatchNorm has the bias
         self.bn1 = nn.BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 48, kernel_size=5, bias=False)
         self.bn2 = nn.BatchNorm2d(48)
-        self.fc = nn.Linear(48 * 4 * 4, 10)
+        self.fc = nn.Linear(48 * 4 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
         x = F.relu(self.bn1(F.max_pool2d(self.conv1(x), 2)))  # (B, 16, 12, 12)
         x = F.relu(self.bn2(F.max_pool2d(self.conv2(x), 2)))  # (B, 48, 4, 4)
-        return F.log_softmax(self.fc(x.flatten(1)), dim=1)  # (B, 10)
+        return F.log_softmax(self.fc(x.flatten(1)), dim=1)  # (B, classes)
 
 
 class BestNet(nn.Module):
     """A wider network for the highest accuracy (--recipe best): three stages of 3x3
     convolutions with BatchNorm, 28 -> 14 -> 7 -> 1 pixels. 131,690 parameters."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
 
         def conv(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -89,11 +89,11 @@ class BestNet(nn.Module):
         self.stage1 = nn.Sequential(conv(1, 32, 5), nn.MaxPool2d(2))  # (B, 32, 14, 14)
         self.stage2 = nn.Sequential(conv(32, 64), conv(64, 64), nn.MaxPool2d(2))  # (B, 64, 7, 7)
         self.stage3 = nn.Sequential(conv(64, 128), nn.AdaptiveMaxPool2d(1))  # (B, 128, 1, 1)
-        self.fc = nn.Linear(128, 10)
+        self.fc = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
         x = self.stage3(self.stage2(self.stage1(x)))
-        return F.log_softmax(self.fc(x.flatten(1)), dim=1)  # (B, 10)
+        return F.log_softmax(self.fc(x.flatten(1)), dim=1)  # (B, classes)
 
 
 class EarlyExitNet(nn.Module):
@@ -112,18 +112,18 @@ class EarlyExitNet(nn.Module):
     # 4*4*64*32*9 + 64*10).
     MACS = (232_960, 232_960 + 824_320, 232_960 + 824_320 + 295_552)
 
-    def __init__(self, exit_threshold: float = 0.9) -> None:
+    def __init__(self, num_classes: int = 10, exit_threshold: float = 0.9) -> None:
         super().__init__()
         self.exit_threshold = exit_threshold
         self.conv1 = nn.Conv2d(1, 16, kernel_size=5, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        self.head1 = nn.Linear(16 * 4 * 4, 10)
+        self.head1 = nn.Linear(16 * 4 * 4, num_classes)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=5, bias=False)
         self.bn2 = nn.BatchNorm2d(32)
-        self.head2 = nn.Linear(32 * 4 * 4, 10)
+        self.head2 = nn.Linear(32 * 4 * 4, num_classes)
         self.conv3 = nn.Conv2d(32, 64, kernel_size=3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(64)
-        self.head3 = nn.Linear(64, 10)
+        self.head3 = nn.Linear(64, num_classes)
         self.exits = [0, 0, 0]  # images that left at each head (eval)
 
     def _stage1(self, x):  # (B, 1, 28, 28) -> (B, 16, 12, 12), and head 1 on a 4x4 summary
@@ -150,7 +150,7 @@ class EarlyExitNet(nn.Module):
             return out3  # the whole network (what an exported file holds)
         # Each stage runs only on the images no earlier head was sure of. Which ones those
         # are depends on the data, so this waits for the device once per stage.
-        out = torch.empty(len(x), 10, device=x.device)
+        out = torch.empty(len(x), self.head3.out_features, device=x.device)
         remaining = torch.arange(len(x), device=x.device)
         for head, stage in enumerate((self._stage1, self._stage2, self._stage3)):
             x, log_p = stage(x)
@@ -168,11 +168,11 @@ MODELS: dict[str, type[nn.Module]] = {"guide": GuideNet, "official": OfficialNet
                                       "early-exit": EarlyExitNet}
 
 
-def build(name: str) -> nn.Module:
-    """A fresh network: a built-in one by name, or your own by import path
-    (`package.module:Class`, a class whose constructor takes no arguments)."""
+def build(name: str, num_classes: int = 10) -> nn.Module:
+    """A fresh network: a built-in one by name, with `num_classes` outputs, or your own by
+    import path (`package.module:Class`, a class whose constructor takes no arguments)."""
     if name in MODELS:
-        return MODELS[name]()
+        return MODELS[name](num_classes)
     network_class = import_model(name)
     try:
         return network_class()
@@ -236,10 +236,10 @@ def check_output(network: nn.Module, x: torch.Tensor, classes: int) -> None:
                          "F.nll_loss")
 
 
-def matching_model(state_dict: dict[str, torch.Tensor]) -> str | None:
+def matching_model(state_dict: dict[str, torch.Tensor], num_classes: int = 10) -> str | None:
     """The name of the model whose parameters have exactly these names and shapes, if any."""
     for name, model_class in MODELS.items():
-        expected = model_class().state_dict()
+        expected = model_class(num_classes).state_dict()
         if expected.keys() == state_dict.keys() and all(
                 expected[k].shape == state_dict[k].shape for k in expected):
             return name

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchmnist import checkpoint, data
+from torchmnist import checkpoint
 from torchmnist import device as devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import probabilities
@@ -85,7 +85,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
     if top < 1:
         raise UsageError(f"--top must be at least 1, not {top}")
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
-    spec = data.DATASETS[trained.dataset]
+    spec = trained.spec
     target = devices.resolve_device(device)
     network = trained.model.to(target)
 

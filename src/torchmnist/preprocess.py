@@ -172,9 +172,32 @@ def to_28x28(ink: np.ndarray, style: Style = STYLES["mnist"]) -> np.ndarray:
     return canvas.astype(np.float32)
 
 
+def as_stored(grey: np.ndarray) -> np.ndarray:
+    """Your own images' way (an image folder, --dataset folder:PATH): the picture as it is,
+    grey, resized to 28x28 when it is another size (Lanczos on 8 bits, as `to_28x28` scales).
+    Nothing is inverted, cropped or centred: a model trained on such images sees what they
+    show. Float32 (28, 28) in [0, 1], in steps of 1/255 as the stored images are."""
+    from PIL import Image
+
+    if grey.ndim != 2 or grey.size == 0:
+        raise ImageError("the image has no pixels")
+    image8 = Image.fromarray(np.round(grey * 255).astype(np.uint8))
+    if image8.size != (28, 28):
+        image8 = image8.resize((28, 28), Image.Resampling.LANCZOS)
+    return (np.asarray(image8, dtype=np.float32) / 255.0).astype(np.float32)
+
+
+def _as_input(grey: np.ndarray, dataset: str) -> np.ndarray:
+    """A grey picture as the dataset's images were made: MNIST's way and its kin's, or, for
+    your own data, as it is (`as_stored`)."""
+    if dataset in STYLES:
+        return to_28x28(ink_map(grey), STYLES[dataset])
+    return as_stored(grey)
+
+
 def prepare(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
     """An image file as the dataset's kind of 28x28 image, float32 in [0, 1] (not normalised)."""
-    return to_28x28(ink_map(read_grey(path)), STYLES[dataset])
+    return _as_input(read_grey(path), dataset)
 
 
 def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
@@ -198,7 +221,7 @@ def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
     if width * height > MAX_PIXELS:
         raise ImageError(f"the image is {width}x{height} pixels, more than the "
                          f"{MAX_PIXELS // 10**6} million torchmnist reads; scale it down first")
-    return to_28x28(ink_map(_to_grey(_reduced(picture))), STYLES[dataset])
+    return _as_input(_to_grey(_reduced(picture)), dataset)
 
 
 def normalise(image: np.ndarray, mean: float, std: float) -> np.ndarray:

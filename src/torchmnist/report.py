@@ -25,9 +25,10 @@ from torchmnist.evaluate import test_data
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
            data_dir: str | os.PathLike | None = None, download: bool = True,
-           device: str = "auto", mistakes: int = 48) -> dict:
+           device: str = "auto", mistakes: int = 48, test: object = None) -> dict:
     """Write the figures and report.md into `out` (default RUN_DIR/report); return the paths
-    and the numbers the report states."""
+    and the numbers the report states. `test`: the test images of a run on data given from
+    Python, as torchmnist.evaluate takes them."""
     try:
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
@@ -36,8 +37,8 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     run_dir = Path(run_dir)
     config, records = _read_run(run_dir)
     trained = checkpoint.load_model(run_dir / "last.pt")
-    spec = data.DATASETS[trained.dataset]
-    digits = test_data(trained, data_dir, download=download)
+    spec = trained.spec
+    digits = test_data(trained, data_dir, download=download, test=test)
     target = devices.resolve_device(device)
     x = data.normalize(digits.test.images, spec.mean, spec.std)
     probabilities = class_probabilities(trained.model.to(target), x, target).numpy()

@@ -79,7 +79,7 @@ class Run:
     test_batches: data.TensorBatches | data.LoaderBatches
     val_batches: data.TensorBatches | None  # --val-size: held out from the training set
     val_index: torch.Tensor | None  # which training images those are (saved in checkpoints)
-    background: float  # the normalised value of an empty pixel, for augmentation
+    spec: data.DatasetSpec  # the data's normalisation and classes (saved in checkpoints)
     progress: Progress
     log: RunLog
     lock: rundir.RunLock  # held for the whole run
@@ -103,9 +103,24 @@ class Run:
         return min(per_epoch, total - (epoch - 1) * per_epoch)
 
     @property
+    def background(self) -> float:
+        """The normalised value of an empty pixel, which augmentation fills in."""
+        return -self.spec.mean / self.spec.std
+
+    @property
     def tested_model(self) -> nn.Module:
         """The weights that are tested and shipped: the average when --ema is on."""
         return self.ema.module if self.ema is not None else self.model
+
+
+def _replace(config: TrainConfig, **changes) -> TrainConfig:
+    """dataclasses.replace that keeps what the config was given from Python (your own model
+    instance and data), which a copy would otherwise lose."""
+    new = dataclasses.replace(config, **changes)
+    for key in ("network", "own_data"):
+        if key in config.__dict__:
+            new.__dict__[key] = config.__dict__[key]
+    return new
 
 
 def _hold_out(digits: data.DigitData, config: TrainConfig, saved_index: torch.Tensor | None,
@@ -200,7 +215,8 @@ def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_e
 
 
 def _new_run_dir(config: TrainConfig) -> Path:
-    dataset = "synthetic" if config.dry_run else config.dataset
+    dataset = ("synthetic" if config.dry_run and data.is_builtin(config.dataset)
+               else data.short_name(config.dataset))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path("runs") / f"{stamp}-{dataset}-{config.model}"
     suffix = 1
@@ -325,7 +341,7 @@ def _end_epoch(run: Run, epoch: int,
 def _start_tensorboard(run: Run) -> None:
     run.log.start_tensorboard(run.progress.step)
     x, _ = next(iter(run.test_batches.batches()))  # the test set's first images, unshuffled
-    spec = data.DATASETS[run.config.dataset]
+    spec = run.spec
     run.log.images("test images", (x[:64].float().cpu() * spec.std + spec.mean).clamp(0, 1),
                    run.progress.step)
 
@@ -338,7 +354,8 @@ def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Pa
     if config.save_model:
         model_files = [run.run_dir / "model.pt", run.run_dir / "model.safetensors"]
         for path in model_files:
-            checkpoint.save_weights(path, run.tested_model.state_dict())
+            checkpoint.save_weights(path, run.tested_model.state_dict(), metadata={
+                checkpoint.DATASET_SPEC: json.dumps(run.spec.to_dict(), allow_nan=False)})
     best = run.run_dir / "best.pt"
     return {
         "test_accuracy": result.accuracy, "test_loss": result.loss,
@@ -385,8 +402,30 @@ def _explained_errors(run: Run):
         raise
 
 
+def _load_data(config: TrainConfig, saved: dict | None) -> data.DigitData:
+    """The run's data: a built-in dataset's files, your image folder, or the OwnData given
+    to the config; for a dry run, synthetic images (built-in datasets) or a small sample of
+    yours. Resuming on data other than the checkpoint's is refused."""
+    own = config.__dict__.get("own_data")
+    if config.dry_run and data.is_builtin(config.dataset):
+        return data.synthetic(config.dataset, seed=config.seed)
+    if own is not None:
+        digits = data.from_own(own, config.dataset)
+    else:
+        digits = data.load(config.dataset, config.data_dir, download=config.download)
+    stored = (saved or {}).get(checkpoint.DATASET_SPEC) or {}
+    if stored.get("fingerprint") and stored["fingerprint"] != digits.spec.fingerprint:
+        raise UsageError(f"cannot resume: the images or labels of {config.dataset} differ from "
+                         "the ones this run was trained on (their checksums differ)")
+    return data.subset(digits, config.seed) if config.dry_run else digits
+
+
 def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     """Build the run: device, data, model, optimiser; restore a checkpoint when resuming."""
+    if config.dataset.startswith(data.FOLDER_PREFIX):
+        # An absolute path, so that a resume, test or export finds it from anywhere.
+        folder = Path(config.dataset[len(data.FOLDER_PREFIX):]).expanduser().resolve()
+        config = _replace(config, dataset=f"{data.FOLDER_PREFIX}{folder}")
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
     device = devices.resolve_device(config.device)
@@ -398,10 +437,7 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         changes = checkpoint.check_compatible(saved["config"], config)
 
     devices.seed_everything(config.seed)
-    if config.dry_run:
-        digits = data.synthetic(config.dataset, seed=config.seed)
-    else:
-        digits = data.load(config.dataset, config.data_dir, download=config.download)
+    digits = _load_data(config, saved)
     val_index = None
     if config.val_size:
         val_index = saved.get("val_index") if saved is not None else None
@@ -417,7 +453,8 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
                                       shuffle=False) if val_index is not None else None)
 
     network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
-    model = (network if network is not None else models.build(config.model)).to(device)
+    model = (network if network is not None
+             else models.build(config.model, len(digits.spec.classes))).to(device)
     if hasattr(model, "exit_threshold"):  # --model early-exit
         model.exit_threshold = config.exit_threshold
     if models.is_import_path(config.model):
@@ -459,7 +496,7 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         rundir.remove_stale_temporaries(run_dir)
         # The data folder as an absolute path, so that test, export and report find it from
         # any working directory.
-        config = dataclasses.replace(config, run_dir=str(run_dir), data_dir=(
+        config = _replace(config, run_dir=str(run_dir), data_dir=(
             str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None))
         (run_dir / "config.json").write_text(
             json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -470,11 +507,12 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         raise
     run = Run(config, device, run_dir, model, torch.compile(model) if config.compile else model,
               optimizer, scheduler, scaler, ema, train_batches, test_batches, val_batches,
-              val_index, background=-digits.spec.mean / digits.spec.std, progress=progress, log=log,
-              lock=lock)
+              val_index, digits.spec, progress=progress, log=log, lock=lock)
 
+    dry = (" (synthetic, dry run)" if config.dry_run and data.is_builtin(config.dataset)
+           else " (a sample, dry run)" if config.dry_run else "")
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
-              f"{' (synthetic, dry run)' if config.dry_run else ''}, device {device} "
+              f"{dry}, device {device} "
               f"({devices.describe(device)}), torch {torch.__version__}")
     held = f" / {len(digits.val)} validation" if val_batches is not None else ""
     log.print(f"data: {len(digits.train)} train{held} / {len(digits.test)} test images from "
@@ -523,7 +561,7 @@ def _save(run: Run, path: Path) -> None:
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "progress": run.progress.state(), "rng": devices.rng_state(),
-        "val_index": run.val_index,
+        "val_index": run.val_index, checkpoint.DATASET_SPEC: run.spec.to_dict(),
         "metrics": run.log.history})
 
 

@@ -1,0 +1,269 @@
+"""Your own data: images and labels from Python (torchmnist.OwnData) and image folders
+(--dataset folder:PATH), carried through training, checkpoints, test, predict, export and
+report with the normalisation and class names they were trained with."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_sentence_error, last_json, run_main
+from PIL import Image
+
+import torchmnist
+from torchmnist import checkpoint, data
+
+NAMES = ("zero", "one", "two", "three")  # the first four synthetic classes, as folder names
+
+
+def _bars(n_train: int = 600, n_test: int = 200, seed: int = 3, classes: int = 4):
+    """Learnable images (data.synthetic's bars) of the first `classes` classes only."""
+    made = data.synthetic(seed=seed, n_train=n_train, n_test=n_test)
+
+    def keep(split):
+        wanted = split.labels < classes
+        return split.images[wanted], split.labels[wanted]
+
+    return keep(made.train), keep(made.test)
+
+
+def _train(config: torchmnist.TrainConfig):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return torchmnist.train(config)
+
+
+def _folder(root: Path, size: int = 28, seed: int = 5) -> Path:
+    """An ImageFolder layout of PNGs: root/train/<class>/*.png and root/test/<class>/*.png."""
+    (train_x, train_y), (test_x, test_y) = _bars(800, 240, seed=seed)
+    for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / NAMES[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.numpy()).resize((size, size)).save(folder / f"{i:04d}.png")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# From Python
+
+
+def test_own_tensors_train_a_model_with_their_own_classes(tmp_path):
+    train, test = _bars()
+    own = torchmnist.OwnData(train=train, test=test, classes=["a", "b", "c", "d"], name="bars")
+    result = _train(torchmnist.TrainConfig(dataset=own, epochs=2, lr=0.05,
+                                           run_dir=str(tmp_path / "run")))
+    assert result["dataset"] == "own:bars"
+    assert result.model.fc2.out_features == 4  # the guide's network, four outputs
+    assert result["test_accuracy"] > 0.7  # chance is 25%
+    # The checkpoint carries what a model trained on this data needs to be used anywhere.
+    spec = checkpoint.load(tmp_path / "run" / "last.pt")[checkpoint.DATASET_SPEC]
+    pixels = train[0].double() / 255
+    assert spec["classes"] == ["a", "b", "c", "d"]
+    assert spec["mean"] == pytest.approx(float(pixels.mean()))
+    assert spec["std"] == pytest.approx(float(pixels.std()))
+    # Scored again from Python on the same test images: the same number, to the image.
+    again = torchmnist.evaluate(tmp_path / "run", test=test)
+    assert again["correct"] == round(result["test_accuracy"] * len(test[1]))
+    network = torchmnist.load(tmp_path / "run")
+    assert network(torch.zeros(2, 1, 28, 28)).shape == (2, 4)
+    found = torchmnist.predict(tmp_path / "run", [test[0][i].numpy() for i in range(20)])
+    assert all(r["class"] in "abcd" for r in found)
+    right = sum(r["class"] == "abcd"[int(y)] for r, y in zip(found, test[1][:20], strict=True))
+    assert right >= 14
+
+
+def test_float_images_and_a_dataset_of_pil_images_are_taken_as_well(tmp_path):
+    (train_x, train_y), (test_x, test_y) = _bars(300, 100)
+
+    class Pictures(torch.utils.data.Dataset):  # what a torchvision-style dataset yields
+        classes = ["h0", "v1", "h2", "v3"]
+
+        def __len__(self):
+            return len(train_y)
+
+        def __getitem__(self, i):
+            return Image.fromarray(train_x[i].numpy()), int(train_y[i])
+
+    floats = (test_x.unsqueeze(1).float() / 255, test_y)  # (N, 1, 28, 28) in [0, 1]
+    own = torchmnist.OwnData(train=Pictures(), test=floats)
+    result = _train(torchmnist.TrainConfig(dataset=own, epochs=1, run_dir=str(tmp_path / "r")))
+    assert result["dataset"] == "own:own"
+    spec = checkpoint.load_model(tmp_path / "r").spec
+    assert spec.classes == ("h0", "v1", "h2", "v3")  # the Dataset's own class names
+    # Floats in [0, 1] are stored as MNIST stores pixels, so they test as the uint8 images do.
+    assert (torchmnist.evaluate(tmp_path / "r", test=floats)["correct"]
+            == torchmnist.evaluate(tmp_path / "r", test=(test_x, test_y))["correct"])
+
+
+@pytest.mark.parametrize(("train", "fragment"), [
+    ((torch.randn(8, 28, 28), torch.zeros(8, dtype=torch.long)), "floats in [0, 1]"),
+    ((torch.zeros(8, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)),
+     "28x28 grey images"),
+    ((torch.zeros(8, 28, 28, dtype=torch.uint8), torch.zeros(7, dtype=torch.long)),
+     "8 images but labels shaped (7,)"),
+    ((torch.zeros(8, 28, 28, dtype=torch.uint8), torch.zeros(8)), "whole numbers"),
+    ("images.npy", "must be a torch Dataset of (image, label) pairs or a pair of tensors"),
+])
+def test_own_data_that_cannot_work_is_refused_in_one_sentence(train, fragment):
+    test = (torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+    config = torchmnist.TrainConfig(dataset=torchmnist.OwnData(train=train, test=test),
+                                    epochs=1)
+    with pytest.raises(torchmnist.UsageError, match=None) as caught:
+        _train(config)
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_labels_beyond_the_named_classes_are_refused():
+    (train_x, train_y), test = _bars(100, 40)
+    own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=["a", "b", "c"])
+    with pytest.raises(torchmnist.UsageError, match="labels must run from 0 to 2 for 3 classes"):
+        _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+
+
+def test_a_run_on_own_data_resumes_only_on_the_same_data(tmp_path):
+    train, test = _bars(300, 100)
+    own = torchmnist.OwnData(train=train, test=test, name="bars")
+    _train(torchmnist.TrainConfig(dataset=own, epochs=1, run_dir=str(tmp_path / "r")))
+    changed = train[0].clone()
+    changed[0, 0, 0] ^= 1  # one pixel of one image
+    other = torchmnist.OwnData(train=(changed, train[1]), test=test, name="bars")
+    with pytest.raises(torchmnist.UsageError, match="differ from the ones this run was trained"):
+        _train(torchmnist.TrainConfig(dataset=other, epochs=2, resume=str(tmp_path / "r")))
+    resumed = _train(torchmnist.TrainConfig(dataset=own, epochs=2, resume=str(tmp_path / "r")))
+    assert resumed["epochs"] == 2
+
+
+def test_the_command_line_cannot_resume_or_test_data_given_from_python(tmp_path, capsys):
+    train, test = _bars(200, 60)
+    _train(torchmnist.TrainConfig(dataset=torchmnist.OwnData(train=train, test=test),
+                                  epochs=1, run_dir=str(tmp_path / "r")))
+    for args in (["test", str(tmp_path / "r")], ["train", "--resume", str(tmp_path / "r"),
+                                                  "--epochs", "2"]):
+        code, _, err = run_main(args, capsys)
+        assert code == 2
+        assert_one_sentence_error(err, "was given from Python")
+    # Export needs only inputs for its parity check, so it works without the data.
+    code, out, err = run_main(["export", str(tmp_path / "r"), "--format", "safetensors",
+                               "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["dataset"] == "own:own"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+def test_an_image_folder_trains_tests_predicts_and_exports_alike(tmp_path, capsys,
+                                                                  monkeypatch):
+    _folder(tmp_path / "shapes", size=32)  # 32x32 files: read grey and resized to 28x28
+    code, out, err = run_main(["train", "--dataset", "folder:shapes", "--epochs", "2", "--lr",
+                               "0.05", "--save-model", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(out)
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.name.endswith("-shapes-guide")  # named after the folder
+    assert summary["dataset"] == f"folder:{tmp_path / 'shapes'}"  # absolute, found from anywhere
+    assert summary["test_accuracy"] > 0.7
+    spec = checkpoint.load_model(run_dir).spec
+    assert spec.classes == tuple(sorted(NAMES))  # as torchvision's ImageFolder orders them
+    # `test` reads only the test folder, from anywhere, and agrees with training.
+    run_dir = run_dir.resolve()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "shapes" / "train").rename(tmp_path / "train-moved")
+    for weights in (run_dir, run_dir / "model.safetensors"):  # its spec in the metadata
+        code, out, err = run_main(["test", str(weights), "--json"], capsys)
+        assert code == 0, err
+        assert last_json(out)["test_accuracy"] == summary["test_accuracy"]
+    # predict prepares a file as the folder's images were read: the same probabilities as the
+    # loader's image give.
+    picture = sorted((tmp_path / "shapes" / "test" / "two").iterdir())[0]
+    code, out, err = run_main(["predict", str(run_dir), str(picture), "--json"], capsys)
+    assert code == 0, err
+    predicted = json.loads(out.strip().splitlines()[-1])
+    predicted = predicted[0] if isinstance(predicted, list) else predicted
+    from torchmnist import preprocess
+
+    image = preprocess.as_stored(preprocess.read_grey(picture))
+    x = torch.from_numpy(preprocess.normalise(image, spec.mean, spec.std))[None]
+    with torch.no_grad():
+        expected = torchmnist.load(run_dir)(x).exp()[0]
+    assert predicted["class"] == spec.classes[int(expected.argmax())]
+    assert predicted["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+    code, out, err = run_main(["export", str(run_dir), "--format", "onnx", "--json"], capsys)
+    assert code == 0, err
+
+
+def test_a_dry_run_on_a_folder_takes_a_small_sample_of_it(tmp_path, capsys):
+    _folder(tmp_path / "shapes")
+    code, out, err = run_main(["train", "--dataset", "folder:shapes", "--dry-run", "--epochs",
+                               "1", "--run-dir", "r", "--json"], capsys)
+    assert code == 0, err
+    assert "(a sample, dry run)" in out
+    # The dry run's test images are its sample; `test` scores the same ones.
+    code, again, err = run_main(["test", "r", "--json"], capsys)
+    assert code == 0, err
+    tested = sum(1 for _ in (tmp_path / "shapes" / "test").rglob("*.png"))
+    assert last_json(again)["total"] == min(tested, 512)
+    assert last_json(again)["test_accuracy"] == last_json(out)["test_accuracy"]
+
+
+def test_fine_tuning_from_mnist_shapes_onto_a_folder_with_fewer_classes(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "base"], capsys)[0] == 0
+    _folder(tmp_path / "shapes")
+    code, out, err = run_main(["train", "--dataset", "folder:shapes", "--epochs", "1",
+                               "--init-from", "base", "--freeze", "conv1,conv2", "--run-dir",
+                               "tuned"], capsys)
+    assert code == 0, err
+    assert "except fc2 (another number of classes), which starts afresh" in out
+    base, tuned = (checkpoint.load(f"{name}/last.pt")["model"] for name in ("base", "tuned"))
+    assert torch.equal(base["conv1.weight"], tuned["conv1.weight"])
+    assert tuned["fc2.weight"].shape == (4, 50)
+
+
+@pytest.mark.parametrize(("layout", "fragment"), [
+    ("no test folder", "test is not a folder"),
+    ("one class", "must hold a folder per class (at least two)"),
+    ("a test class the training lacks", "has a class folder 'nine' that the training images"),
+    ("a damaged image", "cannot use"),
+    ("no images", "holds no images"),
+])
+def test_an_image_folder_that_cannot_work_is_refused_in_one_sentence(layout, fragment,
+                                                                     tmp_path, capsys):
+    root = tmp_path / "f"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            if layout != "no images":
+                Image.fromarray(np.full((28, 28), 40 if name == "a" else 200, np.uint8)).save(
+                    root / split / name / "1.png")
+    if layout == "no test folder":
+        for path in sorted((root / "test").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        (root / "test").rmdir()
+    elif layout == "one class":
+        for path in (root / "train" / "b").iterdir():
+            path.unlink()
+        (root / "train" / "b").rmdir()
+    elif layout == "a test class the training lacks":
+        (root / "test" / "nine").mkdir()
+    elif layout == "a damaged image":
+        (root / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, _, err = run_main(["train", "--dataset", f"folder:{root}", "--epochs", "1",
+                             "--run-dir", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, fragment)
+    assert not Path("r").exists()  # nothing was written
+
+
+def test_dataset_names_are_checked_before_anything_runs():
+    with pytest.raises(torchmnist.UsageError, match="folder:PATH for your own images"):
+        torchmnist.TrainConfig(dataset="cifar10")
+    with pytest.raises(torchmnist.UsageError, match="must be a name, folder:PATH"):
+        torchmnist.TrainConfig(dataset=[1, 2])
