@@ -133,16 +133,37 @@ def test_asking_for_missing_cuda_is_a_usage_error(capsys):
     assert_one_sentence_error(err, "CUDA is not available")
 
 
-def test_json_summary_is_the_last_stdout_line(capsys):
-    code, out, _ = run_main(["train", "--dry-run", "--json", "--run-dir", "r"], capsys)
+def test_with_json_stdout_holds_the_summary_alone(capsys):
+    code, out, err = run_main(["train", "--dry-run", "--json", "--run-dir", "r"], capsys)
     assert code == 0
-    summary = last_json(out)
+    assert len(out.splitlines()) == 1  # `torchmnist train --json | jq` needs nothing between
+    summary = json.loads(out)
+    assert "done: test accuracy" in err  # the lines for people went to stderr
+    assert Path("r/train.log").read_text().count("done: test accuracy") == 1
     for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "run_dir", "checkpoint"):
         assert key in summary, key
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert summary["checkpoint"] == os.path.join("r", "last.pt")
     saved = json.loads(open("r/config.json").read())
     assert saved["dry_run"] is True and saved["run_dir"] == "r"
+
+
+def test_bench_with_json_prints_only_its_report_on_stdout(capsys):
+    code, out, err = run_main(["bench", "--dry-run", "--json", "--steps", "2", "--trials", "1",
+                               "--loaders", "tensor", "--accuracy-trials", "1"], capsys)
+    assert code == 0, err
+    assert len(out.splitlines()) == 1
+    report = json.loads(out)
+    assert report["loaders"][0]["loader"] == "tensor"
+    assert "hardware:" in err and "time to accuracy" in err
+
+
+def test_quiet_json_prints_the_summary_and_nothing_else(capsys):
+    code, out, err = run_main(["train", "--dry-run", "--json", "--quiet", "--run-dir", "r"],
+                              capsys)
+    assert code == 0
+    assert json.loads(out)["run_dir"] == "r"
+    assert err == ""
 
 
 def test_accuracy_is_printed_with_two_decimals(capsys):

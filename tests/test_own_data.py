@@ -205,7 +205,7 @@ def test_a_dry_run_on_a_folder_takes_a_small_sample_of_it(tmp_path, capsys):
     code, out, err = run_main(["train", "--dataset", "folder:shapes", "--dry-run", "--epochs",
                                "1", "--run-dir", "r", "--json"], capsys)
     assert code == 0, err
-    assert "(a sample, dry run)" in out
+    assert "(a sample, dry run)" in err  # --json: the lines for people go to stderr
     # The dry run's test images are its sample; `test` scores the same ones.
     code, again, err = run_main(["test", "r", "--json"], capsys)
     assert code == 0, err

@@ -153,9 +153,9 @@ def test_bench_prints_environment_and_every_loader(capsys):
                                "--steps", "5", "--accuracy-trials", "2", "--loaders",
                                "tensor,premade,dataloader:0,dataloader:2", "--json"], capsys)
     assert code == 0, err
-    assert "hardware:" in out and f"torch {torch.__version__}" in out
-    assert "median of 1 trials" in out
-    report = json.loads(out.strip().splitlines()[-1])
+    assert "hardware:" in err and f"torch {torch.__version__}" in err  # --json: on stderr
+    assert "median of 1 trials" in err
+    report = json.loads(out)
     assert [row["loader"] for row in report["loaders"]] == [
         "tensor", "premade", "dataloader:0", "dataloader:2"]
     assert all(row["train_images_per_s"] > 0 for row in report["loaders"])

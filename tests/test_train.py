@@ -122,7 +122,7 @@ def test_resume_keeps_the_saved_settings_unless_overridden(tmp_path, capsys):
                                "--epochs", "2", "--json"], capsys)
     assert code == 0, err
     assert last_json(out)["model"] == "official"  # not the guide recipe's default
-    assert "epochs: 1 in the checkpoint, 2 now (now wins)" in out
+    assert "epochs: 1 in the checkpoint, 2 now (now wins)" in err  # --json: on stderr
 
 
 def test_resume_with_a_different_batch_size_is_refused(tmp_path, capsys):

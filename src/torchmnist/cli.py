@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the model of a checkpoint; the file is then run (onnxruntime, "
         "torch.jit.load, safetensors) on 256 test images and must match PyTorch within 1e-4, "
         "else it is not written and the exit status is 1. Inputs: normalised float32 "
-        "(N, 1, 28, 28); outputs: (N, 10) log-probabilities.")
+        "(N, 1, 28, 28); outputs: (N, classes) log-probabilities.")
     export.add_argument("checkpoint", help="a torchmnist checkpoint, state_dict or "
                         ".safetensors file")
     export.add_argument("--format", required=True, choices=("onnx", "torchscript",
@@ -262,8 +262,10 @@ def _bench(explicit: dict[str, Any]) -> int:
     if trials < 1 or steps < 1 or accuracy_trials < 0:
         raise UsageError("--trials and --steps must be at least 1, --accuracy-trials at least 0")
     loaders = options.get("loaders", ",".join(_BENCH_LOADERS))
+    # With --json, stdout holds only the JSON report; the table goes to stderr.
     report = bench.run(config, loaders=bench.parse_loaders(loaders) if loaders else [],
-                       steps=steps, trials=trials, accuracy_trials=accuracy_trials)
+                       steps=steps, trials=trials, accuracy_trials=accuracy_trials,
+                       out=sys.stderr if options.get("json") else None)
     if options.get("json"):
         print(json.dumps(report, allow_nan=False))
     return 0

@@ -170,7 +170,8 @@ class TrainConfig:
     resume: str | None = _opt(None, "resume from PATH (a checkpoint or run directory), or "
                               "with no PATH from last.pt in --run-dir, else in the newest run "
                               "under runs/; default: start a new run")
-    json: bool = _opt(False, "print a JSON summary as the last line on stdout")
+    json: bool = _opt(False, "print a JSON summary on stdout, and nothing else there: the "
+                      "lines for people go to stderr")
     quiet: bool = _opt(False, "print nothing while training (errors still go to stderr, the "
                        "--json line to stdout, every line to train.log)")
     dry_run: bool = _opt(False, "run the whole pipeline quickly on a small synthetic dataset "

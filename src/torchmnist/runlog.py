@@ -26,10 +26,14 @@ _TENSORBOARD_TAGS = {
 
 class RunLog:
     def __init__(self, run_dir: Path, *, history: list[dict[str, Any]] | None = None,
-                 progress_bar: bool | None = None, quiet: bool = False):
+                 progress_bar: bool | None = None, quiet: bool = False,
+                 to_stderr: bool = False):
         self.run_dir = run_dir
         self.history: list[dict[str, Any]] = list(history or [])
         self.quiet = quiet  # nothing on the console; train.log still gets every line
+        # With --json, stdout holds only the JSON summary, so the lines for people go to
+        # stderr, and `torchmnist train --json | jq` needs nothing in between.
+        self.to_stderr = to_stderr
         self.progress_bar = (not quiet and sys.stderr.isatty() if progress_bar is None
                              else progress_bar)
         self._bar: tqdm | None = None
@@ -47,7 +51,7 @@ class RunLog:
         if self._bar is not None:
             self._bar.write(line)
         elif not self.quiet:
-            print(line, flush=True)
+            print(line, file=sys.stderr if self.to_stderr else sys.stdout, flush=True)
         self._log.write(line + "\n")
         self._log.flush()
 

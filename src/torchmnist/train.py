@@ -501,7 +501,7 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         (run_dir / "config.json").write_text(
             json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         log = RunLog(run_dir, history=saved["metrics"] if saved else None,
-                     quiet=config.quiet)
+                     quiet=config.quiet, to_stderr=config.json)
     except BaseException:
         lock.release()
         raise
