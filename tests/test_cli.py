@@ -187,3 +187,56 @@ def test_environment_switches_reach_torch(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "True 1 1 :4096:8"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_progress_shows_in_a_terminal_that_reports_no_size(tmp_path):
+    """A fresh pseudo-terminal says it is 0x0 (as `script -c` and some CI runners give); the
+    progress bar must still be drawn there, not hidden below a screen of 0 rows."""
+    import pty
+
+    leader, follower = pty.openpty()
+    assert os.get_terminal_size(follower) == (0, 0)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--dry-run",
+                                "--run-dir", str(tmp_path / "r")], cwd=tmp_path, env=env,
+                               stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
+    text = shown.decode(errors="replace")
+    assert "epoch 1/1: " in text and "%|" in text  # tqdm's bar: "epoch 1/1:  50%|#####  |"
+    assert "done: test accuracy" in text
+
+
+def test_the_first_lines_show_the_parameters_and_only_the_settings_changed(capsys):
+    code, out, _ = run_main(["train", "--dry-run", "--recipe", "fast", "--lr", "0.2",
+                             "--run-dir", "r"], capsys)
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("model: "))
+    assert line == ("model: 27,418 parameters; settings: the fast recipe's, except lr 0.2 (all "
+                    f"in {os.path.join('r', 'config.json')})")
+    assert json.loads(Path("r/config.json").read_text())["lr"] == 0.2
+
+
+def test_each_epoch_keeps_a_line_with_losses_accuracy_time_and_rate(capsys):
+    code, out, _ = run_main(["train", "--dry-run", "--epochs", "2", "--val-size", "100",
+                             "--run-dir", "r"], capsys)
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("epoch ") and "/2 step" in line]
+    assert len(lines) == 2
+    metrics = [r for r in map(json.loads, Path("r/metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "epoch"]
+    for line, record in zip(lines, metrics, strict=True):
+        assert f"train loss {record['train_loss']:.4f}; " in line
+        assert f"validation loss {record['val_loss']:.4f}, accuracy" in line
+        assert "; epoch " in line and f" s, lr {record['lr']:.4g}, " in line

@@ -305,6 +305,19 @@ def _recipe_values(given: dict[str, Any]) -> dict[str, Any]:
             for name in field_names()}
 
 
+# Settings that say where output goes or what to continue, not what is computed: a run's
+# first lines leave them out (config.json has them all).
+_NOT_SHOWN = ("run_dir", "resume", "json", "quiet")
+
+
+def differences(config: TrainConfig) -> dict[str, Any]:
+    """The settings of `config` that differ from its recipe's values (on its dataset)."""
+    recipe = _recipe_values({"recipe": config.recipe, "dataset": config.dataset,
+                             "dry_run": config.dry_run})
+    return {name: value for name, value in config.to_dict().items()
+            if name not in _NOT_SHOWN and value != recipe[name]}
+
+
 def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> TrainConfig:
     """Build the config from the values a user set explicitly, filling the rest from the
     recipe, or, when resuming, from the `saved` config of the checkpoint."""

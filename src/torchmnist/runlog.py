@@ -8,6 +8,7 @@ plain lines, so logs stay readable.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ _TENSORBOARD_TAGS = {
     ("epoch", "test_loss"): "loss/test", ("epoch", "test_accuracy"): "accuracy/test",
     ("train", "lr"): "learning_rate",
 }
+
+
+def _terminal_size() -> tuple[int, int]:
+    """(columns, rows) of the terminal stderr is on; (0, 0) when it says none."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 class RunLog:
@@ -95,8 +105,14 @@ class RunLog:
 
     def start_bar(self, total: int, initial: int, desc: str) -> None:
         if self.progress_bar:
+            # A terminal that reports no size (a pseudo-terminal from `script`, some CI
+            # runners) would make tqdm hide the bar below a screen of 0 rows, that is, show
+            # nothing at all: give it 80x24 then.
+            columns, rows = _terminal_size()
+            sized = columns > 0 and rows > 0
             self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
-                             dynamic_ncols=True)
+                             dynamic_ncols=sized, ncols=None if sized else 80,
+                             nrows=None if sized else 24)
 
     def advance_bar(self) -> None:
         if self._bar is not None:

@@ -27,7 +27,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmnist import checkpoint, data, graphs, models, rundir
 from torchmnist import device as devices
 from torchmnist.augment import augment
-from torchmnist.config import TrainConfig, eval_interval, frozen_prefixes, schedule_length
+from torchmnist.config import (
+    TrainConfig,
+    differences,
+    eval_interval,
+    frozen_prefixes,
+    schedule_length,
+)
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.evaluate import Evaluation, evaluate_model
 from torchmnist.runlog import RunLog
@@ -86,6 +92,7 @@ class Run:
     # With --cuda-graph on CUDA: train_step and the test pass replayed from CUDA graphs.
     graphed_step: graphs.GraphedStep | None = None
     graphed_test: graphs.GraphedTest | None = None
+    epoch_began: float = 0.0  # progress.seconds when this epoch (or its resumed part) began
 
     @property
     def last_path(self) -> Path:
@@ -517,7 +524,11 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     held = f" / {len(digits.val)} validation" if val_batches is not None else ""
     log.print(f"data: {len(digits.train)} train{held} / {len(digits.test)} test images from "
               f"{digits.source}; {config.loader} loader")
-    log.print("config: " + json.dumps(config.to_dict(), allow_nan=False))
+    parameters = sum(p.numel() for p in model.parameters())
+    changed = differences(config)
+    log.print(f"model: {parameters:,} parameters; settings: the {config.recipe} recipe's" + (
+        ", except " + ", ".join(f"{k} {json.dumps(v)}" for k, v in changed.items())
+        if changed else "") + f" (all in {run_dir / 'config.json'})")
     for note in notes:
         log.print(note)
     if saved is not None:
@@ -596,10 +607,16 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
             test = evaluate_model(run.tested_model, run.test_batches,
                                   channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
+    # The line that stays for each test, as Keras keeps one per epoch. The training loss is
+    # the mean over this epoch's batches so far (label-smoothed when the recipe smooths).
     shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
-    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: " + "; ".join(
-        f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} ({100 * r.accuracy:.2f}%)"
-        for name, r in shown) + f", {progress.seconds:.2f} s so far")
+    train_loss = progress.epoch_loss_sum.item() / max(progress.batch, 1)
+    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: train loss "
+                  f"{train_loss:.4f}; " + "; ".join(
+                      f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} "
+                      f"({100 * r.accuracy:.2f}%)" for name, r in shown)
+                  + f"; epoch {progress.seconds - run.epoch_began:.2f} s, lr {_rate(run):.4g}, "
+                  f"{progress.seconds:.2f} s so far")
     chosen = val if val is not None else test  # what best.pt and --patience follow
     if chosen.accuracy > (progress.best_accuracy or 0.0):
         progress.best_accuracy, progress.stale_tests = chosen.accuracy, 0
@@ -720,6 +737,7 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
     """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
     return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
     config, progress, log = run.config, run.progress, run.log
+    run.epoch_began = progress.seconds
     run.model.train()  # dropout on, BatchNorm uses batch statistics
     total = run.epoch_steps(epoch)
     log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{run.epochs}")
