@@ -31,7 +31,7 @@ def test_dry_run_with_empty_home_writes_a_complete_run(tmp_path):
     # Never touched ~/.torch/datasets. (On a GPU machine the CUDA driver keeps its compiled
     # kernels in ~/.nv; that is the driver's cache, not torchmnist's.)
     assert [p.name for p in home.iterdir() if p.name != ".nv"] == []
-    assert "epoch 1/1 step 16: test loss" in (run_dir / "train.log").read_text()
+    assert "epoch 1/1 step 16: train loss" in (run_dir / "train.log").read_text()
 
 
 def test_python_dash_m_and_console_script_share_the_parser(tmp_path):

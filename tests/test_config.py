@@ -119,3 +119,39 @@ def test_the_best_recipe_chooses_on_a_validation_split():
     # Fashion-MNIST keeps the values it was measured with until it is measured with a split.
     assert torchmnist.TrainConfig(recipe="best", dataset="fashion-mnist").val_size == 0
     assert torchmnist.TrainConfig(recipe="best", dry_run=True).val_size == 256  # of 1,024
+
+
+def test_the_lists_that_must_agree_do():
+    from torchmnist import data, models, preprocess
+
+    assert tuple(models.MODELS) == config.MODELS
+    assert tuple(data.DATASETS) == config.DATASETS
+    assert set(preprocess.STYLES) == set(config.DATASETS)
+    assert set(config.RECIPE_NAMES) == set(config.RECIPES)
+    assert (data.FOLDER_PREFIX, data.OWN_PREFIX) == (config.FOLDER_PREFIX, config.OWN_PREFIX)
+
+
+def test_train_help_is_grouped_and_every_flag_has_help(capsys):
+    from torchmnist import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":")
+                and not line.startswith(" ") and line[:-1] in config.GROUPS]
+    assert headings == list(config.GROUPS)
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.option_strings:
+            assert action.help, action.option_strings
+    # Each field's flag sits in its field's section.
+    section = {a.dest: g.title for g in train._action_groups for a in g._group_actions}
+    for f in dataclasses.fields(config.TrainConfig):
+        assert section[f.name] == f.metadata["group"], f.name
+
+
+def test_a_yes_no_setting_must_say_how_its_flag_works():
+    with pytest.raises(TypeError, match="switch='flag' or switch='on-off'"):
+        config._opt(False, "a setting", group="logging")
+    assert config._opt(False, "a setting", group="logging", switch="flag").metadata["switch"]

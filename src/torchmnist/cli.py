@@ -17,18 +17,6 @@ from typing import Any
 from torchmnist import config as cfg
 from torchmnist.errors import TorchMnistError, UsageError
 
-# Flags whose form is not "--name VALUE".
-_SWITCHES = {"deterministic", "cuda_launch_blocking", "detect_anomaly", "save_model", "json",
-             "dry_run", "compile", "tensorboard", "quiet"}
-_ON_OFF = {"download", "pin_memory", "nesterov", "channels_last", "cuda_graph"}
-_METAVARS = {"data_dir": "DIR", "run_dir": "DIR", "threads": "N", "batch_size": "N",
-             "test_batch_size": "N", "epochs": "E", "log_interval": "N", "save_interval": "N",
-             "num_workers": "N", "keep": "N", "seed": "S", "lr": "LR", "momentum": "M",
-             "gamma": "G", "weight_decay": "WD", "warmup": "F", "label_smoothing": "F",
-             "ema": "DECAY", "target_accuracy": "A", "eval_interval": "N[s]", "model": "MODEL",
-             "init_from": "CKPT", "freeze": "PREFIXES"}
-
-
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
 
 
@@ -52,28 +40,32 @@ def _default_text(name: str) -> str:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    parser.add_argument("--config", metavar="FILE", help="read settings from a TOML, YAML or "
-                        "JSON file (a run's own config.json too), with the flags' names as "
-                        "keys (lr, batch_size, ...); flags given on the command line win")
+    """One flag per TrainConfig field, made from its metadata, in --help's sections."""
+    groups = {name: parser.add_argument_group(name) for name in cfg.GROUPS}
+    groups["recipe"].add_argument(
+        "--config", metavar="FILE", help="read settings from a TOML, YAML or JSON file (a run's "
+        "own config.json too), with the flags' names as keys (lr, batch_size, ...); flags given "
+        "on the command line win")
     for f in dataclasses.fields(cfg.TrainConfig):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        group, flag = groups[f.metadata["group"]], "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if "default:" not in help_text:  # some fields explain their default themselves
             help_text += f" ({_default_text(f.name)})"
-        if f.name in _SWITCHES:
-            parser.add_argument(flag, action="store_true", help=help_text)
-        elif f.name in _ON_OFF:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="last", metavar="PATH", help=help_text)
+        if f.metadata["switch"] == "flag":
+            group.add_argument(flag, action="store_true", help=help_text)
+        elif f.metadata["switch"] == "on-off":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "resume":  # --resume alone: the newest run's last.pt
+            group.add_argument(flag, nargs="?", const="last", metavar=f.metadata["metavar"],
+                               help=help_text)
         else:
-            parser.add_argument(flag, type=f.metadata["type"], choices=f.metadata.get("choices"),
-                                metavar=_METAVARS.get(f.name), help=help_text)
+            group.add_argument(flag, type=f.metadata["type"], choices=f.metadata["choices"],
+                               metavar=f.metadata["metavar"], help=help_text)
         if f.name == "device":
-            parser.add_argument("--no-cuda", dest="device", action="store_const", const="cpu",
-                                help="train on the CPU even if a GPU is present (= --device cpu)")
+            group.add_argument("--no-cuda", dest="device", action="store_const", const="cpu",
+                               help="train on the CPU even if a GPU is present (= --device cpu)")
 
 
 # Flags shared by the commands that use a trained model.

@@ -47,11 +47,26 @@ class _Unset:
 UNSET: Any = _Unset()
 
 
+GROUPS = ("recipe", "data", "model", "optimisation", "schedule and stopping",
+          "precision and speed", "checkpoints", "logging", "device")  # --help's sections
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None,
-         type: Callable[[str], Any] | None = None) -> Any:
-    # `type` parses the flag's text; it defaults to the type of the default value.
-    return field(default=UNSET, metadata={"help": help, "choices": choices, "default": default,
-                                          "type": type or _type_of(default)})
+         type: Callable[[str], Any] | None = None, *, group: str, metavar: str | None = None,
+         switch: str | None = None) -> Any:
+    """A setting, with what the CLI needs to make its flag: `type` parses the flag's text
+    (default: the type of the default value); `switch` is "flag" (--x turns it on) or "on-off"
+    (--x / --no-x), and every yes/no setting must say which; `group` is its --help section."""
+    if group not in GROUPS:
+        raise TypeError(f"unknown group {group!r}")
+    if switch not in (None, "flag", "on-off"):
+        raise TypeError(f"unknown switch {switch!r}")
+    if isinstance(default, bool) and switch is None:
+        # argparse's type=bool would read "--x False" as True.
+        raise TypeError("a yes/no setting needs switch='flag' or switch='on-off'")
+    return field(default=UNSET, metadata={
+        "help": help, "choices": choices, "default": default, "group": group,
+        "metavar": metavar, "switch": switch, "type": type or _type_of(default)})
 
 
 def number(text: str) -> int | float:
@@ -69,114 +84,140 @@ class TrainConfig:
     # What to train.
     recipe: str = _opt("guide", "named set of defaults; explicit flags override it: guide, "
                        "official, fast (quickest to 99%% on a CPU), fast-gpu (on a GPU), best "
-                       "(highest accuracy)", choices=RECIPE_NAMES)
+                       "(highest accuracy)", choices=RECIPE_NAMES, group="recipe")
     dataset: str = _opt("mnist", "dataset to train and test on: mnist, fashion-mnist, kmnist, "
                         "or folder:PATH, your own images in PATH/train/<class>/ and "
-                        "PATH/test/<class>/ (from Python, also torchmnist.OwnData)")
+                        "PATH/test/<class>/ (from Python, also torchmnist.OwnData)",
+                        group="data", metavar="DATASET")
     model: str = _opt("guide", "network: the guide's small CNN (guide), the official "
                       "example's (official), torchmnist's fast and best ones, or your own as "
                       "an import path, package.module:Class (from Python, also a class or "
-                      "an nn.Module instance)")
+                      "an nn.Module instance)", group="model", metavar="MODEL")
     # Where the data comes from.
     data_dir: str | None = _opt(None, "dataset root (torchvision layout, e.g. DIR/MNIST/raw); "
-                                "default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets")
-    download: bool = _opt(True, "download missing dataset files with torchvision")
+                                "default: $TORCHMNIST_DATA_DIR, else ~/.torch/datasets",
+                                group="data", metavar="DIR")
+    download: bool = _opt(True, "download missing dataset files with torchvision",
+                          group="data", switch="on-off")
     # Optimisation.
-    optimizer: str = _opt("sgd", "optimiser", choices=OPTIMIZERS)
-    lr: float = _opt(0.01, "learning rate")
-    momentum: float = _opt(0.5, "SGD momentum (sgd only)")
-    nesterov: bool = _opt(False, "Nesterov momentum (sgd only)")
-    weight_decay: float = _opt(0.0, "weight decay")
+    optimizer: str = _opt("sgd", "optimiser", choices=OPTIMIZERS, group="optimisation")
+    lr: float = _opt(0.01, "learning rate", group="optimisation", metavar="LR")
+    momentum: float = _opt(0.5, "SGD momentum (sgd only)", group="optimisation", metavar="M")
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd only)",
+                          group="optimisation", switch="on-off")
+    weight_decay: float = _opt(0.0, "weight decay", group="optimisation", metavar="WD")
     scheduler: str = _opt("none", "learning-rate schedule: step multiplies the rate by --gamma "
                           "after every epoch; onecycle warms up linearly to --lr over "
                           "--warmup of the run, then anneals linearly, every step",
-                          choices=SCHEDULERS)
-    gamma: float = _opt(0.7, "StepLR factor applied after each epoch (with --scheduler step)")
-    warmup: float = _opt(0.2, "fraction of the run spent warming up (with --scheduler onecycle)")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+                          choices=SCHEDULERS, group="schedule and stopping")
+    gamma: float = _opt(0.7, "StepLR factor applied after each epoch (with --scheduler step)",
+                        group="schedule and stopping", metavar="G")
+    warmup: float = _opt(0.2, "fraction of the run spent warming up (with --scheduler onecycle)",
+                         group="schedule and stopping", metavar="F")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss",
+                                  group="optimisation", metavar="F")
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, which is "
-                      "then the model tested and saved (0: off)")
+                      "then the model tested and saved (0: off)",
+                      group="optimisation", metavar="DECAY")
     exit_threshold: float = _opt(0.9, "--model early-exit: in testing, an image leaves at "
                                  "the first head whose top probability reaches this (1: every "
-                                 "image runs the whole network)")
+                                 "image runs the whole network)", group="model", metavar="T")
     init_from: str | None = _opt(None, "start from the weights of this checkpoint, run folder "
                                  "or state_dict (fine-tuning): shapes must match, except a "
                                  "final layer for another number of classes, which starts "
-                                 "afresh; nothing else of that run is taken")
+                                 "afresh; nothing else of that run is taken",
+                                 group="model", metavar="CKPT")
     freeze: str = _opt("", "comma-separated parameter name prefixes (conv1,conv2) to keep "
                        "fixed: left out of the optimiser, so they stay bit for bit as "
-                       "loaded")
-    batch_size: int = _opt(64, "training batch size")
-    test_batch_size: int = _opt(1000, "test batch size (does not change results)")
+                       "loaded", group="model", metavar="PREFIXES")
+    batch_size: int = _opt(64, "training batch size", group="optimisation", metavar="N")
+    test_batch_size: int = _opt(1000, "test batch size (does not change results)",
+                                group="optimisation", metavar="N")
     epochs: float = _opt(10, "number of epochs to train; a fraction such as 0.6 ends the last "
-                         "epoch early (the schedule spans exactly the steps taken)", type=number)
-    seed: int = _opt(1, "random seed for python, numpy and torch (CUDA too) and the data order")
+                         "epoch early (the schedule spans exactly the steps taken)", type=number,
+                         group="optimisation", metavar="E")
+    seed: int = _opt(1, "random seed for python, numpy and torch (CUDA too) and the data order",
+                     group="optimisation", metavar="S")
     # Data pipeline.
     loader: str = _opt("tensor", "tensor: whole dataset as tensors on the device, batches are "
                        "slices; dataloader: the guide's torch DataLoader with PIL transforms",
-                       choices=LOADERS)
-    num_workers: int = _opt(4, "DataLoader worker processes (--loader dataloader)")
+                       choices=LOADERS, group="data")
+    num_workers: int = _opt(4, "DataLoader worker processes (--loader dataloader)",
+                            group="data", metavar="N")
     pin_memory: bool | None = _opt(None, "pin host memory for faster copies to the GPU "
-                                   "(--loader dataloader); default: on when training on CUDA")
+                                   "(--loader dataloader); default: on when training on CUDA",
+                                   group="data", switch="on-off")
     augment: str = _opt("none", "on-device augmentation of each training batch: translate "
                         "shifts each image by up to 2 pixels; affine also rotates (up to 10 "
                         "degrees) and scales (0.9-1.1); translate-erase also blanks a random "
                         "rectangle in half the images; the best recipe takes translate (and 45 "
-                        "epochs) on fashion-mnist", choices=AUGMENTATIONS)
+                        "epochs) on fashion-mnist", choices=AUGMENTATIONS, group="data")
     # Speed.
     amp: str = _opt("none", "mixed precision: bf16 autocast (CPU or CUDA), or fp16 with a "
-                    "gradient scaler (CUDA)", choices=AMP)
-    channels_last: bool = _opt(False, "keep images and weights in channels-last memory order")
-    compile: bool = _opt(False, "torch.compile the model (compile time is reported apart)")
+                    "gradient scaler (CUDA)", choices=AMP, group="precision and speed")
+    channels_last: bool = _opt(False, "keep images and weights in channels-last memory order",
+                               group="precision and speed", switch="on-off")
+    compile: bool = _opt(False, "torch.compile the model (compile time is reported apart)",
+                         group="precision and speed", switch="flag")
     cuda_graph: bool = _opt(False, "capture the whole training step, and the test pass, in CUDA "
                             "graphs and replay them: one launch a step instead of about fifty "
                             "(CUDA only; elsewhere, or if a capture fails, the step runs eagerly "
-                            "and the log says why; capture time is reported apart)")
+                            "and the log says why; capture time is reported apart)",
+                            group="precision and speed", switch="on-off")
     target_accuracy: float | None = _opt(None, "stop as soon as the test accuracy reaches this "
                                          "fraction (e.g. 0.99) and report the time it took, "
                                          "for time-to-accuracy benchmarks: it watches the test "
                                          "set even with --val-size; default: train all "
-                                         "epochs", type=float)
+                                         "epochs", type=float,
+                                         group="schedule and stopping", metavar="A")
     eval_interval: str = _opt("1", "test every N epochs, or every N steps with an s suffix "
-                              "(500s)")
+                              "(500s)", group="schedule and stopping", metavar="N[s]")
     val_size: int = _opt(0, "hold out N training images (chosen by --seed) for validation: "
                          "best.pt, --patience and the per-epoch choice then follow validation "
-                         "accuracy, and the test set is scored once, at the end (0: off)")
+                         "accuracy, and the test set is scored once, at the end (0: off)",
+                         group="data", metavar="N")
     patience: int = _opt(0, "stop when validation accuracy (test accuracy without "
-                         "--val-size) has not improved for N tests in a row (0: off)")
+                         "--val-size) has not improved for N tests in a row (0: off)",
+                         group="schedule and stopping", metavar="N")
     # Device and reproducibility.
     device: str = _opt("auto", "auto picks the available accelerator (torch.accelerator), "
-                       "else the CPU", choices=DEVICES)
-    deterministic: bool = _opt(False, "use only deterministic algorithms (torch, cuDNN, cuBLAS)")
+                       "else the CPU", choices=DEVICES, group="device")
+    deterministic: bool = _opt(False, "use only deterministic algorithms (torch, cuDNN, cuBLAS)",
+                               group="device", switch="flag")
     threads: int | None = _opt(None, "torch CPU threads, like OMP_NUM_THREADS; set it when "
                                "several jobs share a machine (default: torch's choice)",
-                               type=int)
+                               type=int, group="device", metavar="N")
     cuda_launch_blocking: bool = _opt(False, "set CUDA_LAUNCH_BLOCKING=1 so CUDA errors point "
-                                      "at the failing call")
+                                      "at the failing call", group="device", switch="flag")
     detect_anomaly: bool = _opt(False, "autograd anomaly detection: name the operation whose "
-                                "backward produced NaN (slow; for debugging)")
+                                "backward produced NaN (slow; for debugging)",
+                                group="device", switch="flag")
     # Output.
-    log_interval: int = _opt(10, "batches between log lines")
+    log_interval: int = _opt(10, "batches between log lines", group="logging", metavar="N")
     save_interval: int = _opt(10, "batches between checkpoints (0: only at the end of each "
-                              "epoch)")
-    keep: int = _opt(0, "also keep the checkpoints of the last N epochs as epoch-NNN.pt")
+                              "epoch)", group="checkpoints", metavar="N")
+    keep: int = _opt(0, "also keep the checkpoints of the last N epochs as epoch-NNN.pt",
+                     group="checkpoints", metavar="N")
     save_model: bool = _opt(False, "also write the final weights as model.pt and "
-                            "model.safetensors in the run directory")
+                            "model.safetensors in the run directory",
+                            group="checkpoints", switch="flag")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars (losses, accuracy, learning "
                              "rate) and an image grid into the run directory, for "
-                             "`tensorboard --logdir runs`")
+                             "`tensorboard --logdir runs`", group="logging", switch="flag")
     run_dir: str | None = _opt(None, "run directory (default: runs/<date-time>-<dataset>-"
-                               "<model>)")
+                               "<model>)", group="checkpoints", metavar="DIR")
     resume: str | None = _opt(None, "resume from PATH (a checkpoint or run directory), or "
                               "with no PATH from last.pt in --run-dir, else in the newest run "
-                              "under runs/; default: start a new run")
+                              "under runs/; default: start a new run",
+                              group="checkpoints", metavar="PATH")
     json: bool = _opt(False, "print a JSON summary on stdout, and nothing else there: the "
-                      "lines for people go to stderr")
+                      "lines for people go to stderr", group="logging", switch="flag")
     quiet: bool = _opt(False, "print nothing while training (errors still go to stderr, the "
-                       "--json line to stdout, every line to train.log)")
+                       "--json line to stdout, every line to train.log)",
+                       group="logging", switch="flag")
     dry_run: bool = _opt(False, "run the whole pipeline quickly on a small synthetic dataset "
                          "made in memory, one epoch unless --epochs is given (offline, never "
-                         "touches the data directory)")
+                         "touches the data directory)", group="data", switch="flag")
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str | _Unset):  # your own data (data.OwnData)
