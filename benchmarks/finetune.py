@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import torchmnist
-from torchmnist import device as devices
+from torchmnist import devices
 
 FEATURES = "conv1,bn1,conv2,bn2"  # the fast network's convolutional part
 

@@ -18,8 +18,7 @@ import sys
 
 import torch
 
-from torchmnist import bench, data
-from torchmnist import device as devices
+from torchmnist import bench, data, devices
 from torchmnist.config import resolve
 
 # label -> values over the fast-gpu recipe; the test runs about 8 times an epoch.

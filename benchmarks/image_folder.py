@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 import torchmnist
-from torchmnist import data
-from torchmnist import device as devices
+from torchmnist import data, devices
 
 
 def write_folder(digits: data.DigitData, root: Path) -> None:

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import data
-from torchmnist import device as devices
+from torchmnist import data, devices
 
 
 class PeerNet(nn.Module):

@@ -19,8 +19,7 @@ from conftest import read_metrics, run_main
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import torchmnist
-from torchmnist import device as devices
-from torchmnist import graphs, models
+from torchmnist import devices, graphs, models
 
 training = importlib.import_module("torchmnist.train")  # the package attribute is the function
 

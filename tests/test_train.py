@@ -11,8 +11,7 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 import torchmnist
-from torchmnist import checkpoint
-from torchmnist import device as devices
+from torchmnist import checkpoint, devices
 
 
 def _losses(run_dir: Path) -> list[float]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from torchmnist import config as cfg
-from torchmnist import device as devices
+from torchmnist import devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import evaluate_model
 from torchmnist.train import _warm_up, setup, train, train_step

@@ -285,7 +285,7 @@ def load_network(path: str | os.PathLike, *, model: str | None = None,
     """The trained network of a checkpoint, run folder, state_dict or safetensors file, on
     `device` and in eval mode, ready for `network(x)` on normalised (N, 1, 28, 28) images.
     (`torchmnist.load`.)"""
-    from torchmnist import device as devices
+    from torchmnist import devices
 
     return load_model(path, model=model, dataset=dataset).model.to(
         devices.resolve_device(device))

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import checkpoint, data
-from torchmnist import device as devices
+from torchmnist import checkpoint, data, devices
 from torchmnist.augment import TTA_SHIFTS, shift
 from torchmnist.errors import UsageError
 

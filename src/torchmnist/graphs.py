@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchmnist import device as devices
+from torchmnist import devices
 from torchmnist.evaluate import Evaluation, test_sums, to_evaluation
 
 REHEARSALS = 3  # eager calls before a capture, as torch's own examples make

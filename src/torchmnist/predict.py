@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchmnist import checkpoint
-from torchmnist import device as devices
+from torchmnist import checkpoint, devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture

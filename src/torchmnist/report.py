@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torchmnist import checkpoint, data
-from torchmnist import device as devices
+from torchmnist import checkpoint, data, devices
 from torchmnist.config import TrainConfig
 from torchmnist.errors import UsageError
 from torchmnist.evaluate import probabilities as class_probabilities

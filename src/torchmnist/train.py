@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from torchmnist import checkpoint, data, graphs, models, rundir
-from torchmnist import device as devices
+from torchmnist import checkpoint, data, devices, graphs, models, rundir
 from torchmnist.augment import augment
 from torchmnist.config import (
     TrainConfig,
