@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -15,11 +14,10 @@ from conftest import assert_one_sentence_error, make_dataset_files, run_main
 from PIL import Image
 
 from torchmnist import models
-from torchmnist.predict import predict
+from torchmnist.prediction import predict
 
 ROOT = Path(__file__).resolve().parents[1]
-# The module, not the function `torchmnist.export` that the package exports under its name.
-exporting = importlib.import_module("torchmnist.export")
+from torchmnist import exporting  # noqa: E402
 
 
 @pytest.fixture

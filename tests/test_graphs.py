@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import io
 from pathlib import Path
 
@@ -19,9 +18,12 @@ from conftest import read_metrics, run_main
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import torchmnist
-from torchmnist import devices, graphs, models
-
-training = importlib.import_module("torchmnist.train")  # the package attribute is the function
+from torchmnist import (
+    devices,
+    graphs,
+    models,
+    training,  # noqa: E402
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -259,7 +259,7 @@ def test_a_large_photo_is_reduced_while_read_and_stays_small_in_memory(weights_f
     # The peak resident memory of this process image alone: VmHWM (ru_maxrss would carry over
     # the memory of the pytest process it was forked from).
     script = ("import json, re\n"
-              "from torchmnist.predict import predict\n"
+              "from torchmnist.prediction import predict\n"
               f"result = predict({str(weights_file)!r}, ['photo.png'], device='cpu')[0]\n"
               "status = open('/proc/self/status').read()\n"
               "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) * 1024\n"

@@ -131,11 +131,9 @@ def test_freeze_names_the_parameters_when_a_prefix_matches_none(capsys):
 
 
 def test_a_final_layer_for_another_number_of_classes_starts_afresh(tmp_path):
-    import importlib
-
     from torch import nn
 
-    training = importlib.import_module("torchmnist.train")
+    from torchmnist import training
     torch.manual_seed(0)
     ten = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     torch.save(ten.state_dict(), tmp_path / "ten.pt")

@@ -13,7 +13,7 @@ from everyday import STYLES, write
 from PIL import Image
 
 from torchmnist import data, models
-from torchmnist.predict import predict
+from torchmnist.prediction import predict
 from torchmnist.preprocess import ImageError, ink_map, prepare, read_grey, to_28x28
 
 

@@ -165,7 +165,7 @@ def test_an_operation_without_a_deterministic_kernel_ends_in_one_sentence():
     from types import SimpleNamespace
 
     from torchmnist.errors import UsageError
-    from torchmnist.train import _explained_errors
+    from torchmnist.training import _explained_errors
 
     run = SimpleNamespace(config=torchmnist.TrainConfig(deterministic=True),
                           progress=SimpleNamespace(step=3))

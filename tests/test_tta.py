@@ -13,8 +13,8 @@ from torch import nn
 
 from torchmnist import models
 from torchmnist.augment import TTA_SHIFTS, shift
-from torchmnist.evaluate import evaluate, log_probabilities
-from torchmnist.predict import predict
+from torchmnist.evaluation import evaluate, log_probabilities
+from torchmnist.prediction import predict
 
 
 def test_shift_moves_whole_pixels_and_fills_with_the_background():

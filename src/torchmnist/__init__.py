@@ -25,10 +25,10 @@ except ImportError:
 else:
     from torchmnist.checkpoint import load_network as load  # noqa: E402
     from torchmnist.data import OwnData  # noqa: E402
-    from torchmnist.evaluate import evaluate  # noqa: E402
-    from torchmnist.export import export  # noqa: E402
-    from torchmnist.predict import predict  # noqa: E402
-    from torchmnist.report import report  # noqa: E402
-    from torchmnist.train import train  # noqa: E402
+    from torchmnist.evaluation import evaluate  # noqa: E402
+    from torchmnist.exporting import export  # noqa: E402
+    from torchmnist.prediction import predict  # noqa: E402
+    from torchmnist.reporting import report  # noqa: E402
+    from torchmnist.training import train  # noqa: E402
 
     __all__ += ["OwnData", "evaluate", "export", "load", "predict", "report", "train"]

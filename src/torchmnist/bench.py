@@ -26,8 +26,8 @@ import torch
 from torchmnist import config as cfg
 from torchmnist import devices
 from torchmnist.errors import UsageError
-from torchmnist.evaluate import evaluate_model
-from torchmnist.train import _warm_up, setup, train, train_step
+from torchmnist.evaluation import evaluate_model
+from torchmnist.training import _warm_up, setup, train, train_step
 
 
 def environment(device: torch.device) -> dict:

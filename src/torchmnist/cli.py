@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(explicit: dict[str, Any]) -> int:
     from torchmnist.checkpoint import find_resume, load_training
-    from torchmnist.train import train
+    from torchmnist.training import train
 
     if "config" in explicit:  # the file's settings, then the flags typed, which win
         explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
@@ -264,7 +264,7 @@ def _bench(explicit: dict[str, Any]) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from torchmnist.evaluate import evaluate
+    from torchmnist.evaluation import evaluate
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -288,7 +288,7 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from torchmnist.export import export
+    from torchmnist.exporting import export
 
     result = export(args.checkpoint, args.format, args.out, model=args.model,
                     dataset=args.dataset, data_dir=args.data_dir, download=args.download)
@@ -305,7 +305,7 @@ def _show(args: argparse.Namespace, result: dict, sentence: str) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from torchmnist.report import report
+    from torchmnist.reporting import report
 
     if args.mistakes < 0:
         raise UsageError(f"--mistakes must not be negative, not {args.mistakes}")
@@ -318,7 +318,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from torchmnist.predict import predict
+    from torchmnist.prediction import predict
 
     results = predict(args.checkpoint, args.inputs, top=args.top, model=args.model,
                       dataset=args.dataset, device=args.device,

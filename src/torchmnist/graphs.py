@@ -3,7 +3,7 @@
 An eager step of these small networks waits on some fifty kernel launches and the Python between
 them, not on arithmetic: on a GPU it costs about the same at any batch size up to 512. A CUDA
 graph records the kernels of one call once; a replay then launches all of them at once, on the
-same memory. What is captured is `train.train_step` itself, the function the guide's loop
+same memory. What is captured is `training.train_step` itself, the function the guide's loop
 calls, so the code a reader follows is the code that runs. Each batch is copied into the
 graph's input buffers and the graph replayed; there is one graph per batch shape (full
 batches, and the shorter last batch of an epoch).
@@ -11,7 +11,7 @@ batches, and the shorter last batch of an epoch).
 What makes the step capturable (nothing in it may wait for the device):
 - the learning rate is a tensor on the device; the one-cycle schedule fills it between
   replays, so the captured optimiser kernel reads the rate of each step;
-- the weight average (`train.update_average`) and the running loss sums never ask the host;
+- the weight average (`training.update_average`) and the running loss sums never ask the host;
 - random numbers (augmentation, dropout) come from the default CUDA generator, which gives
   every replay fresh numbers and advances just as the eager step does.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from torchmnist import devices
-from torchmnist.evaluate import Evaluation, test_sums, to_evaluation
+from torchmnist.evaluation import Evaluation, test_sums, to_evaluation
 
 REHEARSALS = 3  # eager calls before a capture, as torch's own examples make
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from torchmnist import __version__, checkpoint, data
 from torchmnist.errors import TorchMnistError, UsageError
-from torchmnist.evaluate import test_data
+from torchmnist.evaluation import test_data
 from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}

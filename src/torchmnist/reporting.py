@@ -18,8 +18,8 @@ import numpy as np
 from torchmnist import checkpoint, data, devices
 from torchmnist.config import TrainConfig
 from torchmnist.errors import UsageError
-from torchmnist.evaluate import probabilities as class_probabilities
-from torchmnist.evaluate import test_data
+from torchmnist.evaluation import probabilities as class_probabilities
+from torchmnist.evaluation import test_data
 
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,

@@ -16,7 +16,7 @@ import torch
 
 from torchmnist import checkpoint, devices
 from torchmnist.errors import UsageError
-from torchmnist.evaluate import probabilities
+from torchmnist.evaluation import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture
 
 _GLOB_CHARACTERS = set("*?[")

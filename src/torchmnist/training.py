@@ -34,7 +34,7 @@ from torchmnist.config import (
     schedule_length,
 )
 from torchmnist.errors import TrainingError, UsageError
-from torchmnist.evaluate import Evaluation, evaluate_model
+from torchmnist.evaluation import Evaluation, evaluate_model
 from torchmnist.runlog import RunLog
 from torchmnist.signals import Stopped, StopSignals
 
