@@ -39,6 +39,44 @@ def test_report_draws_the_figures_and_ties_them_together(capsys):
     assert markdown.count("\n| 3 | ") == 1  # one row per epoch in the table
 
 
+def test_report_curves_fit_the_run(capsys):
+    from torchmnist import reporting
+
+    # A constant rate gets no panel of its own; the accuracy axis stays within the data and
+    # never passes 100%, also for a run with one test.
+    _dry_run(capsys, "--epochs", "1", run_dir="plain")
+    config = json.loads(Path("plain/config.json").read_text())
+    figure = reporting._curves(read_metrics(Path("plain")), config)
+    loss, accuracy = figure.axes
+    assert "learning rate 0.01 throughout" in loss.get_title()
+    tested = [100 * r["test_accuracy"] for r in read_metrics(Path("plain"))
+              if r["kind"] == "epoch"]
+    low, high = accuracy.get_ylim()
+    assert high <= 100 and low <= tested[0] <= high and high - low < 5
+    labels = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert labels[0].startswith("training: negative log-likelihood")
+    # A schedule gets its panel; a label-smoothed training loss says so.
+    _dry_run(capsys, "--recipe", "fast", "--epochs", "0.75", run_dir="fast")
+    config = json.loads(Path("fast/config.json").read_text())
+    figure = reporting._curves(read_metrics(Path("fast")), config)
+    assert [a.get_title() for a in figure.axes][2] == "learning rate"
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels[0].startswith("training: cross-entropy with label smoothing 0.1")
+    code, _, err = run_main(["report", "fast"], capsys)
+    assert code == 0, err
+    markdown = Path("fast/report/report.md").read_text()
+    assert "; 0.75 epochs, 12 steps" in markdown
+    settings = markdown.split("## Configuration")[1]
+    assert "| `recipe` | `\"fast\"` |" in settings and "| `epochs` | `0.75` |" in settings
+    for key in ("json", "threads", "run_dir", "log_interval", "quiet"):
+        assert f"| `{key}` |" not in settings, key
+    # A checkpoint in the run folder: the same curves, that checkpoint scored.
+    code, out, err = run_main(["report", "fast/best.pt", "--out", "best-report", "--json"],
+                              capsys)
+    assert code == 0, err
+    assert json.loads(out)["total"] == 512 and Path("best-report/curves.png").is_file()
+
+
 def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     Path("empty").mkdir()
     code, _, err = run_main(["report", "empty"], capsys)

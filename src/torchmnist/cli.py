@@ -71,6 +71,14 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 # Flags shared by the commands that use a trained model.
 
 
+def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """The one way every command that uses a trained model names it."""
+    parser.add_argument("checkpoint", metavar="RUN|CHECKPOINT", help="a run folder (its "
+                        "last.pt), a torchmnist checkpoint (last.pt, best.pt, epoch-NNN.pt), "
+                        "or bare weights: a state_dict such as the guide's model.pth, or a "
+                        ".safetensors file")
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL", help="the network: "
                         f"{', '.join(cfg.MODELS)}, or your own as package.module:Class, which "
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test", help="evaluate a checkpoint or state_dict on the test set",
         description="Evaluate a torchmnist checkpoint, or a plain state_dict such as the "
         "guide's model.pth or the official example's mnist_cnn.pt, on the test set.")
-    test.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or state_dict file")
+    _add_checkpoint_argument(test)
     _add_model_flags(test)
     _add_data_flags(test)
     _add_device_flag(test)
@@ -152,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify photos, scans or drawings: each image is turned into a 28x28 "
         "image the way the model's dataset was made (grey, ink white on black, cropped, scaled, "
         "centred), then classified. Exit status 2 if any file could not be read.")
-    predict.add_argument("checkpoint", help="a torchmnist checkpoint, state_dict or "
-                         ".safetensors file")
+    _add_checkpoint_argument(predict)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE|DIR|GLOB",
                          help="image files (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), directories "
                          "(their files) or glob patterns")
@@ -173,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.jit.load, safetensors) on 256 test images and must match PyTorch within 1e-4, "
         "else it is not written and the exit status is 1. Inputs: normalised float32 "
         "(N, 1, 28, 28); outputs: (N, classes) log-probabilities.")
-    export.add_argument("checkpoint", help="a torchmnist checkpoint, state_dict or "
-                        ".safetensors file")
+    _add_checkpoint_argument(export)
     export.add_argument("--format", required=True, choices=("onnx", "torchscript",
                                                              "safetensors"))
     export.add_argument("--out", metavar="PATH", help="where to write (default: beside the "
@@ -188,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw a run's loss, accuracy and learning-rate curves (metrics.jsonl), its "
         "confusion matrix and its most confident mistakes on the test set, and write "
         "report.md tying them to the run's config and final numbers.")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/...)")
+    report.add_argument("checkpoint", metavar="RUN|CHECKPOINT", help="a run folder (its "
+                        "last.pt), or a checkpoint in one (best.pt, epoch-NNN.pt): the figures "
+                        "of its run, the test set scored with that checkpoint")
     report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report)")
     report.add_argument("--mistakes", type=int, default=48, metavar="N",
                         help="misclassified images to show (default: 48)")
@@ -309,7 +317,7 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.mistakes < 0:
         raise UsageError(f"--mistakes must not be negative, not {args.mistakes}")
-    result = report(args.run_dir, args.out, data_dir=args.data_dir, download=args.download,
+    result = report(args.checkpoint, args.out, data_dir=args.data_dir, download=args.download,
                     device=args.device, mistakes=args.mistakes)
     _show(args, result, f"wrote {result['report']} with {Path(result['curves']).name}, "
           f"{Path(result['confusion']).name} and {Path(result['mistakes']).name}: test accuracy "

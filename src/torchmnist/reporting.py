@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from torchmnist import checkpoint, data, devices
-from torchmnist.config import TrainConfig
+from torchmnist.config import RESULT_KEYS, TrainConfig
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
@@ -26,16 +26,19 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
            data_dir: str | os.PathLike | None = None, download: bool = True,
            device: str = "auto", mistakes: int = 48, test: object = None) -> dict:
     """Write the figures and report.md into `out` (default RUN_DIR/report); return the paths
-    and the numbers the report states. `test`: the test images of a run on data given from
-    Python, as torchmnist.evaluate takes them."""
+    and the numbers the report states. `run_dir` may also name a checkpoint in a run folder
+    (best.pt), which is then the model scored. `test`: the test images of a run on data
+    given from Python, as torchmnist.evaluate takes them."""
     try:
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
         raise UsageError("torchmnist report needs matplotlib; install it with: pip install "
                          "'torchmnist[report]'") from None
-    run_dir = Path(run_dir)
+    chosen = Path(run_dir)
+    # A checkpoint file: its run's curves, and the test set scored with that checkpoint.
+    run_dir = chosen.parent if chosen.is_file() else chosen
     config, records = _read_run(run_dir)
-    trained = checkpoint.load_model(run_dir / "last.pt")
+    trained = checkpoint.load_model(chosen if chosen.is_file() else run_dir / "last.pt")
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)
     target = devices.resolve_device(device)
@@ -52,7 +55,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     figures = {"curves": out / "curves.png", "confusion": out / "confusion.png",
                "mistakes": out / "mistakes.png"}
     try:
-        _plot_curves(records, figures["curves"])
+        _plot_curves(records, config, figures["curves"])
         _plot_confusion(confusion, spec.classes, figures["confusion"])
         wrong = np.nonzero(predictions != labels)[0]
         wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")]
@@ -127,31 +130,75 @@ def _record_problem(record) -> str | None:
     return None
 
 
-def _plot_curves(records: list[dict], path: Path) -> None:
+def _loss_names(config: dict) -> tuple[str, str]:
+    """What the two loss curves are, since they need not be the same loss."""
+    smoothing = config.get("label_smoothing") or 0
+    trained = (f"cross-entropy with label smoothing {smoothing:g}" if smoothing
+               else "negative log-likelihood")
+    return trained, "negative log-likelihood"
+
+
+def _plot_curves(records: list[dict], config: dict, path: Path) -> None:
+    _curves(records, config).savefig(path, dpi=110)
+
+
+def _curves(records: list[dict], config: dict):
+    """The curves figure: losses, accuracy, and the learning rate when it was scheduled."""
     from matplotlib.figure import Figure
 
     train = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    tested = [r for r in epochs if r.get("test_accuracy") is not None]
-    figure = Figure(figsize=(12, 3.6), layout="constrained")
-    loss, accuracy, lr = figure.subplots(1, 3)
-    loss.plot([r["step"] for r in train], [r["train_loss"] for r in train], lw=1,
-              label="training (mean over each log interval)")
-    loss.plot([r["step"] for r in tested], [r["test_loss"] for r in tested], "o-",
-              label="test (end of epoch)")
-    loss.set(title="loss", xlabel="step", yscale="log")
-    loss.legend(fontsize=8)
-    accuracy.plot([r["step"] for r in tested], [100 * r["test_accuracy"] for r in tested], "o-")
-    for r in tested:
-        accuracy.annotate(f"{100 * r['test_accuracy']:.2f}", (r["step"], 100 * r["test_accuracy"]),
-                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    accuracy.set(title="test accuracy (%)", xlabel="step")
-    lr.plot([r["step"] for r in train + epochs if r.get("lr") is not None],
-            [r["lr"] for r in train + epochs if r.get("lr") is not None], ".", ms=3)
-    lr.set(title="learning rate", xlabel="step")
-    for axes in (loss, accuracy, lr):
+    # Validation (--val-size) and test results, each where it was measured.
+    measured = {name: [r for r in epochs if r.get(f"{key}_accuracy") is not None]
+                for name, key in (("validation", "val"), ("test", "test"))}
+    measured = {name: rs for name, rs in measured.items() if rs}
+    rates = sorted((r["step"], r["lr"]) for r in train + epochs if r.get("lr") is not None)
+    # A rate that never changed needs no panel; a schedule does, however few points it left.
+    constant_rate = config.get("scheduler", "none") == "none"
+    figure = Figure(figsize=(8 if constant_rate else 12, 3.8), layout="constrained")
+    panels = figure.subplots(1, 2 if constant_rate else 3)
+    loss, accuracy = panels[0], panels[1]
+    trained_loss, tested_loss = _loss_names(config)
+    loss.plot([r["step"] for r in train], [r["train_loss"] for r in train], ".-", lw=1, ms=3,
+              label=f"training: {trained_loss}, mean over each log interval")
+    for name, rs in measured.items():
+        key = "val" if name == "validation" else "test"
+        loss.plot([r["step"] for r in rs], [r[f"{key}_loss"] for r in rs], "o-",
+                  label=f"{name}: {tested_loss}")
+    title = "loss" + (f" (learning rate {config.get('lr', rates[0][1] if rates else 0):g} "
+                      "throughout)" if constant_rate else "")
+    loss.set(title=title, xlabel="step", yscale="log")
+    loss.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    values = [100 * r[f"{'val' if n == 'validation' else 'test'}_accuracy"]
+              for n, rs in measured.items() for r in rs]
+    top = 100.0
+    if values:
+        # Within the data (and never above 100%), with room above the top label.
+        low, high = min(values), max(values)
+        pad = max((high - low) * 0.15, 0.25)
+        top = min(high + 2 * pad, 100)
+        accuracy.set_ylim(max(low - pad, 0), top)
+    for name, rs in measured.items():
+        key = "val" if name == "validation" else "test"
+        ys = [100 * r[f"{key}_accuracy"] for r in rs]
+        accuracy.plot([r["step"] for r in rs], ys, "o-", label=name)
+        for r, y in zip(rs, ys, strict=True):
+            bottom, ceiling = accuracy.get_ylim()
+            below = ceiling - y < 0.1 * (ceiling - bottom)  # a label at the top goes under it
+            accuracy.annotate(f"{y:.2f}", (r["step"], y), textcoords="offset points",
+                              xytext=(0, -11 if below else 6), ha="center", fontsize=7)
+    if len(measured) > 1:
+        accuracy.legend(fontsize=7)
+    last_step = max([r["step"] for r in train + epochs], default=1)
+    for axes in panels:
+        axes.set_xlim(0, last_step * 1.05)  # a short run's one point sits on a step axis too
         axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=110)
+    accuracy.set(title=(f"{next(iter(measured))} " if len(measured) == 1 else "")
+                 + "accuracy (%)", xlabel="step")
+    if not constant_rate:
+        panels[2].plot([step for step, _ in rates], [lr for _, lr in rates], ".", ms=3)
+        panels[2].set(title="learning rate", xlabel="step")
+    return figure
 
 
 def _plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
@@ -198,6 +245,12 @@ def _plot_mistakes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
     figure.savefig(path, dpi=110)
 
 
+def _epochs_text(config: dict, last: dict) -> str:
+    """"0.75 epochs", "1 epoch", "10 epochs": what the run was asked for, fractions kept."""
+    epochs = config.get("epochs", last.get("epoch", 0))
+    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
+
+
 def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
               confusion: np.ndarray, classes: tuple[str, ...], figures: dict[str, Path],
               shown: int) -> str:
@@ -207,7 +260,7 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
     lines = [
         f"# Run report: {run_dir.name}", "",
         f"{config.get('recipe', '?')} recipe, {numbers['model']} model, {dataset_name}; "
-        f"{last.get('epoch', 0)} epochs, {last.get('step', 0)} steps, "
+        f"{_epochs_text(config, last)}, {last.get('step', 0)} steps, "
         f"{last.get('seconds', 0):.1f} s of training.", "",
         "| | |", "|---|---|",
         f"| test accuracy | **{100 * numbers['test_accuracy']:.2f}%** "
@@ -218,6 +271,10 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
         lines.append(f"| test loss (last epoch) | {last['test_loss']:.4f} |")
     if last.get("train_loss") is not None:
         lines.append(f"| training loss (last epoch) | {last['train_loss']:.4f} |")
+    trained_loss, tested_loss = _loss_names(config)
+    lines += ["", f"The training loss is the {trained_loss} of the training batches, as the run "
+              f"minimised it; test and validation losses are the {tested_loss} of the unaltered "
+              "images, so the two need not meet."]
     lines += ["", "## Curves", "", f"![loss, accuracy and learning rate]({figures['curves'].name})",
               "", "| epoch | step | training loss | test loss | test accuracy | seconds |",
               "|---|---|---|---|---|---|"]
@@ -243,11 +300,11 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
               f"The {shown} most confident mistakes (of {numbers['misclassified']}), each with "
               "its test-set index, true class and prediction:", "",
               f"![misclassified test images]({figures['mistakes'].name})", "",
-              "## Configuration", "", "Settings that differ from the defaults (the guide's):", "",
-              "| setting | value |", "|---|---|"]
+              "## Configuration", "", "Settings that change the result and differ from the "
+              "guide's defaults:", "", "| setting | value |", "|---|---|"]
     defaults = TrainConfig().to_dict()
     for key, value in config.items():
-        if key in defaults and value != defaults[key]:
+        if key in (*RESULT_KEYS, "epochs") and value != defaults.get(key):
             lines.append(f"| `{key}` | `{json.dumps(value, allow_nan=False)}` |")
     lines += ["", "The whole resolved configuration is `config.json` in the run directory.", ""]
     return "\n".join(lines)
