@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
+import torchmnist
 from torchmnist import checkpoint, models
 from torchmnist.augment import ERASE_MAX, MAX_SHIFT, affine, augment, erase, translate
 
@@ -156,6 +157,9 @@ def test_bench_prints_environment_and_every_loader(capsys):
     assert "hardware:" in err and f"torch {torch.__version__}" in err  # --json: on stderr
     assert "median of 1 trials" in err
     report = json.loads(out)
+    # What airbench records: the resolved config and the code's version beside the numbers.
+    assert report["config"]["recipe"] == "fast" and report["config"]["batch_size"] == 64
+    assert report["environment"]["torchmnist"] == torchmnist.__version__
     assert [row["loader"] for row in report["loaders"]] == [
         "tensor", "premade", "dataloader:0", "dataloader:2"]
     assert all(row["train_images_per_s"] > 0 for row in report["loaders"])

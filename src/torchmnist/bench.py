@@ -31,8 +31,29 @@ from torchmnist.training import _warm_up, setup, train, train_step
 
 
 def environment(device: torch.device) -> dict:
+    from torchmnist import __version__
+
     return {"hardware": devices.describe(device), "torch": str(torch.__version__),
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "torchmnist": __version__, "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The git commit torchmnist runs from (with "+changes" when the tree differs from it),
+    as airbench records it beside its numbers; None outside a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 # Not a loader a run can use: every batch made before the clock starts, so that what is timed
@@ -141,7 +162,11 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
           f"{config.batch_size}, amp {config.amp}, {data_name} data", file=out)
     print(f"hardware: {env['hardware']}; torch {env['torch']}; python {env['python']}; "
           f"threads {env['threads']}; median of {trials} trials", file=out)
-    report = {"environment": env, "recipe": config.recipe, "trials": trials, "loaders": []}
+    print(f"torchmnist {env['torchmnist']}" + (f" at {env['commit']}" if env["commit"] else "")
+          + "; the resolved config is in the --json report", file=out)
+    # The numbers beside everything that produced them: the whole resolved config.
+    report = {"environment": env, "recipe": config.recipe, "config": config.to_dict(),
+              "trials": trials, "loaders": []}
     if loaders:
         print(f"\n{'loader':<16}{'step':<7}{'ms/step':>9}{'train img/s':>13}{'s/60k img':>11}"
               f"{'test img/s':>12}", file=out)
