@@ -40,7 +40,45 @@ from torchmnist.errors import TrainingError, UsageError
 from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMAT_VERSION = 1
-DATASET_SPEC = "dataset_spec"  # the payload key of data.DatasetSpec.to_dict()
+# The keys of a training checkpoint, one constant each: `training_payload` builds the dict,
+# `restore` and `load_training` read it, and nothing else spells them.
+CONFIG, MODEL, OPTIMIZER, SCHEDULER, SCALER, EMA = (
+    "config", "model", "optimizer", "scheduler", "scaler", "ema")
+PROGRESS, RNG, VAL_INDEX, DATASET_SPEC, METRICS = (
+    "progress", "rng", "val_index", "dataset_spec", "metrics")
+
+
+def training_payload(*, config: dict, model: dict, optimizer: dict, scheduler: dict | None,
+                     scaler: dict | None, ema: dict | None, progress: dict, rng: dict,
+                     val_index: torch.Tensor | None, dataset_spec: dict,
+                     metrics: list[dict]) -> dict[str, Any]:
+    """Everything a run needs to continue from the very next batch (the module docstring
+    lists what each is)."""
+    return {CONFIG: config, MODEL: model, OPTIMIZER: optimizer, SCHEDULER: scheduler,
+            SCALER: scaler, EMA: ema, PROGRESS: progress, RNG: rng, VAL_INDEX: val_index,
+            DATASET_SPEC: dataset_spec, METRICS: metrics}
+
+
+def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, scaler,
+            ema) -> None:
+    """Put a training checkpoint's state back: weights, optimiser, schedule, scaler, weight
+    average and every RNG stream (the progress counters are the caller's, Progress)."""
+    from torchmnist import devices
+
+    try:
+        model.load_state_dict(saved[MODEL])
+        optimizer.load_state_dict(saved[OPTIMIZER])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved[SCHEDULER])
+        if saved.get(SCALER):
+            scaler.load_state_dict(saved[SCALER])
+        if ema is not None:
+            ema.load_state_dict(saved[EMA])
+        devices.set_rng_state(saved[RNG])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path} does not fit the {saved[CONFIG].get('model')!r} model and "
+                         f"its optimiser: {detail}") from None
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -168,7 +206,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def is_training_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and "format_version" in obj and "model" in obj
+    return isinstance(obj, dict) and "format_version" in obj and MODEL in obj
 
 
 def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -178,13 +216,13 @@ def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     official example's `mnist_cnn.pt`, or the tensors of a `.safetensors` file.
     """
     if is_training_checkpoint(obj):
-        config = obj.get("config")
+        config = obj.get(CONFIG)
         if not isinstance(config, dict):
             what = ("has no config" if config is None else
                     f"has a {type(config).__name__} where its config should be")
             raise UsageError(f"{path} is a damaged checkpoint: it {what}")
         # An average of the weights is what the run tested: ship that one.
-        state = obj["ema"] if obj.get("ema") else obj["model"]
+        state = obj[EMA] if obj.get(EMA) else obj[MODEL]
         if isinstance(state, dict):
             state = {k: v for k, v in state.items() if k != "n_averaged"}
         return _checked_tensors(state, path), config
@@ -233,13 +271,13 @@ def find_resume(resume: str, run_dir: str | None, runs_dir: str = "runs") -> Pat
 def load_training(path: Path) -> dict:
     """Load a full training checkpoint (not bare weights), ready to resume from."""
     saved = load(path)
-    if not is_training_checkpoint(saved) or "progress" not in saved:
+    if not is_training_checkpoint(saved) or PROGRESS not in saved:
         raise UsageError(f"{path} holds model weights only, not a training checkpoint to resume "
                          "(use `torchmnist test` to evaluate it)")
-    for key in ("config", "progress"):
+    for key in (CONFIG, PROGRESS):
         if not isinstance(saved.get(key), dict):
             raise UsageError(f"{path} is a damaged checkpoint: it has no {key} to resume from")
-    _checked_tensors(saved["model"], path)  # a mapping of finite tensors
+    _checked_tensors(saved[MODEL], path)  # a mapping of finite tensors
     weights(saved, path)  # and the average, if there is one
     return saved
 

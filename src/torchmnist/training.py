@@ -55,16 +55,20 @@ class Progress:
     window_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     window_batches: int = 0
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                 for k, v in self.__dict__.items()}
 
-    @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> Progress:
-        known = cls.__dataclass_fields__
-        values = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                  for k, v in state.items() if k in known}
-        return cls(**values)
+    def load_state_dict(self, state: dict) -> None:
+        """Take a saved state; the loss sums stay on this Progress's device. Keys a newer
+        checkpoint may add are ignored; ones an older one lacks keep their defaults."""
+        for key, value in state.items():
+            if key not in self.__dataclass_fields__:
+                continue
+            current = getattr(self, key)
+            if isinstance(current, torch.Tensor):
+                value = torch.as_tensor(value, dtype=current.dtype).to(current.device)
+            setattr(self, key, value)
 
 
 @dataclass
@@ -440,13 +444,13 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     if config.resume:
         resume_path = checkpoint.find_resume(config.resume, config.run_dir)
         saved = checkpoint.load_training(resume_path)
-        changes = checkpoint.check_compatible(saved["config"], config)
+        changes = checkpoint.check_compatible(saved[checkpoint.CONFIG], config)
 
     devices.seed_everything(config.seed)
     digits = _load_data(config, saved)
     val_index = None
     if config.val_size:
-        val_index = saved.get("val_index") if saved is not None else None
+        val_index = saved.get(checkpoint.VAL_INDEX) if saved is not None else None
         digits, val_index = _hold_out(digits, config, val_index)
     pin_memory = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
     loader_options = dict(num_workers=config.num_workers, pin_memory=pin_memory)
@@ -484,8 +488,9 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         # A resumed run goes on in the folder that holds its checkpoint, wherever that folder
         # has been moved or copied to, unless --run-dir names another.
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
-        _restore(saved, resume_path, model, optimizer, scheduler, scaler, ema)
-        progress = Progress.from_state(saved["progress"], device)
+        checkpoint.restore(saved, resume_path, model=model, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler, ema=ema)
+        progress.load_state_dict(saved[checkpoint.PROGRESS])
         total = schedule_length(config, len(train_batches))[0]
         if progress.step > total:
             raise UsageError(f"{resume_path} has already trained {progress.step} steps, and "
@@ -506,7 +511,7 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
             str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None))
         (run_dir / "config.json").write_text(
             json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        log = RunLog(run_dir, history=saved["metrics"] if saved else None,
+        log = RunLog(run_dir, history=saved[checkpoint.METRICS] if saved else None,
                      quiet=config.quiet, to_stderr=config.json)
     except BaseException:
         lock.release()
@@ -538,25 +543,6 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     return run, resume_path
 
 
-def _restore(saved: dict, path: Path, model: nn.Module, optimizer: optim.Optimizer, scheduler,
-             scaler: torch.amp.GradScaler, ema: AveragedModel | None) -> None:
-    """Put the saved state back: weights, optimiser, schedule, scaler, average, RNG streams."""
-    try:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
-        devices.set_rng_state(saved["rng"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{path} does not fit the {saved['config'].get('model')!r} model and "
-                         f"its optimiser: {detail}") from None
-
-
 def _save(run: Run, path: Path) -> None:
     # Never replace a good checkpoint with a diverged state: a save waits for the device
     # anyway, so checking the weights here costs nothing extra.
@@ -564,15 +550,13 @@ def _save(run: Run, path: Path) -> None:
     optimizer_state = run.optimizer.state_dict()
     for group in optimizer_state["param_groups"]:  # a rate on the device (--cuda-graph) is
         group["lr"] = float(group["lr"])  # saved as a number, so any device can resume it
-    checkpoint.save(path, {
-        "config": run.config.to_dict(), "model": run.model.state_dict(),
-        "optimizer": optimizer_state,
-        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "progress": run.progress.state(), "rng": devices.rng_state(),
-        "val_index": run.val_index, checkpoint.DATASET_SPEC: run.spec.to_dict(),
-        "metrics": run.log.history})
+    checkpoint.save(path, checkpoint.training_payload(
+        config=run.config.to_dict(), model=run.model.state_dict(), optimizer=optimizer_state,
+        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        ema=run.ema.state_dict() if run.ema is not None else None,
+        progress=run.progress.state_dict(), rng=devices.rng_state(), val_index=run.val_index,
+        dataset_spec=run.spec.to_dict(), metrics=run.log.history))
 
 
 def _check_finite(run: Run) -> None:
