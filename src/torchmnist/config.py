@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torchmnist.errors import UsageError
 
@@ -441,23 +441,34 @@ def frozen_prefixes(config: TrainConfig) -> list[str]:
     return [part.strip() for part in config.freeze.split(",") if part.strip()]
 
 
-def schedule_length(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
-    """(optimiser steps in the whole run, epochs begun) for `steps_per_epoch` batches an epoch.
+class Schedule(NamedTuple):
+    steps: int  # optimiser steps in the whole run
+    epochs: int  # epochs begun; the last may be cut short by a fractional --epochs
 
-    A fractional --epochs rounds to the nearest step, at least one.
-    """
+
+def schedule_length(config: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """The run's length for `steps_per_epoch` batches an epoch. A fractional --epochs rounds
+    to the nearest step, at least one."""
     total = max(1, round(config.epochs * steps_per_epoch))
-    return total, math.ceil(total / steps_per_epoch)
+    return Schedule(total, math.ceil(total / steps_per_epoch))
 
 
-def eval_interval(config: TrainConfig) -> tuple[str, int]:
-    """--eval-interval as ("epochs", N) or ("steps", N)."""
+class Interval(NamedTuple):
+    """--eval-interval, parsed: test every `every` epochs, or every `every` steps."""
+
+    unit: str  # "epochs" or "steps"
+    every: int
+
+
+def eval_interval(config: TrainConfig) -> Interval:
+    """--eval-interval as a typed value: "2" is Interval("epochs", 2), "500s" is
+    Interval("steps", 500). Checked when the config is made, so this cannot fail later."""
     text = str(config.eval_interval).strip()
     unit, number = ("steps", text[:-1]) if text.endswith("s") else ("epochs", text)
     if not number.isdigit() or int(number) < 1:
         raise UsageError(f"--eval-interval must be a number of epochs (2) or of steps (500s), "
                          f"not {config.eval_interval!r}")
-    return unit, int(number)
+    return Interval(unit, int(number))
 
 
 def _flag(name: str) -> str:

@@ -104,12 +104,12 @@ class Run:
     @property
     def epochs(self) -> int:
         """Epochs begun in the whole run; the last may be cut short by a fractional --epochs."""
-        return schedule_length(self.config, len(self.train_batches))[1]
+        return schedule_length(self.config, len(self.train_batches)).epochs
 
     def epoch_steps(self, epoch: int) -> int:
         """Batches trained in `epoch`: all of them, except in a fractional last epoch."""
         per_epoch = len(self.train_batches)
-        total = schedule_length(self.config, per_epoch)[0]
+        total = schedule_length(self.config, per_epoch).steps
         return min(per_epoch, total - (epoch - 1) * per_epoch)
 
     @property
@@ -218,7 +218,8 @@ def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_e
         return optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
     if config.scheduler == "onecycle":
         return optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=schedule_length(config, steps_per_epoch)[0],
+            optimizer, max_lr=config.lr,
+            total_steps=schedule_length(config, steps_per_epoch).steps,
             pct_start=config.warmup, anneal_strategy="linear", div_factor=10,
             final_div_factor=100, cycle_momentum=False)
     return None
@@ -287,34 +288,44 @@ def _train_epochs(run: Run) -> tuple[Evaluation | None, Evaluation | None] | Non
     for --patience, or on SIGINT/SIGTERM (saving first). Returns the last (test, validation)
     results, if anything was tested."""
     config, progress = run.config, run.progress
-    unit, every = eval_interval(config)
-    total_steps = schedule_length(config, len(run.train_batches))[0]
+    interval = eval_interval(config)
+    total_steps = schedule_length(config, len(run.train_batches)).steps
+    test_every = interval.every if interval.unit == "steps" else 0
     result = None
     with (StopSignals() as stop, torch.autograd.set_detect_anomaly(config.detect_anomaly),
           _explained_errors(run)):
         for epoch in range(progress.epoch, run.epochs + 1):
             if progress.step >= total_steps:
                 break  # a finished run, resumed: nothing left to train
-            result = _train_epoch(run, epoch, stop, test_every=every if unit == "steps" else 0)
+            result = _train_epoch(run, epoch, stop, test_every)
             reached = result is not None  # reached the target in a test within the epoch
             if stop.signum and progress.batch < run.epoch_steps(epoch) and not reached:
                 _stop(run, stop)  # mid-epoch
-            if not reached and (epoch % every == 0 or epoch == run.epochs or unit == "steps"):
+            if not reached and (test_every or epoch % interval.every == 0 or epoch == run.epochs):
                 result = _test(run, epoch)
                 reached = _reached(run, result[0])
             _end_epoch(run, epoch, result)
-            if reached:
-                run.log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}"
-                              f"% after {progress.target_seconds:.2f} s, at step {progress.step}")
-                break
-            if config.patience and progress.stale_tests >= config.patience:
-                run.log.print(f"stopping early: {config.patience} tests in a row without a "
-                              f"better {'validation' if run.val_batches else 'test'} accuracy "
-                              f"than {100 * progress.best_accuracy:.2f}%")
+            if _stopping_early(run, reached):
                 break
             if stop.signum and epoch < run.epochs:
                 _stop(run, stop)  # between epochs
     return result
+
+
+def _stopping_early(run: Run, reached: bool) -> bool:
+    """Whether the run ends before its last epoch: --target-accuracy reached, or --patience
+    run out. Says which."""
+    config, progress = run.config, run.progress
+    if reached:
+        run.log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}% after "
+                      f"{progress.target_seconds:.2f} s, at step {progress.step}")
+        return True
+    if config.patience and progress.stale_tests >= config.patience:
+        run.log.print(f"stopping early: {config.patience} tests in a row without a better "
+                      f"{'validation' if run.val_batches else 'test'} accuracy than "
+                      f"{100 * progress.best_accuracy:.2f}%")
+        return True
+    return False
 
 
 def _end_epoch(run: Run, epoch: int,
@@ -491,7 +502,7 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
         checkpoint.restore(saved, resume_path, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, ema=ema)
         progress.load_state_dict(saved[checkpoint.PROGRESS])
-        total = schedule_length(config, len(train_batches))[0]
+        total = schedule_length(config, len(train_batches)).steps
         if progress.step > total:
             raise UsageError(f"{resume_path} has already trained {progress.step} steps, and "
                              f"--epochs {config.epochs} ends at step {total}; pass more epochs "
@@ -686,6 +697,9 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with devices.autocast(run.device, config.amp):
         output = run.forward(x).float()  # (B, 10) log-probabilities
     if config.label_smoothing:
+        # cross_entropy applies log_softmax itself, and log_softmax of log-probabilities is
+        # the same log-probabilities (they already sum to one in probability): so on the
+        # model's output it is nll_loss with smoothing, not a softmax taken twice.
         loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
     else:
         loss = F.nll_loss(output, y)
