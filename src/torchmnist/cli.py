@@ -226,15 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(explicit: dict[str, Any]) -> int:
-    from torchmnist.checkpoint import find_resume, load_training
+    from torchmnist.checkpoint import CONFIG, find_resume, load_training
     from torchmnist.training import train
 
     if "config" in explicit:  # the file's settings, then the flags typed, which win
         explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
+    resumed = None
     if explicit.get("resume"):
-        # A resumed run keeps its saved settings; only flags given now may change them.
+        # A resumed run keeps its saved settings; only flags given now may change them. The
+        # checkpoint is read once, here, and handed to train.
         path = find_resume(explicit["resume"], explicit.get("run_dir"))
-        saved_config = load_training(path)["config"]
+        resumed = load_training(path)
+        saved_config = resumed[CONFIG]
         saved_model = str(saved_config.get("model", ""))
         if ":" in saved_model and explicit.get("model") != saved_model:
             raise UsageError(f"{path} was trained with your own model {saved_model}; pass "
@@ -243,7 +246,7 @@ def _train(explicit: dict[str, Any]) -> int:
         config = cfg.resolve({**explicit, "resume": str(path)}, saved=saved_config)
     else:
         config = cfg.resolve(explicit)
-    summary = train(config)
+    summary = train(config, resumed=resumed)
     if config.json:
         print(json.dumps(summary, allow_nan=False))
     return 0

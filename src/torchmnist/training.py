@@ -250,16 +250,18 @@ class TrainResult(dict):
         return dict(self)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train and test as `config` says; return the summary and the trained model."""
+def train(config: TrainConfig, *, resumed: dict | None = None) -> TrainResult:
+    """Train and test as `config` says; return the summary and the trained model. `resumed`:
+    the checkpoint `config.resume` names, when the caller has already read it
+    (checkpoint.load_training), so that it is not read twice."""
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
-    run, saved_from = setup(config)
+    run, saved_from = setup(config, resumed)
     # However training ends (done, an error, a signal), the log files and the progress bar
     # are closed, the run folder's lock is released and the graphs' device memory is freed.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(run.lock.release)
-        cleanup.callback(run.log.close)
+        cleanup.enter_context(run.log)
         cleanup.callback(_drop_graphs, run)
         # One-time work kept out of the training time: compilation, the capture of CUDA
         # graphs, and on an accelerator the loading of its kernels and libraries, which the
@@ -441,8 +443,9 @@ def _load_data(config: TrainConfig, saved: dict | None) -> data.DigitData:
     return data.subset(digits, config.seed) if config.dry_run else digits
 
 
-def setup(config: TrainConfig) -> tuple[Run, Path | None]:
-    """Build the run: device, data, model, optimiser; restore a checkpoint when resuming."""
+def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path | None]:
+    """Build the run: device, data, model, optimiser; restore a checkpoint when resuming
+    (`resumed`: that checkpoint, already read)."""
     if config.dataset.startswith(data.FOLDER_PREFIX):
         # An absolute path, so that a resume, test or export finds it from anywhere.
         folder = Path(config.dataset[len(data.FOLDER_PREFIX):]).expanduser().resolve()
@@ -454,7 +457,7 @@ def setup(config: TrainConfig) -> tuple[Run, Path | None]:
     saved, changes, resume_path = None, [], None
     if config.resume:
         resume_path = checkpoint.find_resume(config.resume, config.run_dir)
-        saved = checkpoint.load_training(resume_path)
+        saved = resumed if resumed is not None else checkpoint.load_training(resume_path)
         changes = checkpoint.check_compatible(saved[checkpoint.CONFIG], config)
 
     devices.seed_everything(config.seed)
