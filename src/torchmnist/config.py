@@ -300,7 +300,8 @@ RECIPES["fast-gpu"] = {**RECIPES["fast"], "lr": 0.4, "batch_size": 512, "epochs"
 # 93.36% with affine, 93.95% with translate, 94.00% with translate for 45 epochs).
 DATASET_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("fast", "fashion-mnist"): {"lr": 0.1, "epochs": 8},
-    # Not yet measured with a validation split: it keeps the values it was measured with.
+    # All 60,000 images: holding 5,000 out for validation cost 0.13 points on seeds 1-2
+    # (93.93% against 94.06%), and choosing best.pt on them gained nothing on the test set.
     ("best", "fashion-mnist"): {"augment": "translate", "epochs": 45, "val_size": 0},
 }
 
