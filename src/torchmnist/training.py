@@ -732,6 +732,26 @@ def update_average(average: AveragedModel, model: nn.Module, decay: float) -> No
     average.n_averaged += 1
 
 
+def _log_window(run: Run, epoch: int, total: int, mark: float) -> float:
+    """The logging branch: the mean loss since the last log line (the one place a training
+    step waits for the device), as a metric and a line. Returns the new time mark."""
+    progress = run.progress
+    window_loss = progress.window_loss_sum.item() / progress.window_batches
+    if not math.isfinite(window_loss):
+        _check_finite(run)  # raises
+    now = time.perf_counter()
+    progress.seconds += now - mark
+    run.log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
+                    "batch": progress.batch, "train_loss": window_loss, "test_loss": None,
+                    "test_accuracy": None, "seconds": round(progress.seconds, 3),
+                    "lr": _rate(run)})
+    run.log.step_line(f"epoch {epoch} [{progress.batch}/{total}] loss {window_loss:.4f}",
+                      postfix=f"loss {window_loss:.4f}")
+    progress.window_loss_sum.zero_()
+    progress.window_batches = 0
+    return now
+
+
 def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
                  ) -> tuple[Evaluation | None, Evaluation | None] | None:
     """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
@@ -763,20 +783,7 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
         last_batch = progress.batch == total
 
         if progress.batch % config.log_interval == 0 or last_batch:
-            # The logging branch: the one place a training step waits for the device.
-            window_loss = progress.window_loss_sum.item() / progress.window_batches
-            if not math.isfinite(window_loss):
-                _check_finite(run)  # raises
-            now = time.perf_counter()
-            progress.seconds, mark = progress.seconds + now - mark, now
-            log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
-                        "batch": progress.batch, "train_loss": window_loss, "test_loss": None,
-                        "test_accuracy": None, "seconds": round(progress.seconds, 3),
-                        "lr": _rate(run)})
-            log.step_line(f"epoch {epoch} [{progress.batch}/{total}] loss {window_loss:.4f}",
-                          postfix=f"loss {window_loss:.4f}")
-            progress.window_loss_sum.zero_()
-            progress.window_batches = 0
+            mark = _log_window(run, epoch, total, mark)  # the one wait for the device
         if test_every and progress.step % test_every == 0 and not last_batch:
             progress.seconds += time.perf_counter() - mark
             test, val = _test(run, epoch)  # adds its own time
