@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("checkpoint", metavar="RUN|CHECKPOINT", help="a run folder (its "
                         "last.pt), or a checkpoint in one (best.pt, epoch-NNN.pt): the figures "
                         "of its run, the test set scored with that checkpoint")
-    report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report)")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: RUN/report)")
     report.add_argument("--mistakes", type=int, default=48, metavar="N",
                         help="misclassified images to show (default: 48)")
     _add_data_flags(report, default="the run's, else ")

@@ -96,6 +96,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def empty(cls) -> Split:
+        """No images: the split a command that does not need it leaves unread."""
+        return cls(torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+
 
 @dataclass
 class DigitData:
@@ -265,8 +270,7 @@ def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool
             f"{root / spec.folder / 'raw'}, or point --data-dir or TORCHMNIST_DATA_DIR at a "
             f"folder that has {spec.folder}/raw")
     sources = sorted({str(path.parent) for path in files.values()})
-    nothing = Split(torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
-    train, test = (_read_split(files, split) if split in splits else nothing
+    train, test = (_read_split(files, split) if split in splits else Split.empty()
                    for split in ("train", "test"))
     return DigitData(spec, train, test, source=", ".join(sources))
 
@@ -446,11 +450,10 @@ def load_folder(path: str | os.PathLike, splits: tuple[str, ...] = ("train", "te
             raise UsageError(f"--dataset folder:{path}: {root / split} is not a folder; an image "
                              f"folder dataset holds train/<class>/ and test/<class>/ folders "
                              "of images")
-    nothing = Split(torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
     train, classes = (_read_image_folder(root / "train", classes) if "train" in splits
-                      else (nothing, classes))
+                      else (Split.empty(), classes))
     test, test_classes = (_read_image_folder(root / "test", classes) if "test" in splits
-                          else (nothing, classes))
+                          else (Split.empty(), classes))
     classes = classes or test_classes
     name = FOLDER_PREFIX + str(root)  # the spec's name is the --dataset value
     if "train" in splits:

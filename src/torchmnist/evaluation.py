@@ -94,10 +94,9 @@ def test_data(trained: checkpoint.Trained, data_dir: str | os.PathLike | None = 
     files (only those) from `data_dir`, else from the folder its run was trained from, else
     the default places."""
     config = trained.config or {}
-    empty = data.Split(torch.zeros(0, 28, 28, dtype=torch.uint8),
-                       torch.zeros(0, dtype=torch.int64))
     if test is not None:
-        digits = data.DigitData(trained.spec, empty, data.to_split(test, "the test data"),
+        digits = data.DigitData(trained.spec, data.Split.empty(),
+                                data.to_split(test, "the test data"),
                                 source="data given from Python")
     elif config.get("dry_run") and data.is_builtin(trained.dataset):
         digits = data.synthetic(trained.dataset, seed=config.get("seed", 1))

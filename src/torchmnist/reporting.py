@@ -1,4 +1,4 @@
-"""`torchmnist report RUN_DIR`: how a run went, as pictures and one Markdown page.
+"""`torchmnist report RUN|CHECKPOINT`: how a run went, as pictures and one Markdown page.
 
 curves.png (losses, accuracy and learning rate over the run, from metrics.jsonl), confusion.png
 (the confusion matrix on the test set) and mistakes.png (misclassified test images, the most
@@ -25,7 +25,7 @@ from torchmnist.evaluation import test_data
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
            data_dir: str | os.PathLike | None = None, download: bool = True,
            device: str = "auto", mistakes: int = 48, test: object = None) -> dict:
-    """Write the figures and report.md into `out` (default RUN_DIR/report); return the paths
+    """Write the figures and report.md into `out` (default RUN/report); return the paths
     and the numbers the report states. `run_dir` may also name a checkpoint in a run folder
     (best.pt), which is then the model scored. `test`: the test images of a run on data
     given from Python, as torchmnist.evaluate takes them."""

@@ -698,7 +698,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = _layout(run, augment(x, config.augment, run.background))
     optimizer.zero_grad(set_to_none=True)
     with devices.autocast(run.device, config.amp):
-        output = run.forward(x).float()  # (B, 10) log-probabilities
+        output = run.forward(x).float()  # (B, classes) log-probabilities
     if config.label_smoothing:
         # cross_entropy applies log_softmax itself, and log_softmax of log-probabilities is
         # the same log-probabilities (they already sum to one in probability): so on the
