@@ -237,6 +237,7 @@ def test_each_epoch_keeps_a_line_with_losses_accuracy_time_and_rate(capsys):
     metrics = [r for r in map(json.loads, Path("r/metrics.jsonl").read_text().splitlines())
                if r["kind"] == "epoch"]
     for line, record in zip(lines, metrics, strict=True):
-        assert f"train loss {record['train_loss']:.4f}; " in line
+        assert (f"train loss {record['train_loss']:.4f}, accuracy "
+                f"{100 * record['train_accuracy']:.2f}%; ") in line
         assert f"validation loss {record['val_loss']:.4f}, accuracy" in line
         assert "; epoch " in line and f" s, lr {record['lr']:.4g}, " in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 import torchmnist
-from torchmnist import checkpoint, devices
+from torchmnist import checkpoint, devices, training
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -65,6 +66,38 @@ def test_metrics_records_have_the_documented_fields(tmp_path, capsys):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["lr"] for r in epochs] == [1.0, 0.7]  # Adadelta with StepLR(gamma=0.7)
     assert all(r["test_accuracy"] is not None for r in epochs)
+
+
+def test_the_step_counts_what_the_model_got_right_before_its_update(tmp_path):
+    """The training accuracy of the epoch line: each batch scored by the weights that then
+    learn from it, as trained (BatchNorm on batch statistics), summed over the epoch."""
+    # fp32 and the plain layout, so that the forward pass below is the step's own.
+    config = torchmnist.TrainConfig.for_recipe("fast", dry_run=True, device="cpu", amp="none",
+                                               channels_last=False, run_dir=str(tmp_path / "r"),
+                                               quiet=True)
+    run, _ = training.setup(config)
+    try:
+        for x, y in itertools.islice(run.train_batches.batches(1), 3):
+            with torch.no_grad():
+                expected = (run.model(x).argmax(1) == y).sum()
+            before = run.model.state_dict()["conv1.weight"].clone()
+            _, correct = training.train_step(run, x, y)
+            assert correct.item() == expected.item()
+            assert not torch.equal(before, run.model.state_dict()["conv1.weight"])
+    finally:
+        run.log.close()
+        run.lock.release()
+
+
+def test_the_epoch_record_holds_the_training_accuracy_over_every_image(tmp_path, capsys):
+    # The dry run's 1,024 images in batches of 100: the last batch has 24, and counts as 24.
+    _train(tmp_path, "r", "--epochs", "2", "--batch-size", "100", capsys=capsys)
+    epochs = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "epoch"]
+    for record in epochs:
+        assert 0 < record["train_accuracy"] <= 1
+        correct = record["train_accuracy"] * 1024
+        assert correct == pytest.approx(round(correct), abs=1e-6)
+    assert epochs[1]["train_accuracy"] > epochs[0]["train_accuracy"]
 
 
 def test_checkpoint_holds_model_optimiser_and_progress(tmp_path, capsys):

@@ -88,6 +88,7 @@ class _Graph:
     x: torch.Tensor  # the input buffers the captured kernels read
     y: torch.Tensor
     loss: torch.Tensor  # written by every replay
+    correct: torch.Tensor
 
 
 class GraphedStep:
@@ -105,18 +106,19 @@ class GraphedStep:
         self.graphs: dict[tuple[int, ...], _Graph] = {}
         for x, y in examples:
             static_x, static_y = x.clone(), y.clone()
-            graph, loss = devices.capture(
+            graph, (loss, correct) = devices.capture(
                 lambda sx=static_x, sy=static_y: train_step(run, sx, sy))
-            self.graphs[tuple(x.shape)] = _Graph(graph, static_x, static_y, loss)
+            self.graphs[tuple(x.shape)] = _Graph(graph, static_x, static_y, loss, correct)
         saved.restore(run)  # a capture computes nothing; this undoes anything done beside it
 
     @property
     def shapes(self) -> list[int]:
         return [shape[0] for shape in self.graphs]
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One step on (x, y). The returned loss is the graph's own buffer, overwritten by the
-        next replay: use it (add it to a sum) before the next step."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on (x, y). The returned loss and count of correct answers are the graph's
+        own buffers, overwritten by the next replay: use them (add them to a sum) before the
+        next step."""
         for group, rate in zip(self.run.optimizer.param_groups, self.rates, strict=True):
             if group["lr"] is not rate:  # a scheduler that assigned a float instead of filling
                 rate.fill_(float(group["lr"]))
@@ -127,7 +129,7 @@ class GraphedStep:
         captured.x.copy_(x)
         captured.y.copy_(y)
         captured.graph.replay()
-        return captured.loss
+        return captured.loss, captured.correct
 
 
 class GraphedTest:

@@ -50,8 +50,10 @@ class Progress:
     stale_tests: int = 0  # tests in a row without a better best_accuracy (--patience)
     target_seconds: float | None = None  # when --target-accuracy was reached
     seconds: float = 0.0  # time spent training and testing, summed over resumes
-    # Running loss sums, kept on the device so that adding to them never waits for it.
+    # Running sums, kept on the device so that adding to them never waits for it.
     epoch_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    epoch_correct_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    epoch_images: int = 0  # training images seen this epoch (the last batch may be short)
     window_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     window_batches: int = 0
 
@@ -343,6 +345,7 @@ def _end_epoch(run: Run, epoch: int,
     test, val = result or (None, None)
     record = {"kind": "epoch", "epoch": epoch, "step": progress.step,
               "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
+              "train_accuracy": _train_accuracy(progress),
               "test_loss": test.loss if test else None,
               "test_accuracy": test.accuracy if test else None,
               "seconds": round(progress.seconds, 3), "lr": lr}
@@ -353,6 +356,8 @@ def _end_epoch(run: Run, epoch: int,
     if complete:
         progress.epoch, progress.batch = epoch + 1, 0
         progress.epoch_loss_sum.zero_()
+        progress.epoch_correct_sum.zero_()
+        progress.epoch_images = 0
     _save(run, run.last_path)
     if config.keep:
         _save(run, run.run_dir / f"epoch-{epoch:03d}.pt")
@@ -497,6 +502,7 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     ema = (AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(config.ema),
                          use_buffers=True) if config.ema else None)
     progress = Progress(epoch_loss_sum=torch.zeros((), device=device),
+                        epoch_correct_sum=torch.zeros((), device=device),
                         window_loss_sum=torch.zeros((), device=device))
     if saved is not None:
         # A resumed run goes on in the folder that holds its checkpoint, wherever that folder
@@ -604,12 +610,15 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
             test = evaluate_model(run.tested_model, run.test_batches,
                                   channels_last=config.channels_last)
     progress.seconds += time.perf_counter() - start
-    # The line that stays for each test, as Keras keeps one per epoch. The training loss is
-    # the mean over this epoch's batches so far (label-smoothed when the recipe smooths).
+    # The line that stays for each test, as Keras keeps one per epoch. The training loss and
+    # accuracy are over this epoch's batches so far, as trained: augmented, with dropout on,
+    # each batch scored just before its own update (and the loss label-smoothed when the
+    # recipe smooths), so they are not the test set's measures on training images.
     shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
     train_loss = progress.epoch_loss_sum.item() / max(progress.batch, 1)
     run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: train loss "
-                  f"{train_loss:.4f}; " + "; ".join(
+                  f"{train_loss:.4f}, accuracy {100 * _train_accuracy(progress):.2f}%; "
+                  + "; ".join(
                       f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} "
                       f"({100 * r.accuracy:.2f}%)" for name, r in shown)
                   + f"; epoch {progress.seconds - run.epoch_began:.2f} s, lr {_rate(run):.4g}, "
@@ -621,6 +630,10 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
     else:
         progress.stale_tests += 1
     return test, val
+
+
+def _train_accuracy(progress: Progress) -> float:
+    return progress.epoch_correct_sum.item() / max(progress.epoch_images, 1)
 
 
 def _reached(run: Run, result: Evaluation | None) -> bool:
@@ -690,10 +703,12 @@ def _stop(run: Run, stop: StopSignals) -> None:
                   f"{run.last_path}", stop.signum)
 
 
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on one batch, as the guide teaches it: zero_grad, forward, loss,
-    backward, step (plus the recipe's augmentation, precision and average). Nothing here waits
-    for the device, so with --cuda-graph this very function is captured and replayed."""
+    backward, step (plus the recipe's augmentation, precision and average). Returns the loss
+    and how many of the batch the model got right, as tensors on the device: nothing here
+    waits for the device, so with --cuda-graph this very function is captured and replayed."""
     config, optimizer = run.config, run.optimizer
     x = _layout(run, augment(x, config.augment, run.background))
     optimizer.zero_grad(set_to_none=True)
@@ -711,7 +726,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     run.scaler.update()
     if run.ema is not None:
         update_average(run.ema, run.model, config.ema)
-    return loss.detach()
+    correct = (output.detach().argmax(1) == y).sum()
+    return loss.detach(), correct
 
 
 @torch.no_grad()
@@ -766,7 +782,7 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
     step = run.graphed_step or functools.partial(train_step, run)
     batches = run.train_batches.batches(epoch, start=progress.batch)
     for x, y in itertools.islice(batches, total - progress.batch):  # x: (B, 1, 28, 28)
-        loss = step(x, y)
+        loss, correct = step(x, y)
         # One-cycle sets the rate of the next step; after the run's last step there is none
         # (its line would run on below zero), so the rate logged last is the one last used.
         if (config.scheduler == "onecycle"
@@ -775,6 +791,8 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
 
         # No .item() here: adding on the device keeps the GPU busy instead of waiting for it.
         progress.epoch_loss_sum += loss
+        progress.epoch_correct_sum += correct
+        progress.epoch_images += len(y)
         progress.window_loss_sum += loss
         progress.window_batches += 1
         progress.batch += 1
