@@ -57,6 +57,17 @@ class Progress:
     window_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     window_batches: int = 0
 
+    def count(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        """Add one trained batch. No .item() here: adding on the device keeps the GPU busy
+        instead of waiting for it."""
+        self.epoch_loss_sum += loss
+        self.epoch_correct_sum += correct
+        self.epoch_images += images
+        self.window_loss_sum += loss
+        self.window_batches += 1
+        self.batch += 1
+        self.step += 1
+
     def state_dict(self) -> dict:
         return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                 for k, v in self.__dict__.items()}
@@ -788,15 +799,7 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
         if (config.scheduler == "onecycle"
                 and run.scheduler.last_epoch + 1 < run.scheduler.total_steps):
             run.scheduler.step()
-
-        # No .item() here: adding on the device keeps the GPU busy instead of waiting for it.
-        progress.epoch_loss_sum += loss
-        progress.epoch_correct_sum += correct
-        progress.epoch_images += len(y)
-        progress.window_loss_sum += loss
-        progress.window_batches += 1
-        progress.batch += 1
-        progress.step += 1
+        progress.count(loss, correct, len(y))
         log.advance_bar()
         last_batch = progress.batch == total
 
