@@ -10,11 +10,14 @@ A torchmnist checkpoint is one `torch.save` file holding a dict:
     scaler            the AMP gradient scaler's state_dict, or None
     ema               the weight average's state_dict, or None
     progress          epoch, batch within the epoch, global step, running loss sums, best accuracy
-    rng               python, numpy, torch (and CUDA) RNG states
+    rng               python, numpy, torch (and CUDA) RNG states (of rank 0, when distributed)
     val_index         the training images held out for validation (--val-size), or None
     dataset_spec      the data's normalisation and class names (data.DatasetSpec.to_dict), so a
                       model trained on your own images is used with the numbers it learnt on
     metrics           every record written to metrics.jsonl so far
+    world_size        how many processes trained it (1 unless started by torchrun)
+    ranks             for ranks 1.. of a distributed run, each one's own `rng` and `progress`
+                      (its running sums): what it needs to continue exactly; else []
 
 Everything in it is a tensor or a plain Python value, so it loads with
 `torch.load(weights_only=True)`, which never runs code hidden in a pickle.
@@ -46,17 +49,20 @@ CONFIG, MODEL, OPTIMIZER, SCHEDULER, SCALER, EMA = (
     "config", "model", "optimizer", "scheduler", "scaler", "ema")
 PROGRESS, RNG, VAL_INDEX, DATASET_SPEC, METRICS = (
     "progress", "rng", "val_index", "dataset_spec", "metrics")
+WORLD_SIZE, RANKS = "world_size", "ranks"
 
 
 def training_payload(*, config: dict, model: dict, optimizer: dict, scheduler: dict | None,
                      scaler: dict | None, ema: dict | None, progress: dict, rng: dict,
                      val_index: torch.Tensor | None, dataset_spec: dict,
-                     metrics: list[dict]) -> dict[str, Any]:
+                     metrics: list[dict], world_size: int = 1,
+                     ranks: list[dict] | None = None) -> dict[str, Any]:
     """Everything a run needs to continue from the very next batch (the module docstring
     lists what each is)."""
     return {CONFIG: config, MODEL: model, OPTIMIZER: optimizer, SCHEDULER: scheduler,
             SCALER: scaler, EMA: ema, PROGRESS: progress, RNG: rng, VAL_INDEX: val_index,
-            DATASET_SPEC: dataset_spec, METRICS: metrics}
+            DATASET_SPEC: dataset_spec, METRICS: metrics, WORLD_SIZE: world_size,
+            RANKS: ranks or []}
 
 
 def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, scaler,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -226,11 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(explicit: dict[str, Any]) -> int:
+    from torchmnist import distributed
     from torchmnist.checkpoint import CONFIG, find_resume, load_training
     from torchmnist.training import train
 
     if "config" in explicit:  # the file's settings, then the flags typed, which win
         explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
+    run_dir = explicit.get("run_dir")
+    if (not explicit.get("resume") and distributed.restart_count() and run_dir
+            and (Path(run_dir) / "last.pt").exists()):
+        # torchrun --max-restarts started this job again after a process died: the same
+        # command then continues from the checkpoint the run had written.
+        explicit["resume"] = run_dir
     resumed = None
     if explicit.get("resume"):
         # A resumed run keeps its saved settings; only flags given now may change them. The
@@ -247,7 +255,7 @@ def _train(explicit: dict[str, Any]) -> int:
     else:
         config = cfg.resolve(explicit)
     summary = train(config, resumed=resumed)
-    if config.json:
+    if config.json and distributed.from_environment().main:
         print(json.dumps(summary, allow_nan=False))
     return 0
 
@@ -351,6 +359,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _rank() -> str:
+    """" (rank N)" in a distributed run (torchrun), whose processes all print their errors."""
+    size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f" (rank {rank})" if size.isdigit() and int(size) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -371,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         return _test(args)
     except TorchMnistError as error:
-        print(f"torchmnist: {error.label}: {error}", file=sys.stderr)
+        # In a distributed run a stop is told once, by rank 0; errors by every rank.
+        if not (error.label == "stopped" and _rank() and os.environ.get("RANK") != "0"):
+            print(f"torchmnist: {error.label}{_rank()}: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         print("torchmnist: interrupted", file=sys.stderr)

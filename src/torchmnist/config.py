@@ -48,7 +48,8 @@ UNSET: Any = _Unset()
 
 
 GROUPS = ("recipe", "data", "model", "optimisation", "schedule and stopping",
-          "precision and speed", "checkpoints", "logging", "device")  # --help's sections
+          "precision and speed", "checkpoints", "logging", "device",
+          "distributed (under torchrun)")  # --help's sections
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None,
@@ -192,6 +193,14 @@ class TrainConfig:
     detect_anomaly: bool = _opt(False, "autograd anomaly detection: name the operation whose "
                                 "backward produced NaN (slow; for debugging)",
                                 group="device", switch="flag")
+    # Several processes (torchrun); distributed.py.
+    sync_bn: bool = _opt(False, "BatchNorm statistics over the whole batch of all processes "
+                         "instead of each process's share (SyncBatchNorm; CUDA only)",
+                         group="distributed (under torchrun)", switch="flag")
+    allow_new_world_size: bool = _opt(False, "resume a checkpoint written by another number of "
+                                      "processes (the batches then split differently, so the "
+                                      "run no longer continues exactly)",
+                                      group="distributed (under torchrun)", switch="flag")
     # Output.
     log_interval: int = _opt(10, "batches between log lines", group="logging", metavar="N")
     save_interval: int = _opt(10, "batches between checkpoints (0: only at the end of each "
@@ -311,7 +320,7 @@ RESULT_KEYS = (
     "recipe", "dataset", "model", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
     "scheduler", "gamma", "warmup", "label_smoothing", "ema", "batch_size", "seed", "loader",
     "augment", "amp", "channels_last", "compile", "deterministic", "dry_run", "init_from",
-    "freeze", "val_size",
+    "freeze", "val_size", "sync_bn",
 )
 
 
@@ -349,7 +358,7 @@ def _recipe_values(given: dict[str, Any]) -> dict[str, Any]:
 
 # Settings that say where output goes or what to continue, not what is computed: a run's
 # first lines leave them out (config.json has them all).
-_NOT_SHOWN = ("run_dir", "resume", "json", "quiet")
+_NOT_SHOWN = ("run_dir", "resume", "json", "quiet", "allow_new_world_size")
 
 
 def differences(config: TrainConfig) -> dict[str, Any]:

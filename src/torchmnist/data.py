@@ -101,6 +101,13 @@ class Split:
         """No images: the split a command that does not need it leaves unread."""
         return cls(torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
 
+    def shard(self, rank: int, ranks: int) -> Split:
+        """Every `ranks`-th image from `rank` on: the part of a test set one process of a
+        distributed run scores (their sums are added up after)."""
+        if ranks == 1:
+            return self
+        return Split(self.images[rank::ranks], self.labels[rank::ranks])
+
 
 @dataclass
 class DigitData:
@@ -515,6 +522,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(order_seed))
 
 
+def batch_count(n: int, batch_size: int, ranks: int = 1) -> int:
+    """Batches in an epoch of `n` images. With several ranks each takes an equal share of every
+    batch; a last batch too small to give every rank an image is left out."""
+    count = math.ceil(n / batch_size)
+    if ranks > 1 and 0 < n % batch_size < ranks:
+        count -= 1
+    return count
+
+
+def rank_batches(order: torch.Tensor, batch_size: int, start: int = 0, rank: int = 0,
+                 ranks: int = 1) -> Iterator[torch.Tensor]:
+    """The image indices of each batch of an epoch's `order`, from batch `start` on: the whole
+    batch for a single process; for rank r of R, every R-th image of it from r on, so that the
+    R ranks together take exactly the batch one process would. A last batch that does not
+    divide evenly leaves out its last images (fewer than R), so that every rank's share is the
+    same size and the average of the ranks' mean losses is the batch's mean loss."""
+    n = len(order)
+    for i in range(start, batch_count(n, batch_size, ranks)):
+        batch = order[i * batch_size:min((i + 1) * batch_size, n)]
+        if ranks > 1:
+            batch = batch[:len(batch) - len(batch) % ranks][rank::ranks]
+        yield batch
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28), the very arithmetic of torchvision's
     ToTensor (divide by 255) then Normalize (subtract mean, divide by std, both float32
@@ -530,29 +561,30 @@ class TensorBatches:
     """
 
     def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
-                 *, shuffle: bool, seed: int = 0):
+                 *, shuffle: bool, seed: int = 0, rank: int = 0, ranks: int = 1):
         self.images = split.images.to(device)  # (N, 28, 28) uint8
         self.labels = split.labels.to(device)  # (N,) int64
         # Made once, on the device: a batch then allocates only its own tensors.
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=device)
         self.batch_size, self.device, self.shuffle, self.seed = batch_size, device, shuffle, seed
+        # Distributed training: this rank's share of every batch (see rank_batches).
+        self.rank, self.ranks = rank, ranks
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return batch_count(len(self.labels), self.batch_size, self.ranks)
 
     def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
-        if self.shuffle:
-            order = epoch_order(n, self.seed, epoch).to(self.device)
-        for i in range(start, len(self)):
-            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
-            if self.shuffle:
-                index = order[lo:hi]
-                images, labels = self.images[index], self.labels[index]
-            else:
-                images, labels = self.images[lo:hi], self.labels[lo:hi]
-            yield normalize(images, self.mean, self.std), labels
+        if not self.shuffle and self.ranks == 1:  # in order: slices, no gather
+            for i in range(start, len(self)):
+                lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+                yield normalize(self.images[lo:hi], self.mean, self.std), self.labels[lo:hi]
+            return
+        order = (epoch_order(n, self.seed, epoch) if self.shuffle
+                 else torch.arange(n)).to(self.device)
+        for index in rank_batches(order, self.batch_size, start, self.rank, self.ranks):
+            yield normalize(self.images[index], self.mean, self.std), self.labels[index]
 
 
 class _PILDigits(Dataset):
@@ -577,11 +609,17 @@ class _PILDigits(Dataset):
 
 
 class _EpochSampler(Sampler[int]):
-    """Yields the epoch's order from `start` on; `set_epoch` picks the epoch (as
-    DistributedSampler does) and lets a resumed run skip the batches it already took."""
+    """Yields the epoch's order from batch `start` on; `set_epoch` picks the epoch (as
+    DistributedSampler does) and lets a resumed run skip the batches it already took.
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    With several ranks it yields this rank's share of each batch (`rank_batches`): the job
+    then trains on the very batches of a single process, which DistributedSampler's
+    rank-strided split of the whole epoch, padded with repeated images, would not give."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, batch_size: int, rank: int = 0,
+                 ranks: int = 1):
+        self.n, self.seed, self.shuffle, self.batch_size = n, seed, shuffle, batch_size
+        self.rank, self.ranks = rank, ranks
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -589,10 +627,12 @@ class _EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
-        return iter(order[self.start:].tolist())
+        for index in rank_batches(order, self.batch_size, self.start, self.rank, self.ranks):
+            yield from index.tolist()
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return sum(len(index) for index in rank_batches(
+            torch.arange(self.n), self.batch_size, self.start, self.rank, self.ranks))
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -618,11 +658,12 @@ class LoaderBatches:
 
     def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
                  *, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False):
-        self.device, self.batch_size, self.n = device, batch_size, len(split)
-        self.sampler = _EpochSampler(len(split), seed, shuffle)
+                 pin_memory: bool = False, rank: int = 0, ranks: int = 1):
+        self.device, self.batch_size, self.n, self.ranks = device, batch_size, len(split), ranks
+        self.sampler = _EpochSampler(len(split), seed, shuffle, batch_size, rank, ranks)
         self.loader = DataLoader(
-            _PILDigits(split, spec), batch_size=batch_size, sampler=self.sampler,
+            # Each rank's shares are batch_size / ranks images (the last may be fewer).
+            _PILDigits(split, spec), batch_size=batch_size // ranks, sampler=self.sampler,
             num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=num_workers > 0, worker_init_fn=_seed_worker,
             # The loader draws its workers' base seed from this generator; without one it
@@ -630,10 +671,10 @@ class LoaderBatches:
             generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return batch_count(self.n, self.batch_size, self.ranks)
 
     def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
-        self.sampler.set_epoch(epoch, start * self.batch_size)
+        self.sampler.set_epoch(epoch, start)
         for images, labels in self.loader:
             # non_blocking overlaps the copy with compute when the memory is pinned; a no-op
             # on the CPU.
@@ -643,8 +684,11 @@ class LoaderBatches:
 
 def make_batches(kind: str, split: Split, spec: DatasetSpec, batch_size: int,
                  device: torch.device, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False) -> TensorBatches | LoaderBatches:
+                 pin_memory: bool = False, rank: int = 0, ranks: int = 1,
+                 ) -> TensorBatches | LoaderBatches:
+    """Batches of `split`; with `ranks` > 1, this rank's share of each (see rank_batches)."""
     if kind == "tensor":
-        return TensorBatches(split, spec, batch_size, device, shuffle=shuffle, seed=seed)
+        return TensorBatches(split, spec, batch_size, device, shuffle=shuffle, seed=seed,
+                             rank=rank, ranks=ranks)
     return LoaderBatches(split, spec, batch_size, device, shuffle=shuffle, seed=seed,
-                         num_workers=num_workers, pin_memory=pin_memory)
+                         num_workers=num_workers, pin_memory=pin_memory, rank=rank, ranks=ranks)

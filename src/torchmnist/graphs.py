@@ -42,6 +42,8 @@ def reason_not_to_graph(run) -> str | None:
         return "--compile is not combined with CUDA graphs here"
     if config.detect_anomaly:
         return "anomaly detection checks every backward on the host"
+    if run.world.distributed:
+        return "DistributedDataParallel's gradient all-reduce is not captured here"
     return None
 
 

@@ -37,7 +37,9 @@ def _terminal_size() -> tuple[int, int]:
 class RunLog:
     def __init__(self, run_dir: Path, *, history: list[dict[str, Any]] | None = None,
                  progress_bar: bool | None = None, quiet: bool = False,
-                 to_stderr: bool = False):
+                 to_stderr: bool = False, write: bool = True):
+        """`write=False`: keep nothing on disk (the ranks other than 0 of a distributed run,
+        which share rank 0's run folder)."""
         self.run_dir = run_dir
         self.history: list[dict[str, Any]] = list(history or [])
         self.quiet = quiet  # nothing on the console; train.log still gets every line
@@ -47,6 +49,11 @@ class RunLog:
         self.progress_bar = (not quiet and sys.stderr.isatty() if progress_bar is None
                              else progress_bar)
         self._bar: tqdm | None = None
+        if not write:
+            self._log = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+            self._metrics = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+            self._writer = None
+            return
         self._log = open(run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
         # metrics.jsonl is rewritten from the history a checkpoint carries, so records written
         # after that checkpoint by an interrupted run do not appear twice after a resume.

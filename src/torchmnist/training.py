@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from torchmnist import checkpoint, data, devices, graphs, models, rundir
+from torchmnist import checkpoint, data, devices, distributed, graphs, models, rundir
 from torchmnist.augment import augment
 from torchmnist.config import (
     TrainConfig,
@@ -34,7 +34,7 @@ from torchmnist.config import (
     schedule_length,
 )
 from torchmnist.errors import TrainingError, UsageError
-from torchmnist.evaluation import Evaluation, evaluate_model
+from torchmnist.evaluation import Evaluation, evaluate_model, test_sums, to_evaluation
 from torchmnist.runlog import RunLog
 from torchmnist.signals import Stopped, StopSignals
 
@@ -109,6 +109,8 @@ class Run:
     graphed_step: graphs.GraphedStep | None = None
     graphed_test: graphs.GraphedTest | None = None
     epoch_began: float = 0.0  # progress.seconds when this epoch (or its resumed part) began
+    # This process's place among the processes torchrun started (one, without torchrun).
+    world: distributed.World = field(default_factory=distributed.World)
 
     @property
     def last_path(self) -> Path:
@@ -273,6 +275,7 @@ def train(config: TrainConfig, *, resumed: dict | None = None) -> TrainResult:
     # However training ends (done, an error, a signal), the log files and the progress bar
     # are closed, the run folder's lock is released and the graphs' device memory is freed.
     with contextlib.ExitStack() as cleanup:
+        cleanup.callback(distributed.finish)
         cleanup.callback(run.lock.release)
         cleanup.enter_context(run.log)
         cleanup.callback(_drop_graphs, run)
@@ -290,8 +293,7 @@ def train(config: TrainConfig, *, resumed: dict | None = None) -> TrainResult:
         # Scored now if it was not in the loop: a finished run, resumed, or a run that chose
         # on a validation set, whose test set is scored this once.
         if test is None:
-            test = evaluate_model(run.tested_model, run.test_batches,
-                                  channels_last=config.channels_last)
+            test = _evaluate(run, run.test_batches)
         summary = _finish(run, test, val, saved_from, setup_seconds, warmup_seconds)
         run.log.print(f"done: test accuracy {100 * test.accuracy:.2f}%, "
                       f"{run.progress.seconds:.2f} s training; checkpoint {run.last_path}")
@@ -322,7 +324,7 @@ def _train_epochs(run: Run) -> tuple[Evaluation | None, Evaluation | None] | Non
             _end_epoch(run, epoch, result)
             if _stopping_early(run, reached):
                 break
-            if stop.signum and epoch < run.epochs:
+            if _signalled(run, stop) and epoch < run.epochs:
                 _stop(run, stop)  # between epochs
     return result
 
@@ -354,9 +356,9 @@ def _end_epoch(run: Run, epoch: int,
     if complete and config.scheduler == "step":
         run.scheduler.step()
     test, val = result or (None, None)
+    train_loss, train_accuracy = _train_measures(run)
     record = {"kind": "epoch", "epoch": epoch, "step": progress.step,
-              "train_loss": progress.epoch_loss_sum.item() / max(progress.batch, 1),
-              "train_accuracy": _train_accuracy(progress),
+              "train_loss": train_loss, "train_accuracy": train_accuracy,
               "test_loss": test.loss if test else None,
               "test_accuracy": test.accuracy if test else None,
               "seconds": round(progress.seconds, 3), "lr": lr}
@@ -372,6 +374,7 @@ def _end_epoch(run: Run, epoch: int,
     _save(run, run.last_path)
     if config.keep:
         _save(run, run.run_dir / f"epoch-{epoch:03d}.pt")
+    if config.keep and run.world.main:
         kept = sorted(run.run_dir.glob("epoch-[0-9][0-9][0-9].pt"))
         for old in kept[:-config.keep]:
             old.unlink()
@@ -438,6 +441,11 @@ def _explained_errors(run: Run):
             raise UsageError(f"--deterministic cannot be honoured on this device: "
                              f"{first.rstrip('.')}; drop --deterministic to train with it"
                              ) from None
+        if run.world.distributed and distributed.is_connection_error(error):
+            raise TrainingError(f"rank {run.world.rank} lost another process of this job "
+                                f"(killed, or stopped by an error of its own): {first}; torchrun "
+                                "--max-restarts N restarts the job from the last checkpoint"
+                                ) from None
         raise
 
 
@@ -468,15 +476,33 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         config = _replace(config, dataset=f"{data.FOLDER_PREFIX}{folder}")
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
+    world = distributed.from_environment()
     device = devices.resolve_device(config.device)
     devices.autocast(device, config.amp)  # refuses fp16 off CUDA before any work is done
+    if config.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm synchronises GPUs only "
+                         "(on the CPU each process's BatchNorm sees its own share of a batch)")
+    if config.batch_size % world.size:
+        raise UsageError(f"--batch-size {config.batch_size} does not divide among {world.size} "
+                         f"processes: it is the whole job's batch, of which each process takes "
+                         f"an equal share; choose a multiple of {world.size}")
     saved, changes, resume_path = None, [], None
     if config.resume:
         resume_path = checkpoint.find_resume(config.resume, config.run_dir)
         saved = resumed if resumed is not None else checkpoint.load_training(resume_path)
         changes = checkpoint.check_compatible(saved[checkpoint.CONFIG], config)
+        saved_world = saved.get(checkpoint.WORLD_SIZE, 1)
+        if saved_world != world.size and not config.allow_new_world_size:
+            raise UsageError(f"{resume_path} was trained by {saved_world} process(es) and this "
+                             f"run has {world.size}: the batches would be shared out "
+                             "differently, so it would not continue the same run; pass "
+                             "--allow-new-world-size to go on all the same")
+    # Every check that needs no other process is done: now join them (torchrun).
+    device = distributed.start(world, device)
 
-    devices.seed_everything(config.seed)
+    # Rank 0 draws what a single process draws; the others draw their own augmentation and
+    # dropout (the model's first weights are rank 0's: DistributedDataParallel copies them).
+    devices.seed_everything(distributed.rank_seed(config.seed, world))
     digits = _load_data(config, saved)
     val_index = None
     if config.val_size:
@@ -484,13 +510,17 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         digits, val_index = _hold_out(digits, config, val_index)
     pin_memory = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
     loader_options = dict(num_workers=config.num_workers, pin_memory=pin_memory)
+    # With several processes each trains on its share of every batch and tests on its part
+    # of the test images (distributed.py).
     train_batches = data.make_batches(config.loader, digits.train, digits.spec, config.batch_size,
-                                      device, shuffle=True, seed=config.seed, **loader_options)
-    test_batches = data.make_batches(config.loader, digits.test, digits.spec,
-                                     config.test_batch_size, device, shuffle=False,
+                                      device, shuffle=True, seed=config.seed, rank=world.rank,
+                                      ranks=world.size, **loader_options)
+    test_batches = data.make_batches(config.loader, digits.test.shard(world.rank, world.size),
+                                     digits.spec, config.test_batch_size, device, shuffle=False,
                                      **loader_options)
-    val_batches = (data.TensorBatches(digits.val, digits.spec, config.test_batch_size, device,
-                                      shuffle=False) if val_index is not None else None)
+    val_batches = (data.TensorBatches(digits.val.shard(world.rank, world.size), digits.spec,
+                                      config.test_batch_size, device, shuffle=False)
+                   if val_index is not None else None)
 
     network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
     model = (network if network is not None
@@ -503,6 +533,8 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     notes = []
     if config.init_from and saved is None:
         notes.append(_load_initial_weights(model, config.init_from))
+    if config.sync_bn:
+        model = distributed.convert_batchnorm(model, world)
     _freeze(model, config)  # before the optimiser takes the parameters it trains
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -522,34 +554,45 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         checkpoint.restore(saved, resume_path, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, ema=ema)
         progress.load_state_dict(saved[checkpoint.PROGRESS])
+        if world.rank:
+            _restore_rank(saved, world, progress, config.seed)
         total = schedule_length(config, len(train_batches)).steps
         if progress.step > total:
             raise UsageError(f"{resume_path} has already trained {progress.step} steps, and "
                              f"--epochs {config.epochs} ends at step {total}; pass more epochs "
                              "to go on, or start a new run")
     else:
-        run_dir = Path(config.run_dir) if config.run_dir else _new_run_dir(config)
+        # Named by rank 0 (a name from the clock could differ between processes).
+        run_dir = distributed.broadcast(
+            Path(config.run_dir) if config.run_dir else _new_run_dir(config), world)
         if (run_dir / "last.pt").exists():
             raise UsageError(f"{run_dir} already holds a run's checkpoint; pass --resume to "
                              "continue it, or choose another --run-dir")
-    # Everything above only read; from here on the run folder is written, under its lock.
-    lock = rundir.claim(run_dir)
+    # Everything above only read; from here on the run folder is written, under its lock, by
+    # rank 0 alone.
+    lock = rundir.claim(run_dir) if world.main else rundir.RunLock(run_dir)  # (not acquired)
     try:
-        rundir.remove_stale_temporaries(run_dir)
+        if world.main:
+            rundir.remove_stale_temporaries(run_dir)
         # The data folder as an absolute path, so that test, export and report find it from
         # any working directory.
         config = _replace(config, run_dir=str(run_dir), data_dir=(
             str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None))
-        (run_dir / "config.json").write_text(
-            json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        if world.main:
+            (run_dir / "config.json").write_text(
+                json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n",
+                encoding="utf-8")
         log = RunLog(run_dir, history=saved[checkpoint.METRICS] if saved else None,
-                     quiet=config.quiet, to_stderr=config.json)
+                     quiet=config.quiet or not world.main, to_stderr=config.json,
+                     write=world.main)
     except BaseException:
         lock.release()
         raise
-    run = Run(config, device, run_dir, model, torch.compile(model) if config.compile else model,
+    # What the step calls: on several processes the model inside DistributedDataParallel.
+    forward = distributed.wrap(model, world, device)
+    run = Run(config, device, run_dir, model, torch.compile(forward) if config.compile else forward,
               optimizer, scheduler, scaler, ema, train_batches, test_batches, val_batches,
-              val_index, digits.spec, progress=progress, log=log, lock=lock)
+              val_index, digits.spec, progress=progress, log=log, lock=lock, world=world)
 
     dry = (" (synthetic, dry run)" if config.dry_run and data.is_builtin(config.dataset)
            else " (a sample, dry run)" if config.dry_run else "")
@@ -564,6 +607,10 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     log.print(f"model: {parameters:,} parameters; settings: the {config.recipe} recipe's" + (
         ", except " + ", ".join(f"{k} {json.dumps(v)}" for k, v in changed.items())
         if changed else "") + f" (all in {run_dir / 'config.json'})")
+    if world.distributed:
+        log.print(f"distributed: {world.size} processes ({distributed.backend()}), each "
+                  f"trains on {config.batch_size // world.size} of every batch of "
+                  f"{config.batch_size}" + (", BatchNorm synchronised" if config.sync_bn else ""))
     for note in notes:
         log.print(note)
     if saved is not None:
@@ -574,10 +621,33 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     return run, resume_path
 
 
+def _restore_rank(saved: dict, world: distributed.World, progress: Progress,
+                  seed: int) -> None:
+    """Ranks 1.. of a distributed run take their own random streams and running sums from the
+    checkpoint. Under --allow-new-world-size a rank the checkpoint has no state for starts its
+    streams afresh and its sums at zero (rank 0's hold rank 0's own batches only)."""
+    ranks = saved.get(checkpoint.RANKS) or []
+    if world.rank <= len(ranks):
+        own = ranks[world.rank - 1]
+        progress.load_state_dict(own[checkpoint.PROGRESS])
+        devices.set_rng_state(own[checkpoint.RNG])
+        return
+    devices.seed_everything(distributed.rank_seed(seed, world, progress.step))
+    for total in (progress.epoch_loss_sum, progress.epoch_correct_sum, progress.window_loss_sum):
+        total.zero_()
+    progress.epoch_images = 0
+
+
 def _save(run: Run, path: Path) -> None:
     # Never replace a good checkpoint with a diverged state: a save waits for the device
     # anyway, so checking the weights here costs nothing extra.
     _check_finite(run)
+    # Each rank's random streams and running sums, so that every rank continues exactly; a
+    # collective, so every rank saves at the same points, and rank 0 writes the file.
+    ranks = distributed.gather({checkpoint.RNG: devices.rng_state(),
+                                checkpoint.PROGRESS: run.progress.state_dict()}, run.world)
+    if not run.world.main:
+        return
     optimizer_state = run.optimizer.state_dict()
     for group in optimizer_state["param_groups"]:  # a rate on the device (--cuda-graph) is
         group["lr"] = float(group["lr"])  # saved as a number, so any device can resume it
@@ -586,8 +656,9 @@ def _save(run: Run, path: Path) -> None:
         scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
         scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
         ema=run.ema.state_dict() if run.ema is not None else None,
-        progress=run.progress.state_dict(), rng=devices.rng_state(), val_index=run.val_index,
-        dataset_spec=run.spec.to_dict(), metrics=run.log.history))
+        progress=ranks[0][checkpoint.PROGRESS], rng=ranks[0][checkpoint.RNG],
+        val_index=run.val_index, dataset_spec=run.spec.to_dict(), metrics=run.log.history,
+        world_size=run.world.size, ranks=ranks[1:]))
 
 
 def _check_finite(run: Run) -> None:
@@ -612,23 +683,19 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
     # one evaluation that `torchmnist test`, report and the exported files compute, and they
     # agree to the image.
     if run.val_batches is not None:
-        val = evaluate_model(run.tested_model, run.val_batches,
-                             channels_last=config.channels_last)
+        val = _evaluate(run, run.val_batches)
     if run.val_batches is None or config.target_accuracy is not None:
-        if run.graphed_test is not None:
-            test = run.graphed_test()
-        else:
-            test = evaluate_model(run.tested_model, run.test_batches,
-                                  channels_last=config.channels_last)
+        test = (run.graphed_test() if run.graphed_test is not None
+                else _evaluate(run, run.test_batches))
     progress.seconds += time.perf_counter() - start
     # The line that stays for each test, as Keras keeps one per epoch. The training loss and
     # accuracy are over this epoch's batches so far, as trained: augmented, with dropout on,
     # each batch scored just before its own update (and the loss label-smoothed when the
     # recipe smooths), so they are not the test set's measures on training images.
     shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
-    train_loss = progress.epoch_loss_sum.item() / max(progress.batch, 1)
+    train_loss, train_accuracy = _train_measures(run)
     run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: train loss "
-                  f"{train_loss:.4f}, accuracy {100 * _train_accuracy(progress):.2f}%; "
+                  f"{train_loss:.4f}, accuracy {100 * train_accuracy:.2f}%; "
                   + "; ".join(
                       f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} "
                       f"({100 * r.accuracy:.2f}%)" for name, r in shown)
@@ -643,8 +710,42 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
     return test, val
 
 
-def _train_accuracy(progress: Progress) -> float:
-    return progress.epoch_correct_sum.item() / max(progress.epoch_images, 1)
+def _train_measures(run: Run) -> tuple[float, float]:
+    """This epoch's mean training loss and accuracy so far, over the batches of every rank."""
+    progress, world = run.progress, run.world
+    sums = distributed.all_sum(torch.stack([
+        progress.epoch_loss_sum.float(), progress.epoch_correct_sum.float(),
+        torch.tensor(float(progress.epoch_images), device=progress.epoch_loss_sum.device)]),
+        world).tolist()
+    # Each rank's loss is the mean over its equal share of a batch: their mean is the batch's.
+    return sums[0] / max(progress.batch * world.size, 1), sums[1] / max(sums[2], 1)
+
+
+def _evaluate(run: Run, batches) -> Evaluation:
+    """Score the tested weights on `batches`; in a distributed run each rank scores its part
+    of the images and the sums are added up, so every rank gets the same, whole result."""
+    config, world = run.config, run.world
+    if not world.distributed:
+        return evaluate_model(run.tested_model, batches, channels_last=config.channels_last)
+    distributed.same_buffers(run.tested_model, world)  # every rank tests rank 0's weights
+    run.tested_model.eval()
+    loss_sum, correct, total = test_sums(run.tested_model, batches,
+                                         channels_last=config.channels_last)
+    sums = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(
+        float(total), dtype=torch.float64, device=loss_sum.device)]), world)
+    return to_evaluation(sums[0], sums[1], int(sums[2].item()))
+
+
+def _signalled(run: Run, stop: StopSignals, now: bool = True) -> bool:
+    """Whether a SIGINT/SIGTERM asks the run to stop. A single process looks after every
+    step. The ranks of a distributed run must all stop after the same step, so they agree on
+    it (one tiny all-reduce) where they already wait for each other: at each log line
+    (`now`) and between epochs."""
+    if run.world.distributed:
+        if not now:
+            return False
+        stop.signum = distributed.agree_on_signal(stop.signum, run.world, run.device)
+    return stop.signum is not None
 
 
 def _reached(run: Run, result: Evaluation | None) -> bool:
@@ -710,8 +811,9 @@ def _stop(run: Run, stop: StopSignals) -> None:
                   f"saved {run.last_path}")
     run.log.close()
     raise Stopped(f"{stop.name} at epoch {progress.epoch}, batch {progress.batch} (step "
-                  f"{progress.step}); checkpoint saved; resume with: torchmnist train --resume "
-                  f"{run.last_path}", stop.signum)
+                  f"{progress.step}); checkpoint saved; resume with: "
+                  f"{'the same torchrun command and ' if run.world.distributed else ''}"
+                  f"torchmnist train --resume {run.last_path}", stop.signum)
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
@@ -762,8 +864,9 @@ def update_average(average: AveragedModel, model: nn.Module, decay: float) -> No
 def _log_window(run: Run, epoch: int, total: int, mark: float) -> float:
     """The logging branch: the mean loss since the last log line (the one place a training
     step waits for the device), as a metric and a line. Returns the new time mark."""
-    progress = run.progress
-    window_loss = progress.window_loss_sum.item() / progress.window_batches
+    progress, world = run.progress, run.world
+    window_loss = (distributed.all_sum(progress.window_loss_sum, world).item()
+                   / (progress.window_batches * world.size))
     if not math.isfinite(window_loss):
         _check_finite(run)  # raises
     now = time.perf_counter()
@@ -803,7 +906,8 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
         log.advance_bar()
         last_batch = progress.batch == total
 
-        if progress.batch % config.log_interval == 0 or last_batch:
+        logging = progress.batch % config.log_interval == 0 or last_batch
+        if logging:
             mark = _log_window(run, epoch, total, mark)  # the one wait for the device
         if test_every and progress.step % test_every == 0 and not last_batch:
             progress.seconds += time.perf_counter() - mark
@@ -815,7 +919,7 @@ def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
                 break
         if config.save_interval and progress.batch % config.save_interval == 0 and not last_batch:
             _save(run, run.last_path)  # the end of the epoch is saved after testing
-        if stop.signum:
+        if _signalled(run, stop, now=logging):
             break  # the caller saves and stops (after testing, if the epoch is complete)
     progress.seconds += time.perf_counter() - mark
     log.close_bar()
