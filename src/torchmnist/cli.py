@@ -228,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(explicit: dict[str, Any]) -> int:
     from torchmnist import distributed
-    from torchmnist.checkpoint import CONFIG, find_resume, load_training
-    from torchmnist.training import train
+    from torchmnist.training import from_flags, train
 
     if "config" in explicit:  # the file's settings, then the flags typed, which win
         explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
@@ -239,21 +238,7 @@ def _train(explicit: dict[str, Any]) -> int:
         # torchrun --max-restarts started this job again after a process died: the same
         # command then continues from the checkpoint the run had written.
         explicit["resume"] = run_dir
-    resumed = None
-    if explicit.get("resume"):
-        # A resumed run keeps its saved settings; only flags given now may change them. The
-        # checkpoint is read once, here, and handed to train.
-        path = find_resume(explicit["resume"], explicit.get("run_dir"))
-        resumed = load_training(path)
-        saved_config = resumed[CONFIG]
-        saved_model = str(saved_config.get("model", ""))
-        if ":" in saved_model and explicit.get("model") != saved_model:
-            raise UsageError(f"{path} was trained with your own model {saved_model}; pass "
-                             f"--model {saved_model} to resume it (torchmnist imports no code "
-                             "that a checkpoint names by itself)")
-        config = cfg.resolve({**explicit, "resume": str(path)}, saved=saved_config)
-    else:
-        config = cfg.resolve(explicit)
+    config, resumed = from_flags(explicit)
     summary = train(config, resumed=resumed)
     if config.json and distributed.from_environment().main:
         print(json.dumps(summary, allow_nan=False))

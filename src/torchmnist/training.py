@@ -31,6 +31,7 @@ from torchmnist.config import (
     differences,
     eval_interval,
     frozen_prefixes,
+    resolve,
     schedule_length,
 )
 from torchmnist.errors import TrainingError, UsageError
@@ -111,6 +112,9 @@ class Run:
     epoch_began: float = 0.0  # progress.seconds when this epoch (or its resumed part) began
     # This process's place among the processes torchrun started (one, without torchrun).
     world: distributed.World = field(default_factory=distributed.World)
+    # Called after each test with (accuracy followed, step, epoch); it may raise to end the
+    # run there (a sweep's pruner does).
+    on_test: Callable[[float, int, int], None] | None = None
 
     @property
     def last_path(self) -> Path:
@@ -240,6 +244,23 @@ def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_e
     return None
 
 
+def from_flags(explicit: dict) -> tuple[TrainConfig, dict | None]:
+    """The config of `torchmnist train` from the flags a user set (and a config file's), with
+    the checkpoint a --resume names, read once. A resumed run keeps its saved settings; only
+    flags given now may change them."""
+    if not explicit.get("resume"):
+        return resolve(explicit), None
+    path = checkpoint.find_resume(explicit["resume"], explicit.get("run_dir"))
+    resumed = checkpoint.load_training(path)
+    saved_config = resumed[checkpoint.CONFIG]
+    saved_model = str(saved_config.get("model", ""))
+    if ":" in saved_model and explicit.get("model") != saved_model:
+        raise UsageError(f"{path} was trained with your own model {saved_model}; pass "
+                         f"--model {saved_model} to resume it (torchmnist imports no code "
+                         "that a checkpoint names by itself)")
+    return resolve({**explicit, "resume": str(path)}, saved=saved_config), resumed
+
+
 def _new_run_dir(config: TrainConfig) -> Path:
     dataset = ("synthetic" if config.dry_run and data.is_builtin(config.dataset)
                else data.short_name(config.dataset))
@@ -265,13 +286,17 @@ class TrainResult(dict):
         return dict(self)
 
 
-def train(config: TrainConfig, *, resumed: dict | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resumed: dict | None = None,
+          on_test: Callable[[float, int, int], None] | None = None) -> TrainResult:
     """Train and test as `config` says; return the summary and the trained model. `resumed`:
     the checkpoint `config.resume` names, when the caller has already read it
-    (checkpoint.load_training), so that it is not read twice."""
+    (checkpoint.load_training), so that it is not read twice. `on_test(accuracy, step,
+    epoch)` is called after each test (validation accuracy with --val-size); an exception it
+    raises ends the run there, its files closed."""
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config, resumed)
+    run.on_test = on_test
     # However training ends (done, an error, a signal), the log files and the progress bar
     # are closed, the run folder's lock is released and the graphs' device memory is freed.
     with contextlib.ExitStack() as cleanup:
@@ -707,6 +732,8 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
         _save(run, run.run_dir / "best.pt")
     else:
         progress.stale_tests += 1
+    if run.on_test is not None:
+        run.on_test(chosen.accuracy, progress.step, epoch)
     return test, val
 
 
