@@ -223,7 +223,68 @@ def build_parser() -> argparse.ArgumentParser:
                        "accuracy; 0 to skip (default: 3)")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON line")
     _add_train_flags(bench, skip=("run_dir", "resume", "json", "keep", "save_model", "quiet"))
+
+    _add_sweep_parser(commands)
     return parser
+
+
+# The sweep's own options; every other flag of `sweep` is a train flag for all its trials.
+_SWEEP_OPTIONS = ("param", "space", "trials", "jobs", "objective", "sampler", "pruner",
+                  "prune_startup", "storage", "study_name", "best_format", "heartbeat", "worker",
+                  "share", "run_dir", "json", "quiet")
+
+
+def _add_sweep_parser(commands) -> None:
+    from torchmnist.sweep import BEST_FORMATS, OBJECTIVES, SAMPLERS
+
+    sweep = commands.add_parser(
+        "sweep", help="search hyper-parameters with Optuna, over any train flag",
+        description="Search train settings with Optuna: each trial is a run folder under the "
+        "sweep's folder, hopeless trials are pruned on their per-test accuracy, and the best "
+        "settings are written as a config file for train --config. Train flags given here apply "
+        "to every trial (e.g. --recipe fast --dry-run).", argument_default=argparse.SUPPRESS)
+    s = sweep.add_argument_group("sweep")
+    s.add_argument("--param", action="append", metavar="NAME=SPEC",
+                   help="a setting to search: lr=log:1e-3:1, momentum=float:0:0.99, "
+                   "epochs=int:1:3, batch_size=choice:64,128,256 (repeat the flag)")
+    s.add_argument("--space", metavar="FILE", help="settings to search from a TOML, YAML or "
+                   "JSON file: each key a setting, each value a spec as in --param or a list of "
+                   "choices")
+    s.add_argument("--trials", type=int, metavar="N", help="trials in the study, all workers "
+                   "together; a resumed or joined study goes on to N (default: 20)")
+    s.add_argument("--jobs", type=int, metavar="J", help="trials at once on this machine, each "
+                   "in its own process with cores/J torch threads (default: 1)")
+    s.add_argument("--objective", choices=OBJECTIVES, help="what a trial is scored on: "
+                   "accuracy (validation with --val-size, else test), val_accuracy, "
+                   "test_accuracy, or time to --target-accuracy (default: accuracy)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="how settings are proposed (default: "
+                   "tpe; grid needs choice or int parameters)")
+    s.add_argument("--pruner", choices=("median", "none"), help="stop a trial whose accuracy "
+                   "after a test is below the median of earlier trials at that step (default: "
+                   "median)")
+    s.add_argument("--prune-startup", type=int, metavar="N", help="trials that run to the end "
+                   "before any is pruned (default: 5)")
+    s.add_argument("--storage", metavar="URL", help="the study's database, e.g. "
+                   "postgresql://user:pass@host/db, which workers on several machines share "
+                   "(default: SQLite in the sweep folder)")
+    s.add_argument("--study-name", metavar="NAME", help="the study to create or join (default: "
+                   "the sweep folder's name)")
+    s.add_argument("--best-format", choices=BEST_FORMATS, help="the file the best settings are "
+                   "written to (default: toml, i.e. best.toml)")
+    s.add_argument("--heartbeat", type=int, metavar="S", help="seconds between a running "
+                   "trial's heartbeats; a trial silent for 3 of them is run again (default: 10)")
+    # One of --jobs' processes, and how many trials it runs.
+    s.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--share", type=int, help=argparse.SUPPRESS)
+    _add_train_flags(sweep, skip=("resume", "allow_new_world_size"))
+    for action in sweep._actions:  # the three train flags that speak for the sweep here
+        if action.dest == "run_dir":
+            action.help = "the sweep's folder: the study, trial-NNNN/ run folders, best.toml, " \
+                "plots (default: runs/sweep-<date-time>)"
+        elif action.dest == "json":
+            action.help = "print the sweep's summary as JSON on stdout, the rest on stderr"
+        elif action.dest == "quiet":
+            action.help = "print nothing but errors (and the --json line)"
 
 
 def _train(explicit: dict[str, Any]) -> int:
@@ -242,6 +303,16 @@ def _train(explicit: dict[str, Any]) -> int:
     summary = train(config, resumed=resumed)
     if config.json and distributed.from_environment().main:
         print(json.dumps(summary, allow_nan=False))
+    return 0
+
+
+def _sweep(explicit: dict[str, Any], argv: list[str]) -> int:
+    from torchmnist import sweep
+
+    options = {k: explicit.pop(k) for k in _SWEEP_OPTIONS if k in explicit}
+    summary = sweep.main(options, explicit, argv)
+    if summary is not None and options.get("json"):
+        print(json.dumps(summary, allow_nan=False, default=str))
     return 0
 
 
@@ -362,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             return _train(explicit)
         if args.command == "bench":
             return _bench(explicit)
+        if args.command == "sweep":
+            raw = list(sys.argv[1:] if argv is None else argv)
+            return _sweep(explicit, raw[raw.index("sweep") + 1:])
         if args.command == "predict":
             return _predict(args)
         if args.command == "export":

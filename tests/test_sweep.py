@@ -1,0 +1,213 @@
+"""torchmnist sweep: Optuna studies over train flags, on SQLite and on a real PostgreSQL server.
+
+The trials are dry runs (1,024 synthetic images), so a whole sweep takes seconds; what is
+checked is the machinery: search specs, pruning, workers sharing a study, a killed sweep
+resuming, the best settings written as a config file train reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_sentence_error, run_main
+
+from torchmnist import config, sweep
+
+pytest.importorskip("optuna")
+
+
+def _sweep(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    return subprocess.run([sys.executable, "-m", "torchmnist", "sweep", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- search specs ----------------------------------------------------------------------------
+
+def test_param_specs_become_optuna_ranges_and_choices():
+    assert sweep.parse_param("lr=log:1e-3:1") == sweep.Param("lr", "log", 1e-3, 1.0)
+    assert sweep.parse_param("epochs=int:1:3") == sweep.Param("epochs", "int", 1, 3)
+    assert sweep.parse_param("batch-size=choice:64,128").choices == (64, 128)
+    assert sweep.parse_param("nesterov=choice:true,false").choices == (True, False)
+    assert sweep.parse_param("augment=choice:none,translate").choices == ("none", "translate")
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("lr=log:0:1", "--param lr: a log range needs LOW > 0"),
+    ("lr=log:1:0.1", "--param lr: the range needs finite LOW < HIGH"),
+    ("lr=normal:0:1", "--param lr: the kind 'normal' is not one of"),
+    ("lr=float:a:1", "--param lr: 'float:a:1' holds something that is not a number"),
+    ("lr=float:-1:1", "--param lr: --lr must be positive"),
+    ("batch_size=choice:64,big", "--param batch_size: batch_size must be a number"),
+    ("model=choice:guide,resnet", "--param model: --model must be one of"),
+    ("colour=choice:red", "--param colour: 'colour' is not a train setting"),
+    ("run_dir=choice:a", "--param run_dir: 'run_dir' is not a train setting"),
+    ("lr", "--param 'lr' must look like lr=log:1e-3:1"),
+])
+def test_a_bad_search_spec_exits_2_naming_the_parameter(spec, fragment, capsys):
+    code, _, err = run_main(["sweep", "--dry-run", "--param", spec, "--run-dir", "s"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, fragment)
+    assert not Path("s").exists()
+
+
+def test_a_space_file_and_the_sweep_options_are_checked(capsys):
+    Path("space.toml").write_text('[params]\nlr = "log:1e-3:1"\nbatch_size = [64, 128]\n')
+    space = sweep.read_space("space.toml")
+    assert [p.describe() for p in space] == ["lr log [0.001, 1.0]", "batch_size in {64, 128}"]
+    Path("bad.toml").write_text('momentum = "float:0:2:3"\n')
+    for args, fragment in [
+        (["--space", "bad.toml"], "--space bad.toml: momentum: float needs LOW:HIGH"),
+        ([], "a sweep needs something to search"),
+        (["--space", "space.toml", "--sampler", "grid"],
+         "--sampler grid needs values to enumerate: lr is a continuous range"),
+        (["--space", "space.toml", "--objective", "time"], "--objective time needs "
+                                                           "--target-accuracy"),
+        (["--space", "space.toml", "--objective", "val_accuracy"], "needs a validation set"),
+        (["--space", "space.toml", "--param", "lr=log:1e-2:1"], "--param lr is given more "
+                                                                 "than once"),
+        (["--space", "space.toml", "--lr", "-1"], "--lr must be positive"),
+    ]:
+        code, _, err = run_main(["sweep", "--dry-run", "--run-dir", "s", *args], capsys)
+        assert code == 2, args
+        assert_one_sentence_error(err, fragment)
+
+
+# ---- on SQLite -------------------------------------------------------------------------------
+
+FLAGS = ["--dry-run", "--epochs", "3", "--param", "lr=choice:0.00001,0.05", "--param",
+         "momentum=choice:0,0.5", "--prune-startup", "1", "--json"]
+
+
+def test_two_jobs_share_a_sqlite_study_prune_and_write_the_best_settings(tmp_path, capsys):
+    summary = _summary(_sweep(tmp_path, *FLAGS, "--trials", "8", "--jobs", "2", "--run-dir",
+                              "s"))
+    states = summary["states"]
+    assert states.get("complete", 0) + states.get("pruned", 0) == 8
+    assert states.get("pruned", 0) >= 1  # lr 1e-5 learns nothing in an epoch: below median
+    assert summary["best"]["params"]["lr"] == 0.05
+    folders = sorted(p.name for p in (tmp_path / "s").glob("trial-*"))
+    assert folders == [f"trial-{i:04d}" for i in range(8)]
+    assert all((tmp_path / "s" / f / "last.pt").exists() for f in folders)
+    for name in ("study.db", "best.toml", "history.png", "importances.png"):
+        assert (tmp_path / "s" / name).stat().st_size > 0, name
+    # The best settings are a config file train reads, with the sweep's train flags in it.
+    best = config.read_config_file(tmp_path / "s/best.toml")
+    assert best["lr"] == 0.05 and best["dry_run"] is True and best["epochs"] == 3
+    os.chdir(tmp_path)
+    code, _, err = run_main(["train", "--config", "s/best.toml", "--run-dir", "again"], capsys)
+    assert code == 0, err
+
+
+def test_a_finished_sweep_run_again_adds_nothing_and_more_trials_extend_it(tmp_path):
+    first = _summary(_sweep(tmp_path, *FLAGS, "--trials", "3", "--run-dir", "s"))
+    again = _summary(_sweep(tmp_path, *FLAGS, "--trials", "3", "--run-dir", "s"))
+    assert first["trials"] == again["trials"] == 3
+    more = _summary(_sweep(tmp_path, *FLAGS, "--trials", "5", "--run-dir", "s"))
+    assert more["trials"] == 5
+
+
+def test_a_killed_sweep_resumes_and_reruns_its_interrupted_trials_from_their_checkpoints(
+        tmp_path):
+    flags = ["--dry-run", "--epochs", "8", "--save-interval", "4", "--param",
+             "lr=log:1e-3:0.5", "--trials", "6", "--jobs", "2", "--heartbeat", "1",
+             "--pruner", "none", "--run-dir", "s"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "s/trial-0002/last.pt").exists():  # trial 2 is under way
+        assert job.poll() is None, job.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the sweep and both workers, at once
+    job.communicate()
+    time.sleep(3.5)  # past 3 heartbeats: the interrupted trials are now stale
+    result = _sweep(tmp_path, *flags, "--json")
+    summary = _summary(result)
+    assert summary["states"]["fail"] >= 1  # what the kill interrupted...
+    assert summary["states"]["complete"] == 6  # ...run again: 6 trials in the end
+    assert "(resuming " in result.stderr  # from the checkpoint in the trial's folder
+    # A trial run again goes on in the folder of the one it repeats: no folder of its own.
+    folders = list((tmp_path / "s").glob("trial-*"))
+    assert len(folders) == summary["trials"] - summary["states"]["fail"]
+    assert all((f / "last.pt").exists() for f in folders)
+
+
+# ---- on PostgreSQL, two workers started apart -------------------------------------------------
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    return None
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of its own in the test's temp dir, on a free localhost port."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL (initdb, pg_ctl) is missing; .ci/run installs it")
+        pytest.skip("needs PostgreSQL's initdb and pg_ctl (Debian: apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    # PostgreSQL refuses to run as root: then it runs as the postgres user, in a temporary
+    # folder of its own that it can reach (pytest's are private to their owner).
+    as_user = (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
+    folder = Path(tempfile.mkdtemp(prefix="torchmnist-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, initdb, "-D", str(folder / "db"), "-A", "trust", "-U",
+                    "postgres"], check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(folder / "db"), "-l", str(folder / "log"), "-w",
+                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(folder / "db"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_started_apart_share_one_study_on_postgresql(tmp_path, postgres):
+    flags = ["--dry-run", "--epochs", "2", "--param", "lr=log:1e-3:0.5", "--trials", "6",
+             "--storage", postgres, "--study-name", "shared", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    workers = [subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags,
+                                 "--run-dir", f"machine-{i}"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert all(s["storage"].startswith("postgresql://") for s in summaries)
+    assert max(s["trials"] for s in summaries) >= 6
+    # Each ran some of the study's trials, in its own folder; together, all of them.
+    ran = [{int(p.name.split("-")[1]) for p in (tmp_path / f"machine-{i}").glob("trial-*")}
+           for i in range(2)]
+    assert ran[0] and ran[1] and not ran[0] & ran[1]
+    assert len(ran[0] | ran[1]) >= 6
