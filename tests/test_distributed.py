@@ -170,8 +170,14 @@ def test_one_step_on_two_ranks_is_one_process_step_on_the_whole_batch(loader, tm
 
 
 def test_a_two_rank_dry_run_writes_one_run_folder_and_whole_test_results(tmp_path):
-    result = _run(tmp_path, "--dry-run", "--epochs", "2", "--run-dir", "r", "--json")
+    result = _run(tmp_path, "--dry-run", "--epochs", "2", "--run-dir", "r", "--json",
+                  "--save-model", "--keep", "1", "--tensorboard")
     assert result.returncode == 0, result.stderr
+    files = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert len([f for f in files if f.startswith("events.out.tfevents")]) == 1
+    assert [f for f in files if not f.startswith("events.")] == [
+        ".torchmnist-lock", ".torchmnist-run", "best.pt", "config.json", "epoch-002.pt",
+        "last.pt", "metrics.jsonl", "model.pt", "model.safetensors", "train.log"]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1  # rank 0's summary, and nothing else
     summary = json.loads(lines[0])

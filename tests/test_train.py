@@ -285,3 +285,31 @@ def test_a_dry_run_learns_and_a_broken_step_shows(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
     broken = _train(tmp_path, "broken", "--device", "cpu", capsys=capsys)
     assert broken["test_accuracy"] < 0.2
+
+
+def test_on_test_sees_each_test_and_may_end_the_run(tmp_path):
+    seen = []
+    config = torchmnist.TrainConfig(dry_run=True, epochs=3, quiet=True,
+                                    run_dir=str(tmp_path / "all"))
+    result = training.train(config, on_test=lambda *args: seen.append(args))
+    assert [(step, epoch, last) for _, step, epoch, last in seen] == [
+        (16, 1, False), (32, 2, False), (48, 3, True)]
+    assert seen[-1][0] == result["test_accuracy"]
+
+    class Enough(Exception):
+        pass
+
+    def stop_after_epoch_2(accuracy, step, epoch, last):
+        if epoch == 2:
+            raise Enough
+
+    with pytest.raises(Enough):
+        training.train(torchmnist.TrainConfig(dry_run=True, epochs=3, quiet=True,
+                                              run_dir=str(tmp_path / "cut")),
+                       on_test=stop_after_epoch_2)
+    saved = checkpoint.load(tmp_path / "cut/last.pt")  # saved before the test that raised
+    assert 16 <= saved["progress"]["step"] < 32
+    # The lock went with the run: the folder resumes at once.
+    code = subprocess.run([sys.executable, "-m", "torchmnist", "train", "--resume",
+                           str(tmp_path / "cut"), "--quiet"], capture_output=True).returncode
+    assert code == 0

@@ -40,7 +40,7 @@ class RunLog:
                  to_stderr: bool = False, write: bool = True):
         """`write=False`: keep nothing on disk (the ranks other than 0 of a distributed run,
         which share rank 0's run folder)."""
-        self.run_dir = run_dir
+        self.run_dir, self.write = run_dir, write
         self.history: list[dict[str, Any]] = list(history or [])
         self.quiet = quiet  # nothing on the console; train.log still gets every line
         # With --json, stdout holds only the JSON summary, so the lines for people go to
@@ -94,6 +94,8 @@ class RunLog:
     def start_tensorboard(self, step: int) -> None:
         """Write TensorBoard event files into the run directory from `step` on; events a
         crashed run wrote after the checkpoint it resumes from are hidden (purge_step)."""
+        if not self.write:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

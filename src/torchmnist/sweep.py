@@ -385,9 +385,9 @@ def _objective(sweep: Sweep, trial, worker: int) -> float:
     # size), or, with --eval-interval Ns, after the same number of steps.
     by_epoch = cfg.eval_interval(config).unit != "steps"
 
-    def report(accuracy: float, step: int, epoch: int) -> None:
+    def report(accuracy: float, step: int, epoch: int, last: bool) -> None:
         trial.report(accuracy, epoch if by_epoch else step)
-        if trial.should_prune():
+        if not last and trial.should_prune():  # after the last step there is nothing to save
             where = f"epoch {epoch}" if by_epoch else f"step {step}"
             _say(sweep, f"trial {trial.number}: {shown}: pruned after {where} (accuracy "
                         f"{100 * accuracy:.2f}%)")
@@ -524,6 +524,10 @@ def write_best(sweep: Sweep, params: dict[str, Any]) -> Path:
     else:
         text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
     head = f"# torchmnist sweep {sweep.study_name}: the best trial's settings\n"
+    if sweep.jobs > 1 and "threads" not in sweep.base:
+        # On a CPU the sums of a step depend on how many threads share them.
+        head += (f"# its trial ran with {max(1, _cores() // sweep.jobs)} torch thread(s): pass "
+                 "--threads with that number to reproduce its score exactly\n")
     path.write_text((head if sweep.best_format != "json" else "") + text, encoding="utf-8")
     return path
 

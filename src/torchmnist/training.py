@@ -112,9 +112,9 @@ class Run:
     epoch_began: float = 0.0  # progress.seconds when this epoch (or its resumed part) began
     # This process's place among the processes torchrun started (one, without torchrun).
     world: distributed.World = field(default_factory=distributed.World)
-    # Called after each test with (accuracy followed, step, epoch); it may raise to end the
-    # run there (a sweep's pruner does).
-    on_test: Callable[[float, int, int], None] | None = None
+    # Called after each test with (accuracy followed, step, epoch, whether it is the run's last
+    # test); it may raise to end the run there (a sweep's pruner does).
+    on_test: Callable[[float, int, int, bool], None] | None = None
 
     @property
     def last_path(self) -> Path:
@@ -287,12 +287,12 @@ class TrainResult(dict):
 
 
 def train(config: TrainConfig, *, resumed: dict | None = None,
-          on_test: Callable[[float, int, int], None] | None = None) -> TrainResult:
+          on_test: Callable[[float, int, int, bool], None] | None = None) -> TrainResult:
     """Train and test as `config` says; return the summary and the trained model. `resumed`:
     the checkpoint `config.resume` names, when the caller has already read it
-    (checkpoint.load_training), so that it is not read twice. `on_test(accuracy, step,
-    epoch)` is called after each test (validation accuracy with --val-size); an exception it
-    raises ends the run there, its files closed."""
+    (checkpoint.load_training), so that it is not read twice. `on_test(accuracy, step, epoch,
+    last)` is called after each test (validation accuracy with --val-size; `last`: the run
+    has trained its last step); an exception it raises ends the run there, files closed."""
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config, resumed)
@@ -420,7 +420,7 @@ def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Pa
     model_files = []
     if config.save_model:
         model_files = [run.run_dir / "model.pt", run.run_dir / "model.safetensors"]
-        for path in model_files:
+        for path in model_files if run.world.main else []:  # rank 0 writes the run folder
             checkpoint.save_weights(path, run.tested_model.state_dict(), metadata={
                 checkpoint.DATASET_SPEC: json.dumps(run.spec.to_dict(), allow_nan=False)})
     best = run.run_dir / "best.pt"
@@ -733,7 +733,8 @@ def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
     else:
         progress.stale_tests += 1
     if run.on_test is not None:
-        run.on_test(chosen.accuracy, progress.step, epoch)
+        total = schedule_length(config, len(run.train_batches)).steps
+        run.on_test(chosen.accuracy, progress.step, epoch, progress.step >= total)
     return test, val
 
 
