@@ -141,13 +141,14 @@ def test_a_killed_sweep_resumes_and_reruns_its_interrupted_trials_from_their_che
     time.sleep(3.5)  # past 3 heartbeats: the interrupted trials are now stale
     result = _sweep(tmp_path, *flags, "--json")
     summary = _summary(result)
-    assert summary["states"]["fail"] >= 1  # what the kill interrupted...
-    assert summary["states"]["complete"] == 6  # ...run again: 6 trials in the end
-    assert "(resuming " in result.stderr  # from the checkpoint in the trial's folder
+    told = f"{summary}\n{result.stderr}"
+    assert summary["states"]["fail"] >= 1, told  # what the kill interrupted...
+    assert summary["states"]["complete"] == 6, told  # ...run again: 6 trials in the end
+    assert "(resuming " in result.stderr, told  # from the checkpoint in the trial's folder
     # A trial run again goes on in the folder of the one it repeats: no folder of its own.
     folders = list((tmp_path / "s").glob("trial-*"))
-    assert len(folders) == summary["trials"] - summary["states"]["fail"]
-    assert all((f / "last.pt").exists() for f in folders)
+    assert len(folders) == summary["trials"] - summary["states"]["fail"], told
+    assert all((f / "last.pt").exists() for f in folders), told
 
 
 # ---- on PostgreSQL, two workers started apart -------------------------------------------------

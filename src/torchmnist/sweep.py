@@ -253,13 +253,27 @@ def _storage(sweep: Sweep):
     optuna = _optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    engine = {"connect_args": {"timeout": 60}} if sweep.storage.startswith("sqlite") else None
+    sqlite = sweep.storage.startswith("sqlite")
+    engine = {"connect_args": {"timeout": 60}} if sqlite else None
+
+    class LockedSQLite(RDBStorage):
+        """SQLite has no row locks: two workers can both read a queued trial as waiting and
+        both take it. A file lock beside the database makes that read-and-take one step
+        (a database server locks the row itself)."""
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            import fcntl
+
+            with open(sweep.folder / "study.lock", "a") as lock:
+                fcntl.lockf(lock, fcntl.LOCK_EX)
+                return super().set_trial_state_values(trial_id, state, values)
+
+    kind = LockedSQLite if sqlite and os.name == "posix" else RDBStorage
 
     def open_storage():
-        return RDBStorage(sweep.storage, engine_kwargs=engine,
-                          heartbeat_interval=sweep.heartbeat, grace_period=3 * sweep.heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                              max_retry=3))
+        return kind(sweep.storage, engine_kwargs=engine,
+                    heartbeat_interval=sweep.heartbeat, grace_period=3 * sweep.heartbeat,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
 
     try:
         for attempt in range(5):
