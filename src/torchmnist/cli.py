@@ -225,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(bench, skip=("run_dir", "resume", "json", "keep", "save_model", "quiet"))
 
     _add_sweep_parser(commands)
+
+    serve = commands.add_parser(
+        "serve", help="a web page to draw a digit on, and an HTTP API, for a trained model",
+        description="Serve a trained model: a page to draw on or drop a photo on (/), "
+        "POST /api/predict for programs, GET /api/model and /api/health, OpenAPI docs at "
+        "/docs. Needs pip install 'torchmnist[serve]'.")
+    _add_checkpoint_argument(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on; "
+                       "0.0.0.0 serves other machines too (default: %(default)s, this one "
+                       "only)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serve.add_argument("--max-bytes", type=int, default=5 * 1024 * 1024, metavar="N",
+                       help="refuse a request body larger than this (default: 5 MiB)")
+    serve.add_argument("--max-pixels", type=int, default=25_000_000, metavar="N",
+                       help="refuse an image with more pixels than this (default: 25 million)")
+    serve.add_argument("--top", type=int, default=3, metavar="K",
+                       help="classes in each answer's top list (default: 3)")
+    _add_model_flags(serve)
+    _add_device_flag(serve)
     return parser
 
 
@@ -303,6 +322,19 @@ def _train(explicit: dict[str, Any]) -> int:
     summary = train(config, resumed=resumed)
     if config.json and distributed.from_environment().main:
         print(json.dumps(summary, allow_nan=False))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from torchmnist import serving
+
+    if not 0 <= args.port < 65536 or args.max_bytes < 1 or args.max_pixels < 1 or args.top < 1:
+        raise UsageError("--port must be 0-65535, and --max-bytes, --max-pixels and --top "
+                         "positive")
+    app = serving.create_app(args.checkpoint, device=args.device, model=args.model,
+                             dataset=args.dataset, max_bytes=args.max_bytes,
+                             max_pixels=args.max_pixels, top=args.top)
+    serving.run(app, args.host, args.port)
     return 0
 
 
@@ -433,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(explicit)
         if args.command == "bench":
             return _bench(explicit)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "sweep":
             raw = list(sys.argv[1:] if argv is None else argv)
             return _sweep(explicit, raw[raw.index("sweep") + 1:])

@@ -11,6 +11,7 @@ model with onnxruntime can prepare its inputs exactly as `torchmnist predict` do
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ class ImageError(ValueError):
     """A file that cannot be turned into a model input; the message is one sentence."""
 
 
-def read_grey(path: str | os.PathLike) -> np.ndarray:
-    """Any image file Pillow reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...) as float grey in [0, 1].
+def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Any image file Pillow reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), or its bytes, as float
+    grey in [0, 1]. An image of more than `max_pixels` is refused before it is decoded.
 
     Transparent pixels are composited onto white, as a viewer shows them; animated or multi-page
     files give their first frame.
@@ -49,18 +51,22 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if os.path.getsize(path) == 0:
+        if isinstance(path, bytes | bytearray):
+            if not path:
+                raise ImageError("the file is empty")
+            path = io.BytesIO(path)
+        elif os.path.getsize(path) == 0:
             raise ImageError("the file is empty")
         with warnings.catch_warnings():
-            # Pillow warns from 89 million pixels on; MAX_PIXELS is the limit here.
+            # Pillow warns from 89 million pixels on; max_pixels is the limit here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)  # Pillow's own file, closed with the image
         with image:
             image.seek(0)
             width, height = image.size  # read from the header: nothing is decoded yet
-            if width * height > MAX_PIXELS:
+            if width * height > max_pixels:
                 raise ImageError(f"the image is {width}x{height} pixels, more than the "
-                                 f"{MAX_PIXELS // 10**6} million torchmnist reads; scale it "
+                                 f"{max_pixels / 10**6:g} million torchmnist reads; scale it "
                                  "down first")
             return _to_grey(_reduced(image))
     except ImageError:
@@ -198,6 +204,12 @@ def _as_input(grey: np.ndarray, dataset: str) -> np.ndarray:
 def prepare(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
     """An image file as the dataset's kind of 28x28 image, float32 in [0, 1] (not normalised)."""
     return _as_input(read_grey(path), dataset)
+
+
+def prepare_bytes(data: bytes, dataset: str = "mnist", max_pixels: int = MAX_PIXELS,
+                  ) -> np.ndarray:
+    """`prepare` for an image file's bytes (an upload)."""
+    return _as_input(read_grey(data, max_pixels), dataset)
 
 
 def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:

@@ -1,0 +1,294 @@
+"""torchmnist serve: the HTTP API, every bad input, batching, and the page in a real browser.
+
+The model is the fast recipe trained on real MNIST (99%, seconds on a CPU), so that a digit
+drawn in the browser is recognised as a person would expect. The browser is Debian's chromium,
+driven by Playwright.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import torchmnist  # noqa: E402
+from torchmnist import serving  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="module")
+def model_run(mnist_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("serve") / "run"
+    config = torchmnist.TrainConfig.for_recipe("fast", data_dir=str(mnist_dir),
+                                               run_dir=str(run_dir), quiet=True)
+    result = torchmnist.train(config)
+    assert result["test_accuracy"] > 0.985
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def client(model_run):
+    with TestClient(serving.create_app(model_run, device="cpu", max_bytes=200_000,
+                                       max_pixels=4_000_000)) as c:
+        yield c
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _drawn(kind: str) -> Image.Image:
+    """A digit as a person draws it on the page's canvas: black ink on white, 280x280."""
+    image = Image.new("L", (280, 280), 255)
+    pen = ImageDraw.Draw(image)
+    if kind == "1":
+        pen.line([(140, 40), (140, 240)], fill=0, width=22)
+    else:  # "0"
+        pen.ellipse([(80, 40), (200, 240)], outline=0, width=22)
+    return image
+
+
+# ---- the API ---------------------------------------------------------------------------------
+
+def test_predict_answers_as_predict_json_does_for_each_way_of_sending(client, model_run,
+                                                                      tmp_path):
+    png = _png(_drawn("1"))
+    (tmp_path / "one.png").write_bytes(png)
+    expected = torchmnist.predict(model_run, [str(tmp_path / "one.png")], device="cpu")[0]
+    answers = [
+        client.post("/api/predict", files={"image": ("one.png", png, "image/png")}),
+        client.post("/api/predict", json={"image": base64.b64encode(png).decode()}),
+        client.post("/api/predict", json={
+            "image": "data:image/png;base64," + base64.b64encode(png).decode()}),
+        client.post("/api/predict", content=png, headers={"content-type": "image/png"}),
+    ]
+    for response in answers:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["class"] == "1" == expected["class"]
+        assert body["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert [t["prediction"] for t in body["top"]] == \
+            [t["prediction"] for t in expected["top"]]
+        assert len(body["probabilities"]) == 10
+        assert sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        seen = Image.open(io.BytesIO(base64.b64decode(body["preprocessed"].split(",")[1])))
+        assert seen.size == (28, 28)
+    assert answers[0].json()["file"] == "one.png"
+
+
+def test_model_health_and_openapi_docs(client):
+    about = client.get("/api/model").json()
+    assert about["model"] == "fast" and about["dataset"] == "mnist"
+    assert about["classes"] == [str(d) for d in range(10)]
+    assert 0.985 < about["test_accuracy"] <= 1
+    assert client.get("/api/health").json()["status"] == "ok"
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "http" not in client.get("/static/app.js").text  # nothing from elsewhere
+
+
+def _bomb() -> bytes:
+    """A PNG of 16000x16000 one-bit pixels: 13 KB of file, 256 million pixels decoded."""
+    return _png(Image.new("1", (16000, 16000)))
+
+
+def _huge() -> bytes:
+    return _png(Image.new("L", (2100, 2100), 255))  # 4.4 million pixels, over the cap of 4
+
+
+@pytest.mark.parametrize(("send", "status", "fragment"), [
+    (dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
+     "the content type 'text/plain' is not one this server reads"),
+    (dict(content=b"", headers={"content-type": "image/png"}), 400, "the body is empty"),
+    (dict(content=b"not an image", headers={"content-type": "image/png"}), 400,
+     "not an image file Pillow can read"),
+    (dict(content=_png(_drawn("1"))[:200], headers={"content-type": "image/png"}), 400,
+     "damaged image data"),
+    (dict(content=b"x" * 200_001, headers={"content-type": "image/png"}), 413,
+     "more than the 200,000 bytes"),
+    (dict(content=iter([b"x" * 100_000] * 3), headers={"content-type": "image/png"}), 413,
+     "more than the 200,000 bytes"),  # sent in chunks, with no length announced
+    (dict(content=_bomb(), headers={"content-type": "image/png"}), 400,
+     "decompression bomb"),  # Pillow refuses it while reading the header
+    (dict(content=_huge(), headers={"content-type": "image/png"}), 400,
+     "2100x2100 pixels, more than the 4 million"),
+    (dict(json={"image": "%%%"}), 422, '"image" is not valid base64'),
+    (dict(json={"picture": "abc"}), 422, 'the JSON must be an object with "image"'),
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400,
+     "not valid JSON"),
+    (dict(files={"other": ("a.txt", b"", "text/plain")}), 400, "the uploaded file is empty"),
+    (dict(files={"text": (None, "no file")}), 422, "has no file"),
+], ids=["content-type", "empty", "not-an-image", "truncated", "too-large", "too-large-chunked",
+        "bomb", "huge", "bad-base64", "json-without-image", "bad-json", "empty-upload",
+        "no-file"])
+def test_a_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(client, send, status,
+                                                                        fragment):
+    response = client.post("/api/predict", **send)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error and "\n" not in error
+    good = client.post("/api/predict", content=_png(_drawn("0")),
+                       headers={"content-type": "image/png"})
+    assert good.status_code == 200 and good.json()["class"] == "0"
+
+
+# ---- the real server -------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_run, tmp_path_factory):
+    """`torchmnist serve RUN` on a free localhost port, as a user starts it."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "torchmnist", "serve", str(model_run),
+                                    "--port", str(port), "--device", "cpu"], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/api/health", timeout=2):
+                break
+        except (urllib.error.URLError, ConnectionError):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _post_png(url: str, png: bytes) -> dict:
+    request = urllib.request.Request(url + "/api/predict", data=png,
+                                     headers={"content-type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_requests_that_arrive_together_share_a_forward_pass(server):
+    pngs = [_png(_drawn("1" if i % 2 else "0")) for i in range(48)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda png: _post_png(server, png), pngs))
+    assert [a["class"] for a in answers] == ["1" if i % 2 else "0" for i in range(48)]
+    with urllib.request.urlopen(server + "/api/health") as response:
+        health = json.loads(response.read())
+    assert health["requests"] >= 48 and health["largest_batch"] > 1
+    assert health["batches"] < health["requests"]
+
+
+def test_the_port_in_use_is_one_sentence(model_run, server):
+    port = server.rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, "-m", "torchmnist", "serve", str(model_run),
+                             "--port", port], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"torchmnist: error: cannot listen on "
+                                            f"127.0.0.1:{port}")
+    assert "Traceback" not in result.stderr
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if IN_CI:
+            pytest.fail("Debian's chromium is missing; .ci/run installs it")
+        pytest.skip("needs a chromium browser (Debian: apt-get install chromium)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if IN_CI:
+        import playwright  # noqa: F401 - fails, not skips, where CI must have it
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    executable = _chromium()
+    with playwright_api.sync_playwright() as p:
+        # --no-sandbox: Chromium's sandbox cannot start as root, as CI runs the tests.
+        launched = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def _draw(page, strokes: list[list[tuple[float, float]]]) -> None:
+    """Mouse strokes on the canvas, in its own 0-280 coordinates."""
+    box = page.locator("#canvas").bounding_box()
+    scale = box["width"] / 280
+    for stroke in strokes:
+        x, y = stroke[0]
+        page.mouse.move(box["x"] + x * scale, box["y"] + y * scale)
+        page.mouse.down()
+        for x, y in stroke[1:]:
+            page.mouse.move(box["x"] + x * scale, box["y"] + y * scale, steps=4)
+        page.mouse.up()
+
+
+def _circle(cx: float, cy: float, rx: float, ry: float, n: int = 24):
+    import math
+
+    return [(cx + rx * math.sin(2 * math.pi * i / n), cy - ry * math.cos(2 * math.pi * i / n))
+            for i in range(n + 1)]
+
+
+def _shown(page, digit: str) -> None:
+    page.wait_for_function(f"document.getElementById('prediction').textContent === '{digit}'",
+                           timeout=15_000)
+
+
+def test_a_digit_drawn_in_the_browser_is_recognised(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert "fast model trained on mnist" in page.locator("#about").text_content()
+    assert page.locator("#bars li").count() == 10
+
+    _draw(page, [[(140, 40), (140, 140), (140, 240)]])  # a vertical bar
+    _shown(page, "1")
+    top = page.locator("#bars li.top .name").text_content()
+    assert top == "1"
+    # The bar is drawn as long as the probability says (the answer was 0.96 in development).
+    fill, bar = (page.locator(f"#bars li.top {part}").bounding_box()
+                 for part in (".fill", ".bar"))
+    assert fill["width"] > 0.5 * bar["width"]
+    assert page.locator("#seen").get_attribute("src").startswith("data:image/png;base64,")
+    page.screenshot(path=str(tmp_path / "one.png"))
+
+    page.click("#clear")
+    assert page.locator("#prediction").text_content() == "–"
+    _draw(page, [_circle(140, 140, 60, 95)])  # a zero
+    _shown(page, "0")
+    page.screenshot(path=str(tmp_path / "zero.png"))
+    assert (tmp_path / "zero.png").stat().st_size > 10_000
+
+    # A picture chosen from disk: the drawn "1" as a photo would come, dark ink on white.
+    picture = tmp_path / "photo.png"
+    _drawn("1").save(picture)
+    page.set_input_files("#file", str(picture))
+    _shown(page, "1")
+    page.close()
