@@ -12,7 +12,8 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 import torchmnist
-from torchmnist import checkpoint, devices, training
+from torchmnist import checkpoint, devices, distributed, training
+from torchmnist.errors import TrainingError
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -201,7 +202,7 @@ def test_an_operation_without_a_deterministic_kernel_ends_in_one_sentence():
     from torchmnist.training import _explained_errors
 
     run = SimpleNamespace(config=torchmnist.TrainConfig(deterministic=True),
-                          progress=SimpleNamespace(step=3))
+                          progress=SimpleNamespace(step=3), world=distributed.World())
     message = ("adaptive_max_pool2d_backward_cuda does not have a deterministic implementation, "
                "but you set 'torch.use_deterministic_algorithms(True)'. You can turn off ...")
     with pytest.raises(UsageError, match="--deterministic cannot be honoured on this device: "
@@ -211,6 +212,12 @@ def test_an_operation_without_a_deterministic_kernel_ends_in_one_sentence():
     with pytest.raises(RuntimeError, match="out of memory"):  # anything else passes through
         with _explained_errors(run):
             raise RuntimeError("CUDA out of memory")
+    # In a distributed run, a peer that went away: one sentence, not gloo's message and trace.
+    run.world = distributed.World(rank=1, local_rank=1, size=2)
+    with pytest.raises(TrainingError, match="rank 1 lost another process of this job"):
+        with _explained_errors(run):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:937: "
+                               "Connection reset by peer")
 
 
 @pytest.mark.parametrize("flags, code", [([], 0), (["--lr", "1e10"], 1)],

@@ -94,13 +94,14 @@ class Batcher:
                 rows = await asyncio.to_thread(self._forward, [p.image for p in batch])
             except Exception as error:  # noqa: BLE001 - each waiting request gets the error
                 for pending in batch:
-                    pending.done.set_exception(error)
+                    if not pending.done.done():  # (a client that left has cancelled it)
+                        pending.done.set_exception(error)
                 continue
             self.requests += len(batch)
             self.batches += 1
             self.largest = max(self.largest, len(batch))
             for pending, row in zip(batch, rows, strict=True):
-                if not pending.done.cancelled():
+                if not pending.done.done():
                     pending.done.set_result(row)
 
     @torch.inference_mode()
