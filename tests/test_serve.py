@@ -291,4 +291,30 @@ def test_a_digit_drawn_in_the_browser_is_recognised(server, browser, tmp_path):
     _drawn("1").save(picture)
     page.set_input_files("#file", str(picture))
     _shown(page, "1")
+
+    # A picture dropped on the canvas.
+    page.click("#clear")
+    dropped = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "drop.png", {type: "image/png"}));
+        return transfer;
+    }""", base64.b64encode(_png(_drawn("0"))).decode())
+    page.dispatch_event("#canvas", "drop", {"dataTransfer": dropped})
+    _shown(page, "0")
     page.close()
+
+
+def test_a_fashion_mnist_model_answers_with_its_class_names(tmp_path, capsys):
+    from conftest import run_main
+
+    assert run_main(["train", "--dry-run", "--dataset", "fashion-mnist", "--run-dir", "f"],
+                    capsys)[0] == 0
+    with TestClient(serving.create_app("f", device="cpu")) as fashion:
+        about = fashion.get("/api/model").json()
+        assert about["dataset"] == "fashion-mnist"
+        assert about["classes"][:3] == ["T-shirt/top", "Trouser", "Pullover"]
+        answer = fashion.post("/api/predict", content=_png(_drawn("1")),
+                              headers={"content-type": "image/png"}).json()
+        assert answer["class"] in about["classes"]
+        assert answer["class"] == about["classes"][answer["prediction"]]
