@@ -522,12 +522,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in a TOML, YAML or JSON file (a run's own config.json included), checked
     against the schema; unknown keys are refused by name."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read --config {path}: "
-                         f"{getattr(error, 'strerror', None) or error}") from None
-    values = _parse_config(path, text)
+    values = read_structured_file(path, "--config")
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a table of settings, not a "
                          f"{type(values).__name__}")
@@ -545,7 +540,18 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"--config {path}: {error}") from None
 
 
-def _parse_config(path: Path, text: str) -> Any:
+def read_structured_file(path: Path, flag: str) -> Any:
+    """What a TOML, YAML or JSON file that `flag` names holds, or one sentence saying why it
+    cannot be read (the messages name the flag)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {flag} {path}: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
+    return _parse_config(path, text, flag)
+
+
+def _parse_config(path: Path, text: str, flag: str) -> Any:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -555,14 +561,14 @@ def _parse_config(path: Path, text: str) -> Any:
                 try:
                     import tomli as tomllib
                 except ImportError:
-                    raise UsageError("a TOML --config needs Python 3.11, or the tomli package "
+                    raise UsageError(f"a TOML {flag} needs Python 3.11, or the tomli package "
                                      "before it (pip install tomli)") from None
             return tomllib.loads(text)
         if suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError:
-                raise UsageError("a YAML --config needs PyYAML; install it with: pip install "
+                raise UsageError(f"a YAML {flag} needs PyYAML; install it with: pip install "
                                  "pyyaml (or use TOML or JSON)") from None
             return yaml.safe_load(text)
         if suffix == ".json":
@@ -571,5 +577,5 @@ def _parse_config(path: Path, text: str) -> Any:
         raise
     except Exception as error:  # noqa: BLE001 - each parser has its own error class
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"--config {path} is not valid {suffix[1:].upper()}: {first}") from None
-    raise UsageError(f"--config {path}: the name must end in .toml, .yaml, .yml or .json")
+        raise UsageError(f"{flag} {path} is not valid {suffix[1:].upper()}: {first}") from None
+    raise UsageError(f"{flag} {path}: the name must end in .toml, .yaml, .yml or .json")

@@ -144,12 +144,7 @@ def read_space(path: str | os.PathLike) -> list[Param]:
     """A search space file: TOML, YAML or JSON, each key a setting and each value a spec such as
     "log:1e-3:1" or a list of choices; the keys may sit under a `params` table."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read --space {path}: "
-                         f"{getattr(error, 'strerror', None) or error}") from None
-    values = cfg._parse_config(path, text)
+    values = cfg.read_structured_file(path, "--space")
     if isinstance(values, dict) and isinstance(values.get("params"), dict):
         values = values["params"]
     if not isinstance(values, dict) or not values:
