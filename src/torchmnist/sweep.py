@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,31 @@ def _storage(sweep: Sweep):
     sqlite = sweep.storage.startswith("sqlite")
     engine = {"connect_args": {"timeout": 60}} if sqlite else None
 
-    class LockedSQLite(RDBStorage):
+    class Storage(RDBStorage):
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            """Optuna's stale trials, and the running ones that never sent a heartbeat: a
+            worker killed between taking a trial and its first heartbeat (milliseconds) would
+            otherwise leave it running for ever, and the study short of its trials."""
+            stale = super()._get_stale_trial_ids(study_id)
+            try:
+                from optuna.storages._rdb import models
+                from optuna.storages._rdb.storage import _create_scoped_session
+                from optuna.trial import TrialState
+            except ImportError:  # Optuna's internals moved: its own rule alone
+                return stale
+            limit = datetime.now() - timedelta(seconds=self.grace_period)
+            with _create_scoped_session(self.scoped_session, True) as session:
+                beating = {t for (t,) in session.query(models.TrialHeartbeatModel.trial_id)}
+                for trial in session.query(models.TrialModel).filter(
+                        models.TrialModel.state == TrialState.RUNNING,
+                        models.TrialModel.study_id == study_id):
+                    if (trial.trial_id not in beating and trial.trial_id not in stale
+                            and trial.datetime_start is not None
+                            and trial.datetime_start < limit):
+                        stale.append(trial.trial_id)
+            return stale
+
+    class LockedSQLite(Storage):
         """SQLite has no row locks: two workers can both read a queued trial as waiting and
         both take it. A file lock beside the database makes that read-and-take one step
         (a database server locks the row itself)."""
@@ -263,7 +287,7 @@ def _storage(sweep: Sweep):
                 fcntl.lockf(lock, fcntl.LOCK_EX)
                 return super().set_trial_state_values(trial_id, state, values)
 
-    kind = LockedSQLite if sqlite and os.name == "posix" else RDBStorage
+    kind = LockedSQLite if sqlite and os.name == "posix" else Storage
 
     def open_storage():
         return kind(sweep.storage, engine_kwargs=engine,
@@ -277,7 +301,10 @@ def _storage(sweep: Sweep):
             except Exception as error:  # noqa: BLE001 - see below
                 # Workers started together on an empty database all create its tables; all
                 # but one fail on a name the first has just taken, and then find the tables.
-                if attempt == 4 or "IntegrityError" not in f"{type(error).__name__} {error}":
+                text = f"{type(error).__name__} {error}"
+                if attempt == 4 or not any(sign in text for sign in (
+                        "IntegrityError", "UniqueViolation", "DuplicateTable",
+                        "already exists")):
                     raise
                 time.sleep(0.5 + attempt)
     except ImportError as error:  # the database's driver, e.g. psycopg2 for PostgreSQL
