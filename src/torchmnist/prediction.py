@@ -107,15 +107,19 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
         x = torch.from_numpy(np.stack([normalise(im, spec.mean, spec.std) for im in images]))
         by_image = iter(probabilities(network, x, target, batch_size, tta=tta,
                                       background=-spec.mean / spec.std))
-    k = min(top, len(spec.classes))
     for result in results:
-        if "error" in result:
-            continue
-        best = torch.topk(next(by_image), k)
-        ranked = [{"prediction": int(i), "class": spec.classes[int(i)], "probability": float(v)}
-                  for v, i in zip(best.values, best.indices, strict=True)]
-        result.update({**ranked[0], "top": ranked})
+        if "error" not in result:
+            result.update(answer(next(by_image), spec.classes, top))
     return results
+
+
+def answer(probabilities: torch.Tensor, classes: list[str], top: int) -> dict:
+    """One image's answer from its class probabilities: the most likely class
+    ("prediction", "class", "probability") and the `top` most likely ("top")."""
+    best = torch.topk(probabilities, min(top, len(classes)))
+    ranked = [{"prediction": int(i), "class": classes[int(i)], "probability": float(v)}
+              for v, i in zip(best.values, best.indices, strict=True)]
+    return {**ranked[0], "top": ranked}
 
 
 def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike) -> None:

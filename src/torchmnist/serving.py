@@ -33,6 +33,7 @@ import torch
 
 from torchmnist import checkpoint, devices
 from torchmnist.errors import UsageError
+from torchmnist.prediction import answer
 from torchmnist.preprocess import ImageError, normalise, prepare_bytes
 
 STATIC = Path(__file__).parent / "static"
@@ -207,11 +208,7 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
         except ImageError as error:
             raise BadInput(400, f"cannot use this image: {error}") from None
         probabilities = await batcher.probabilities(image)
-        best = torch.topk(probabilities, min(top, len(spec.classes)))
-        ranked = [{"prediction": int(i), "class": spec.classes[int(i)],
-                   "probability": float(v)} for v, i in zip(best.values, best.indices,
-                                                            strict=True)]
-        return {"file": name, **ranked[0], "top": ranked,
+        return {"file": name, **answer(probabilities, spec.classes, top),
                 "probabilities": [float(p) for p in probabilities],
                 "preprocessed": _png(image)}
 
