@@ -272,3 +272,14 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_the_run_resumes_exactl
     assert resumed.returncode == 0, resumed.stderr
     for name, value in _weights(tmp_path / "r/last.pt").items():
         assert torch.equal(value, _weights(uninterrupted)[name]), name
+
+
+def test_allow_new_world_size_resumes_a_one_process_run_on_two(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    result = _run(tmp_path, "--resume", "r", "--epochs", "2", "--allow-new-world-size")
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(tmp_path / "r/last.pt", weights_only=True)
+    assert saved["progress"]["step"] == 32 and saved["world_size"] == 2
+    assert len(saved["ranks"]) == 1  # rank 1 started its own streams and sums, now saved
+    assert "resuming from" in (tmp_path / "r/train.log").read_text()

@@ -114,6 +114,21 @@ def test_two_jobs_share_a_sqlite_study_prune_and_write_the_best_settings(tmp_pat
     assert code == 0, err
 
 
+def test_a_grid_over_time_to_target_ends_with_the_grid_and_writes_json(capsys):
+    code, out, err = run_main(["sweep", "--dry-run", "--epochs", "2", "--param",
+                               "batch_size=choice:32,64", "--sampler", "grid", "--trials", "5",
+                               "--objective", "time", "--target-accuracy", "0.3",
+                               "--best-format", "json", "--run-dir", "g", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["trials"] == 2  # the grid is done before --trials
+    assert (summary["objective"], summary["direction"]) == ("target_seconds", "minimize")
+    assert {t for t in summary["states"]} == {"complete"}
+    best = json.loads(Path("g/best.json").read_text())
+    assert best["batch_size"] in (32, 64) and best["target_accuracy"] == 0.3
+    assert config.read_config_file("g/best.json")["batch_size"] == best["batch_size"]
+
+
 def test_a_finished_sweep_run_again_adds_nothing_and_more_trials_extend_it(capsys):
     def sweep_of(trials: str) -> dict:  # in this process: one worker needs no other
         code, out, err = run_main(["sweep", *FLAGS, "--epochs", "1", "--trials", trials,
