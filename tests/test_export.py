@@ -69,6 +69,42 @@ def test_onnx_has_a_dynamic_batch_and_carries_its_input_contract(tmp_path, small
     assert json.loads(meta["classes"]) == list("0123456789")
 
 
+def test_global_max_pools_reach_the_exporter_as_a_plain_max():
+    # torch 2.11's ONNX exporter cannot translate aten.adaptive_max_pool2d, which ends the best
+    # model; the copy that is exported must not contain it and must compute the same numbers.
+    torch.manual_seed(0)
+    network = models.build("best").eval()
+    ready = exporting.onnx_ready(network)
+    assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in network.modules())
+    assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in ready.modules())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(ready(x), network(x))
+    program = torch.export.export(ready, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "aten.amax.default" in targets
+    assert not any("adaptive_max_pool" in target for target in targets)
+
+
+def test_a_failing_exporter_is_reported_by_its_innermost_cause(tmp_path, small_data, capsys,
+                                                               monkeypatch):
+    def refuse(*args, **kwargs):
+        try:
+            raise ValueError("No ONNX function found for aten.some_op\nmore detail")
+        except ValueError as cause:
+            raise RuntimeError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m") from cause
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    code, _, err = run_main(["export", str(_state_dict(tmp_path, "guide")), "--format", "onnx",
+                             "--data-dir", str(small_data)], capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "the onnx export of the guide model failed",
+                              "(ValueError: No ONNX function found for aten.some_op)",
+                              "was not written")
+    assert "\x1b" not in err and "step 3/3" not in err
+    assert not (tmp_path / "guide.onnx").exists()
+
+
 def test_a_failed_parity_check_exits_1_and_keeps_the_old_file(tmp_path, small_data, capsys,
                                                               monkeypatch):
     source = _state_dict(tmp_path, "guide")
