@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_sentence_error, run_main
+from conftest import assert_one_sentence_error, read_metrics, run_main
 
 from torchmnist import checkpoint, models
 
@@ -86,3 +86,15 @@ def test_save_is_atomic_and_keeps_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_loaded_model_carries_its_runs_epoch_records(tmp_path, capsys):
+    code, _, _ = run_main(["train", "--dry-run", "--epochs", "2", "--run-dir",
+                           str(tmp_path / "run"), "--quiet"], capsys)
+    assert code == 0
+    trained = checkpoint.load_model(tmp_path / "run")
+    assert trained.history == read_metrics(tmp_path / "run")  # what metrics.jsonl holds
+    assert sorted({r["epoch"] for r in trained.history}) == [1, 2]
+    bare = tmp_path / "weights.pt"
+    torch.save(trained.model.state_dict(), bare)
+    assert checkpoint.load_model(bare).history == []

@@ -31,7 +31,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,7 @@ class Trained:
     dataset: str  # the --dataset value
     config: dict | None  # the run's config, for a full checkpoint
     spec: Any = None  # data.DatasetSpec: the normalisation and the class names
+    history: list = field(default_factory=list)  # a full checkpoint's epoch records
 
 
 def file_in(path: str | os.PathLike) -> Path:
@@ -369,7 +370,8 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
         raise UsageError(f"{path} does not hold weights for the {name!r} model{hint}") from None
     if hasattr(network, "exit_threshold") and "exit_threshold" in config:  # early-exit
         network.exit_threshold = config["exit_threshold"]
-    return Trained(network.eval(), name, spec.name, config or None, spec)
+    history = (saved.get(METRICS) or []) if is_training_checkpoint(saved) else []
+    return Trained(network.eval(), name, spec.name, config or None, spec, history)
 
 
 def _safetensors_spec(path: Path) -> Any:

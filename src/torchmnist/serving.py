@@ -160,7 +160,7 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
     target = devices.resolve_device(device)
     network = trained.model.to(target).eval()
     spec = trained.spec
-    about = _about(checkpoint_path, trained, network)
+    about = _about(checkpoint.file_in(checkpoint_path), trained, network)
     batcher = Batcher(network, spec, target)
 
     @asynccontextmanager
@@ -259,18 +259,15 @@ def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
     raise BadInput(422, 'the multipart body has no file: send it in a field named "image"')
 
 
-def _about(path, trained, network) -> dict[str, Any]:
+def _about(path: Path, trained, network) -> dict[str, Any]:
     from torchmnist import __version__
 
-    config = trained.config or {}
-    saved = checkpoint.load(checkpoint.file_in(path)) if config else {}
-    history = saved.get(checkpoint.METRICS) or []
-    tested = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
+    tested = [r["test_accuracy"] for r in trained.history if r.get("test_accuracy") is not None]
     return {"model": trained.name, "dataset": trained.spec.name,
             "classes": list(trained.spec.classes),
             "test_accuracy": tested[-1] if tested else None,
             "parameters": sum(p.numel() for p in network.parameters()),
-            "checkpoint": str(checkpoint.file_in(path)), "torchmnist_version": __version__}
+            "checkpoint": str(path), "torchmnist_version": __version__}
 
 
 def run(app, host: str, port: int) -> None:
