@@ -129,6 +129,26 @@ def test_a_grid_over_time_to_target_ends_with_the_grid_and_writes_json(capsys):
     assert config.read_config_file("g/best.json")["batch_size"] == best["batch_size"]
 
 
+def test_a_random_search_writes_yaml_and_opens_its_storage_once(capsys, monkeypatch):
+    opened = []
+    real = sweep._storage
+    monkeypatch.setattr(sweep, "_storage", lambda s: opened.append(s) or real(s))
+    code, out, err = run_main(["sweep", "--dry-run", "--epochs", "1", "--param",
+                               "lr=log:0.001:0.1", "--param", "momentum=float:0:0.9",
+                               "--sampler", "random", "--trials", "3", "--best-format", "yaml",
+                               "--run-dir", "r", "--json"], capsys)
+    assert code == 0, err
+    assert len(opened) == 1  # one database engine for the whole sweep in this process
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["trials"] == 3 and summary["states"] == {"complete": 3}
+    best = config.read_config_file("r/best.yaml")
+    assert best["lr"] == summary["best"]["params"]["lr"]
+    assert 0.001 <= best["lr"] <= 0.1 and 0 <= best["momentum"] <= 0.9
+    assert best["dry_run"] is True and best["epochs"] == 1
+    code, _, err = run_main(["train", "--config", "r/best.yaml", "--run-dir", "again"], capsys)
+    assert code == 0, err
+
+
 def test_a_finished_sweep_run_again_adds_nothing_and_more_trials_extend_it(capsys):
     def sweep_of(trials: str) -> dict:  # in this process: one worker needs no other
         code, out, err = run_main(["sweep", *FLAGS, "--epochs", "1", "--trials", trials,

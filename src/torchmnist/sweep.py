@@ -349,10 +349,11 @@ def _pruner(sweep: Sweep):
     return optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_startup)
 
 
-def _study(sweep: Sweep, worker: int = 0, trials_before: int = 0):
+def _study(sweep: Sweep, storage, worker: int = 0, trials_before: int = 0):
+    """The sweep's study on an open `storage` (made if new), with worker `worker`'s sampler."""
     optuna = _optuna()
     try:
-        return optuna.create_study(storage=_storage(sweep), study_name=sweep.study_name,
+        return optuna.create_study(storage=storage, study_name=sweep.study_name,
                                    direction=sweep.direction,
                                    sampler=_sampler(sweep, worker, trials_before),
                                    pruner=_pruner(sweep), load_if_exists=True)
@@ -367,25 +368,27 @@ def _finished(study) -> int:
         TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
 
 
-def trials_left(sweep: Sweep) -> int:
+def trials_left(sweep: Sweep, storage) -> int:
     """How many trials the study still needs. Trials of a killed sweep whose heartbeat has
     stopped are marked failed first, and queued to run again."""
     optuna = _optuna()
-    study = _study(sweep)
+    study = _study(sweep, storage)
     optuna.storages.fail_stale_trials(study)
     return max(0, sweep.trials - _finished(study))
 
 
-def work(sweep: Sweep, worker: int = 0, share: int | None = None) -> None:
+def work(sweep: Sweep, worker: int = 0, share: int | None = None, storage=None) -> None:
     """Run `share` trials (default: as many as the study still needs), stopping early once the
-    study has `sweep.trials` of them."""
+    study has `sweep.trials` of them. A worker process opens the storage itself."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    left = trials_left(sweep) if share is None else share
+    storage = storage or _storage(sweep)
+    left = trials_left(sweep, storage) if share is None else share
     if left <= 0:
         return
-    study = _study(sweep, worker, len(_study(sweep).get_trials(deepcopy=False)))
+    before = len(_study(sweep, storage).get_trials(deepcopy=False))
+    study = _study(sweep, storage, worker, before)
     # After each trial: stop once the trials done and running reach the count, whoever ran
     # them (other workers, other machines on the same storage).
     enough = MaxTrialsCallback(sweep.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
@@ -468,7 +471,7 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_workers(sweep: Sweep, argv: list[str]) -> None:
+def run_workers(sweep: Sweep, argv: list[str], storage) -> None:
     """Start `sweep.jobs` worker processes (this same command with --worker N) and wait for
     them; each gets cores / jobs torch threads unless --threads says otherwise."""
     threads = [] if "threads" in sweep.base else [
@@ -478,7 +481,7 @@ def run_workers(sweep: Sweep, argv: list[str]) -> None:
                *threads]
     # Each worker's share of what is left, counted once here, so that together they run it
     # all and no more.
-    left = trials_left(sweep)
+    left = trials_left(sweep, storage)
     shares = [left // sweep.jobs + (i < left % sweep.jobs) for i in range(sweep.jobs)]
     workers = [subprocess.Popen([*command, "--worker", str(i), "--share", str(share)])
                for i, share in enumerate(shares) if share]
@@ -500,11 +503,11 @@ def run_workers(sweep: Sweep, argv: list[str]) -> None:
 
 # ---- results ----------------------------------------------------------------------------------
 
-def results(sweep: Sweep) -> dict[str, Any]:
+def results(sweep: Sweep, storage) -> dict[str, Any]:
     """Print the table of trials; write the best settings and the plots; return the summary."""
     from optuna.trial import TrialState
 
-    study = _study(sweep)
+    study = _study(sweep, storage)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
                 and math.isfinite(t.value)]
@@ -622,11 +625,12 @@ def main(options: dict[str, Any], base: dict[str, Any], argv: list[str]) -> dict
         _say(sweep, "objective: test accuracy, as no --val-size holds out a validation set; "
                     "settings chosen on the test set make its accuracy optimistic")
     start = time.perf_counter()
-    _study(sweep)  # made once here, before workers open it side by side
+    storage = _storage(sweep)  # opened once for this process
+    _study(sweep, storage)  # made once here, before workers open it side by side
     if sweep.jobs == 1:
-        work(sweep)
+        work(sweep, storage=storage)
     else:
-        run_workers(sweep, argv)
-    summary = results(sweep)
+        run_workers(sweep, argv, storage)
+    summary = results(sweep, storage)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary
