@@ -305,6 +305,35 @@ def test_a_digit_drawn_in_the_browser_is_recognised(server, browser, tmp_path):
     page.close()
 
 
+def test_a_finger_draws_on_a_phone_without_scrolling_the_page(server, browser):
+    # A phone-sized touch screen (the page is taller than it, so a drag could scroll); the
+    # stroke goes through Chromium's own touch input (CDP), which the page receives as pointer
+    # events of type "touch". Without the canvas's touch-action: none the browser takes the
+    # drag as a pan and cancels the stroke after its first point.
+    context = browser.new_context(viewport={"width": 390, "height": 700}, has_touch=True,
+                                  is_mobile=True, device_scale_factor=3)
+    page = context.new_page()
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.evaluate("""() => { window.kinds = new Set();
+        document.getElementById('canvas').addEventListener('pointerdown',
+            (e) => window.kinds.add(e.pointerType)); }""")
+    box = page.locator("#canvas").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390  # the canvas fits the phone
+    touch = context.new_cdp_session(page)
+    scale = box["width"] / 280
+    points = [(140, 40 + 10 * i) for i in range(21)]  # a vertical bar, as in the mouse test
+    for i, (x, y) in enumerate(points):
+        kind = "touchStart" if i == 0 else "touchMove"
+        touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [
+            {"x": box["x"] + x * scale, "y": box["y"] + y * scale}]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    _shown(page, "1")
+    assert page.evaluate("[...window.kinds]") == ["touch"]
+    assert page.evaluate("window.scrollY") == 0  # touch-action: none kept the page still
+    context.close()
+
+
 def test_a_fashion_mnist_model_answers_with_its_class_names(tmp_path, capsys):
     from conftest import run_main
 
