@@ -189,7 +189,7 @@ def test_the_graphed_test_pass_scores_as_the_eager_one(tmp_path):
                                                cuda_graph=True, run_dir=str(tmp_path))
     with contextlib.redirect_stdout(io.StringIO()):
         run, _ = training.setup(config)
-        training._warm_up(run)
+        training.warm_up(run)
     assert run.graphed_test is not None
     for x, y in list(run.train_batches.batches(1))[:5]:
         run.graphed_step(x, y)

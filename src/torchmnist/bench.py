@@ -27,7 +27,7 @@ from torchmnist import config as cfg
 from torchmnist import devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import evaluate_model
-from torchmnist.training import _warm_up, setup, train, train_step
+from torchmnist.training import setup, train, train_step, warm_up
 
 
 def environment(device: torch.device) -> dict:
@@ -110,7 +110,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
         run, _ = _quietly(setup, config)
         try:
             if graph:
-                _quietly(_warm_up, run)
+                _quietly(warm_up, run)
                 if run.graphed_step is None:
                     return None
             step = run.graphed_step or functools.partial(train_step, run)

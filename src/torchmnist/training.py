@@ -308,7 +308,7 @@ def train(config: TrainConfig, *, resumed: dict | None = None,
         # graphs, and on an accelerator the loading of its kernels and libraries, which the
         # first steps would otherwise pay for.
         with _explained_errors(run):
-            warmup_seconds = _warm_up(run)
+            warmup_seconds = warm_up(run)
         setup_seconds = time.perf_counter() - setup_start - warmup_seconds
         if config.tensorboard:
             _start_tensorboard(run)
@@ -785,7 +785,7 @@ def _reached(run: Run, result: Evaluation | None) -> bool:
     return True
 
 
-def _warm_up(run: Run) -> float:
+def warm_up(run: Run) -> float:
     """Compile (or, on an accelerator, load the kernels of) the training and test graphs on
     real batches, then put back every state they touched: warm-up time stays out of the
     training time and the run's results do not change. With --cuda-graph on CUDA, capture the
