@@ -126,6 +126,31 @@ def test_labels_beyond_the_named_classes_are_refused():
         _train(torchmnist.TrainConfig(dataset=own, epochs=1))
 
 
+def test_dark_ink_on_white_paper_is_augmented_over_white(tmp_path, monkeypatch):
+    from torchmnist import training
+
+    (train_x, train_y), (test_x, test_y) = _bars(300, 100)
+    paper = torchmnist.OwnData(train=(255 - train_x, train_y), test=(255 - test_x, test_y),
+                               name="paper")
+    filled = set()
+    real = training.augment
+    monkeypatch.setattr(training, "augment", lambda x, kind, background: filled.add(
+        background) or real(x, kind, background))
+    _train(torchmnist.TrainConfig(dataset=paper, epochs=1, augment="translate",
+                                  run_dir=str(tmp_path / "run")))
+    spec = checkpoint.load_model(tmp_path / "run").spec
+    assert spec.background == 1.0 and data.DATASETS["mnist"].background == 0.0
+    assert filled == {(1.0 - spec.mean) / spec.std}  # white, normalised, not MNIST's black
+    # A checkpoint from before the background was stored reads as black; a bad one is damage.
+    stored = spec.to_dict()
+    assert data.DatasetSpec.from_dict({**stored, "background": 0.5}).background == 0.5
+    del stored["background"]
+    assert data.DatasetSpec.from_dict(stored).background == 0.0
+    for bad in (1.5, -0.1, float("nan"), "white", True):
+        with pytest.raises(ValueError, match="damaged"):
+            data.DatasetSpec.from_dict({**stored, "background": bad})
+
+
 def test_a_run_on_own_data_resumes_only_on_the_same_data(tmp_path):
     train, test = _bars(300, 100)
     own = torchmnist.OwnData(train=train, test=test, name="bars")

@@ -41,10 +41,19 @@ class DatasetSpec:
     # For your own data: a CRC-32 of its images and labels, so that resuming on other data is
     # refused. Built-in datasets have their files checked instead.
     fingerprint: str = ""
+    # An empty pixel's value in [0, 1], which augmentation and test-time shifts fill in: black
+    # (0) in the built-in datasets; for your own data the commonest value on the edges of the
+    # training images, so that dark ink on white paper is shifted over white.
+    background: float = 0.0
+
+    @property
+    def normalized_background(self) -> float:
+        return (self.background - self.mean) / self.std
 
     def to_dict(self) -> dict:
         return {"name": self.name, "mean": self.mean, "std": self.std,
-                "classes": list(self.classes), "fingerprint": self.fingerprint}
+                "classes": list(self.classes), "fingerprint": self.fingerprint,
+                "background": self.background}
 
     @classmethod
     def from_dict(cls, values: object) -> DatasetSpec:
@@ -53,15 +62,16 @@ class DatasetSpec:
             raise ValueError("the dataset description is not a table")
         name, mean, std = values.get("name"), values.get("mean"), values.get("std")
         classes, fingerprint = values.get("classes"), values.get("fingerprint", "")
+        background = values.get("background", 0.0)  # absent from checkpoints before it
         numbers_ok = all(isinstance(v, int | float) and not isinstance(v, bool)
-                         and math.isfinite(v) for v in (mean, std))
-        if not (isinstance(name, str) and numbers_ok and std > 0
+                         and math.isfinite(v) for v in (mean, std, background))
+        if not (isinstance(name, str) and numbers_ok and std > 0 and 0 <= background <= 1
                 and isinstance(classes, list | tuple) and len(classes) >= 2
                 and all(isinstance(c, str) for c in classes) and isinstance(fingerprint, str)):
             raise ValueError("the dataset description is damaged")
         builtin = DATASETS.get(name)
         return cls(name, builtin.folder if builtin else "", float(mean), float(std),
-                   tuple(classes), fingerprint)
+                   tuple(classes), fingerprint, float(background))
 
 
 DATASETS = {
@@ -327,7 +337,15 @@ def _own_spec(name: str, train: Split, test: Split, classes: tuple[str, ...]) ->
     crc = 0
     for tensor in (train.images, train.labels, test.images, test.labels):
         crc = zlib.crc32(tensor.contiguous().numpy().tobytes(), crc)
-    return DatasetSpec(name, "", mean, std, classes, f"{crc:08x}")
+    return DatasetSpec(name, "", mean, std, classes, f"{crc:08x}", _edge_value(train.images))
+
+
+def _edge_value(images: torch.Tensor) -> float:
+    """The commonest value, in [0, 1], of the pixels on the edges of (N, 28, 28) uint8 images:
+    what their empty background is."""
+    edges = torch.cat([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]],
+                      dim=1)  # (N, 108)
+    return int(torch.bincount(edges.flatten(), minlength=256).argmax()) / 255
 
 
 def _as_uint8(images: torch.Tensor, what: str) -> torch.Tensor:

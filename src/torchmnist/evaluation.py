@@ -138,7 +138,7 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
             network.exit_threshold = exit_threshold
         network.exits = [0, 0, 0]
     result = evaluate_model(network, test_batches, tta=tta,
-                            background=-digits.spec.mean / digits.spec.std)
+                            background=digits.spec.normalized_background)
     return {"checkpoint": str(checkpoint_path), "model": model_name, "dataset": dataset,
             "test_loss": result.loss, "test_accuracy": result.accuracy,
             "correct": result.correct, "total": result.total, "tta": tta,

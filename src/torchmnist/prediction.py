@@ -106,7 +106,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
     if images:
         x = torch.from_numpy(np.stack([normalise(im, spec.mean, spec.std) for im in images]))
         by_image = iter(probabilities(network, x, target, batch_size, tta=tta,
-                                      background=-spec.mean / spec.std))
+                                      background=spec.normalized_background))
     for result in results:
         if "error" not in result:
             result.update(answer(next(by_image), spec.classes, top))

@@ -134,7 +134,7 @@ class Run:
     @property
     def background(self) -> float:
         """The normalised value of an empty pixel, which augmentation fills in."""
-        return -self.spec.mean / self.spec.std
+        return self.spec.normalized_background
 
     @property
     def tested_model(self) -> nn.Module:
