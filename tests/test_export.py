@@ -140,6 +140,21 @@ def test_exporting_onto_the_checkpoint_itself_is_refused(tmp_path, small_data, c
     assert source.read_bytes() == before
 
 
+def test_save_model_writes_the_same_safetensors_metadata_as_export(tmp_path, capsys):
+    from safetensors import safe_open
+
+    code, _, err = run_main(["train", "--dry-run", "--epochs", "1", "--save-model", "--quiet",
+                             "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    exported = exporting.export(tmp_path / "run", "safetensors", tmp_path / "exported")
+    metadata = []
+    for path in (tmp_path / "run" / "model.safetensors", exported["file"]):
+        with safe_open(str(path), framework="pt") as f:
+            metadata.append(f.metadata())
+    assert metadata[0] == metadata[1]
+    assert {"model", "dataset", "input", "output", "classes"} <= set(metadata[0])
+
+
 @pytest.mark.mnist
 def test_a_trained_model_runs_in_onnxruntime_without_torch_in_the_process(guide_run, mnist_dir,
                                                                          tmp_path):

@@ -97,7 +97,8 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
                 _write_torchscript(network, x, partial, contract(trained.name, spec))
                 actual = _run_torchscript(partial, x)
             else:
-                _write_safetensors(network, partial, contract(trained.name, spec))
+                checkpoint.save_weights(partial, network.state_dict(),
+                                        contract(trained.name, spec))
                 actual = _run_safetensors(partial, trained.name, x)
         except TorchMnistError:
             raise
@@ -211,13 +212,6 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
         loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.inference_mode():
         return loaded(x).numpy()
-
-
-def _write_safetensors(network: nn.Module, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
 
 
 def _run_safetensors(path: Path, name: str, x: torch.Tensor) -> np.ndarray:

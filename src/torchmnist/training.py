@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from torchmnist import checkpoint, data, devices, distributed, graphs, models, rundir
+from torchmnist import checkpoint, data, devices, distributed, exporting, graphs, models, rundir
 from torchmnist.augment import augment
 from torchmnist.config import (
     TrainConfig,
@@ -421,8 +421,9 @@ def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Pa
     if config.save_model:
         model_files = [run.run_dir / "model.pt", run.run_dir / "model.safetensors"]
         for path in model_files if run.world.main else []:  # rank 0 writes the run folder
-            checkpoint.save_weights(path, run.tested_model.state_dict(), metadata={
-                checkpoint.DATASET_SPEC: json.dumps(run.spec.to_dict(), allow_nan=False)})
+            # The safetensors file carries what `torchmnist export` writes into one.
+            checkpoint.save_weights(path, run.tested_model.state_dict(),
+                                    metadata=exporting.contract(config.model, run.spec))
     best = run.run_dir / "best.pt"
     return {
         "test_accuracy": result.accuracy, "test_loss": result.loss,
