@@ -1,5 +1,9 @@
 """Distributed training under torchrun: 2 CPU processes on gloo, as CI can run them.
 
+Every run here, torchrun's and the single-process ones it is compared with, is pinned to the
+CPU: on a machine with one GPU, `--device auto` would give both ranks CUDA and the second
+no GPU of its own.
+
 Each process is a real `torchrun ... -m torchmnist train` worker; the checks are that the job
 trains on exactly the batches one process would, that rank 0 alone writes the run folder, and
 that a signal or a killed process loses nothing.
@@ -59,7 +63,7 @@ def _torchrun(cwd: Path, *args: str, nproc: int = 2, restarts: int = 0) -> list[
     command = [str(launcher)] if launcher.exists() else [sys.executable, "-m",
                                                           "torch.distributed.run"]
     return [*command, "--standalone", "--nproc-per-node", str(nproc), "--max-restarts",
-            str(restarts), "-m", "torchmnist", "train", *args]
+            str(restarts), "-m", "torchmnist", "train", *args, "--device", "cpu"]
 
 
 def _run(cwd: Path, *args: str, env: dict | None = None, **options) -> subprocess.CompletedProcess:
@@ -155,7 +159,7 @@ def test_one_step_on_two_ranks_is_one_process_step_on_the_whole_batch(loader, tm
     monkeypatch.syspath_prepend(str(tmp_path))
     # One step (1/16 of the dry run's 16 batches of 64), no checkpoint before it ends.
     flags = ["--dry-run", "--model", "mynets:TinyNet", "--epochs", "0.0625", "--loader", loader,
-             "--save-interval", "0"]
+             "--save-interval", "0", "--device", "cpu"]
     assert run_main(["train", *flags, "--run-dir", "one"], capsys)[0] == 0
     result = _run(tmp_path, *flags, "--run-dir", "two", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
@@ -187,7 +191,8 @@ def test_a_two_rank_dry_run_writes_one_run_folder_and_whole_test_results(tmp_pat
     assert log.count("torchmnist: guide recipe") == 1  # one writer
     assert [r["epoch"] for r in read_metrics(tmp_path / "r") if r["kind"] == "epoch"] == [1, 2]
     # The test sums of the two halves add up to what one process scores on the whole set.
-    tested = subprocess.run([sys.executable, "-m", "torchmnist", "test", "r", "--json"],
+    tested = subprocess.run([sys.executable, "-m", "torchmnist", "test", "r", "--json",
+                             "--device", "cpu"],
                             cwd=tmp_path, env=_environment(), capture_output=True, text=True,
                             timeout=300)
     assert tested.returncode == 0, tested.stderr
@@ -276,7 +281,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_the_run_resumes_exactl
 
 def test_allow_new_world_size_resumes_a_one_process_run_on_two(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    assert run_main(["train", "--dry-run", "--run-dir", "r", "--device", "cpu"], capsys)[0] == 0
     result = _run(tmp_path, "--resume", "r", "--epochs", "2", "--allow-new-world-size")
     assert result.returncode == 0, result.stderr
     saved = torch.load(tmp_path / "r/last.pt", weights_only=True)
