@@ -33,7 +33,8 @@ def trained(tmp_path):
 def test_train_gives_back_the_model_beside_the_summary(trained, tmp_path):
     assert isinstance(trained.model, nn.Module) and not trained.model.training
     saved = checkpoint.load(trained["checkpoint"])["model"]
-    assert all(torch.equal(v, saved[k]) for k, v in trained.model.state_dict().items())
+    # (the model stays on the device it trained on; the checkpoint loads onto the CPU)
+    assert all(torch.equal(v.cpu(), saved[k]) for k, v in trained.model.state_dict().items())
     assert json.loads(json.dumps(trained)) == trained.summary  # still the --json summary
 
 

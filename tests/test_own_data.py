@@ -69,7 +69,7 @@ def test_own_tensors_train_a_model_with_their_own_classes(tmp_path):
     # Scored again from Python on the same test images: the same number, to the image.
     again = torchmnist.evaluate(tmp_path / "run", test=test)
     assert again["correct"] == round(result["test_accuracy"] * len(test[1]))
-    network = torchmnist.load(tmp_path / "run")
+    network = torchmnist.load(tmp_path / "run", device="cpu")
     assert network(torch.zeros(2, 1, 28, 28)).shape == (2, 4)
     found = torchmnist.predict(tmp_path / "run", [test[0][i].numpy() for i in range(20)])
     assert all(r["class"] in "abcd" for r in found)
@@ -218,7 +218,7 @@ def test_an_image_folder_trains_tests_predicts_and_exports_alike(tmp_path, capsy
     image = preprocess.as_stored(preprocess.read_grey(picture))
     x = torch.from_numpy(preprocess.normalise(image, spec.mean, spec.std))[None]
     with torch.no_grad():
-        expected = torchmnist.load(run_dir)(x).exp()[0]
+        expected = torchmnist.load(run_dir, device="cpu")(x).exp()[0]
     assert predicted["class"] == spec.classes[int(expected.argmax())]
     assert predicted["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
     code, out, err = run_main(["export", str(run_dir), "--format", "onnx", "--json"], capsys)
