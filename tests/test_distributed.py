@@ -57,13 +57,14 @@ def _environment(extra: dict | None = None) -> dict:
     return env
 
 
-def _torchrun(cwd: Path, *args: str, nproc: int = 2, restarts: int = 0) -> list[str]:
+def _torchrun(cwd: Path, *args: str, nproc: int = 2, restarts: int = 0,
+              program: tuple[str, ...] | list[str] = ("-m", "torchmnist")) -> list[str]:
     """The command a user types: torchrun, single node, a free port of its own."""
     launcher = Path(sys.executable).parent / "torchrun"
     command = [str(launcher)] if launcher.exists() else [sys.executable, "-m",
                                                           "torch.distributed.run"]
     return [*command, "--standalone", "--nproc-per-node", str(nproc), "--max-restarts",
-            str(restarts), "-m", "torchmnist", "train", *args, "--device", "cpu"]
+            str(restarts), *program, "train", *args, "--device", "cpu"]
 
 
 def _run(cwd: Path, *args: str, env: dict | None = None, **options) -> subprocess.CompletedProcess:
@@ -199,6 +200,41 @@ def test_a_two_rank_dry_run_writes_one_run_folder_and_whole_test_results(tmp_pat
     whole = last_json(tested.stdout)
     assert whole["test_accuracy"] == summary["test_accuracy"]
     assert whole["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+
+
+LEAVES_CLEANLY = '''
+import gc
+import sys
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from torchmnist.cli import main
+
+leave = dist.destroy_process_group
+
+
+def checked_leave(*args, **kwargs):
+    if any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()):
+        sys.exit("a DistributedDataParallel wrapper outlives the process group")
+    print("left the group with no wrapper alive", file=sys.stderr)
+    return leave(*args, **kwargs)
+
+
+dist.destroy_process_group = checked_leave
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_the_wrapper_is_gone_before_the_process_group_is_destroyed(tmp_path):
+    # A DistributedDataParallel freed after its group was destroyed can hang the process at
+    # exit (distributed.finish): every rank must leave with no wrapper alive.
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVES_CLEANLY)
+    result = _run(tmp_path, "--dry-run", "--epochs", "0.25", "--run-dir", "r", program=[
+        str(script)])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("left the group with no wrapper alive") == 2
 
 
 EPOCHS = "20"  # long enough (about 3 s of steps) to be interrupted after epoch 3 has begun

@@ -22,6 +22,7 @@ With a single process (no WORLD_SIZE, or WORLD_SIZE=1) every function here is a 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -132,9 +133,17 @@ def _restart_store(world: World) -> dict:
 
 
 def finish() -> None:
-    """Leave the process group `start` joined (one a caller made itself is left alone)."""
+    """Leave the process group `start` joined (one a caller made itself is left alone). Call
+    it once nothing refers to the DistributedDataParallel wrapper any more."""
     global _joined
     if _joined and dist.is_initialized():
+        # The wrapper's Reducer holds the group as well. Were it freed after the group left
+        # the registry, the Reducer's destructor would tear the gloo group down while holding
+        # the GIL, waiting for gloo's worker thread, which waits for the GIL to free a
+        # finished collective's tensors: a hang at exit (seen with torch 2.11, one run in
+        # dozens). Collected first, the wrapper leaves the group to destroy_process_group,
+        # whose destructor lets go of the GIL while it waits.
+        gc.collect()
         dist.destroy_process_group()
     _joined = False
 

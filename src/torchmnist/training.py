@@ -300,7 +300,7 @@ def train(config: TrainConfig, *, resumed: dict | None = None,
     # However training ends (done, an error, a signal), the log files and the progress bar
     # are closed, the run folder's lock is released and the graphs' device memory is freed.
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(distributed.finish)
+        cleanup.callback(_leave_job, run)
         cleanup.callback(run.lock.release)
         cleanup.enter_context(run.log)
         cleanup.callback(_drop_graphs, run)
@@ -447,6 +447,13 @@ def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Pa
 
 def _drop_graphs(run: Run) -> None:
     run.graphed_step = run.graphed_test = None
+
+
+def _leave_job(run: Run) -> None:
+    """Let go of the DistributedDataParallel wrapper, then of the process group (see
+    distributed.finish for why in this order)."""
+    run.forward = run.model
+    distributed.finish()
 
 
 @contextlib.contextmanager
