@@ -37,12 +37,16 @@ fi
 
 if has suite; then
     part "the whole suite"
-    workers=()
+    options=()
     if $py -c "import xdist" 2>/dev/null; then
-        workers=(-n "$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))")
+        options+=(-n "$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))")
     fi
-    OMP_NUM_THREADS=2 timeout 420 $py -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" \
-        > "$logs/suite.log" 2>&1
+    if $py -c "import pytest_timeout" 2>/dev/null; then
+        options+=(--timeout 300)  # a test that hangs is failed with its threads' stacks
+    fi
+    # SIGINT at the limit: pytest still prints what passed and failed.
+    OMP_NUM_THREADS=2 timeout -s INT -k 30 420 $py -m pytest -q -rfE --durations 10 \
+        -p no:cacheprovider "${options[@]}" > "$logs/suite.log" 2>&1
     echo "pytest exit code $?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$logs/suite.log" | tail -n 40
 fi
