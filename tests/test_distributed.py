@@ -287,7 +287,10 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_never_kil
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err
     assert "resuming from" in (tmp_path / "r/train.log").read_text()
-    assert "lost another process of this job" in err  # rank 0's one sentence
+    # Rank 0 says in one sentence that it lost its peer, unless torchrun, seeing the dead rank
+    # first, ends rank 0 before it can (as on a busy machine); never a traceback. The sentence
+    # itself is tested in test_train.py.
+    assert "lost another process of this job" in err or "closing signal SIGTERM" in err
     assert "Traceback" not in err
     saved = torch.load(tmp_path / "r/last.pt", weights_only=True)
     assert saved["progress"]["step"] == 16 * int(EPOCHS)
