@@ -316,7 +316,7 @@ class Trained:
     dataset: str  # the --dataset value
     config: dict | None  # the run's config, for a full checkpoint
     spec: Any = None  # data.DatasetSpec: the normalisation and the class names
-    history: list = field(default_factory=list)  # a full checkpoint's epoch records
+    history: list = field(default_factory=list)  # a full checkpoint's metrics.jsonl records
 
 
 def file_in(path: str | os.PathLike) -> Path:
