@@ -298,7 +298,8 @@ def train(config: TrainConfig, *, resumed: dict | None = None,
     run, saved_from = setup(config, resumed)
     run.on_test = on_test
     # However training ends (done, an error, a signal), the log files and the progress bar
-    # are closed, the run folder's lock is released and the graphs' device memory is freed.
+    # are closed, the run folder's lock is released, the graphs' device memory is freed and,
+    # under torchrun, the process group is left.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(_leave_job, run)
         cleanup.callback(run.lock.release)
