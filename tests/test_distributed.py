@@ -160,7 +160,7 @@ def test_one_step_on_two_ranks_is_one_process_step_on_the_whole_batch(loader, tm
     monkeypatch.syspath_prepend(str(tmp_path))
     # One step (1/16 of the dry run's 16 batches of 64), no checkpoint before it ends.
     flags = ["--dry-run", "--model", "mynets:TinyNet", "--epochs", "0.0625", "--loader", loader,
-             "--save-interval", "0", "--device", "cpu"]
+             "--save-interval", "0", "--device", "cpu", "--num-workers", "1"]
     assert run_main(["train", *flags, "--run-dir", "one"], capsys)[0] == 0
     result = _run(tmp_path, *flags, "--run-dir", "two", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
