@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,3 +191,21 @@ def test_erase_blanks_one_rectangle_in_about_half_the_images():
         height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
         assert mask.sum() == height * width  # one solid rectangle, clipped at the edges
         assert height <= ERASE_MAX and width <= ERASE_MAX
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a CUDA machine this script is what runs the CUDA tests")
+def test_the_cuda_check_script_runs_its_test_part_and_asks_for_the_data(tmp_path):
+    # benchmarks/cuda_check.sh runs only where a GPU is lent, rarely: its shell, its options
+    # and its logs are checked here, where its CUDA tests skip.
+    script = ["bash", str(ROOT / "benchmarks" / "cuda_check.sh"), str(tmp_path / "logs"), "cuda"]
+    env = {**os.environ, "PYTHON": sys.executable, "TORCHMNIST_DATA_DIR": str(tmp_path)}
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"torch {torch.__version__} | no CUDA device" in done.stdout
+    log = (tmp_path / "logs" / "cuda_tests.log").read_text()
+    assert re.search(r"\d+ passed, \d+ skipped", log) and "failed" not in log, log
+    del env["TORCHMNIST_DATA_DIR"]
+    refused = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "set TORCHMNIST_DATA_DIR to the folder holding MNIST/raw" in refused.stderr
