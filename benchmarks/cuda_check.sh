@@ -13,11 +13,11 @@
 # one machine, without which the CPU-only tests crowd each other out.
 set -u
 cd "$(dirname "$0")/.."
+: "${TORCHMNIST_DATA_DIR:?set TORCHMNIST_DATA_DIR to the folder holding MNIST/raw}"
 logs=${1:-cuda-check}
 parts=${2:-cuda suite bench}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
-: "${TORCHMNIST_DATA_DIR:?set TORCHMNIST_DATA_DIR to the folder holding MNIST/raw}"
 py=${PYTHON:-python3}
 
 part() { echo; echo "=== $1 ($(date +%T))"; }

@@ -206,6 +206,8 @@ def test_the_cuda_check_script_runs_its_test_part_and_asks_for_the_data(tmp_path
     log = (tmp_path / "logs" / "cuda_tests.log").read_text()
     assert re.search(r"\d+ passed, \d+ skipped", log) and "failed" not in log, log
     del env["TORCHMNIST_DATA_DIR"]
-    refused = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run([*script[:2], str(tmp_path / "refused"), "cuda"], env=env,
+                             capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0
     assert "set TORCHMNIST_DATA_DIR to the folder holding MNIST/raw" in refused.stderr
+    assert not (tmp_path / "refused").exists()  # it stopped before making its log folder
