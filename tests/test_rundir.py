@@ -47,6 +47,15 @@ def test_the_current_folder_of_a_project_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.py"]
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_usage_sentence(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("n\n")  # a file where a parent folder would go
+    code, _, err = run_main(["train", "--dry-run", "--run-dir", "notes.txt/run"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "cannot make the run folder notes.txt/run",
+                              "Not a directory", "choose another --run-dir")
+    assert (tmp_path / "notes.txt").read_text() == "n\n"
+
+
 def test_a_new_or_empty_folder_becomes_a_marked_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for name in ("empty", "new/deeper"):

@@ -97,7 +97,11 @@ def claim(folder: Path) -> RunLock:
     from torchmnist import __version__
 
     check_writable(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent that is a file, no permission, a read-only disk
+        raise UsageError(f"cannot make the run folder {folder}: "
+                         f"{error.strerror or error}; choose another --run-dir") from None
     lock = RunLock(folder)
     lock.acquire()
     try:
