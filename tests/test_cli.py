@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import assert_one_sentence_error, last_json, run_main, run_subprocess
 
+import torchmnist
 from torchmnist import cli, config
+from torchmnist.errors import UsageError
 
 
 def test_dry_run_with_empty_home_writes_a_complete_run(tmp_path):
@@ -124,6 +126,36 @@ def test_bad_flags_exit_2_with_one_sentence(flags, fragment, capsys):
         code = exit_info.code
     assert code == 2
     assert_one_sentence_error(capsys.readouterr().err, fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["test", "r", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+    (["predict", "r", "a.png", "--top", "0"], "argument --top: must be at least 1, not 0"),
+    (["report", "r", "--mistakes", "-5"], "argument --mistakes: must be at least 0, not -5"),
+    (["bench", "--trials", "0"], "argument --trials: must be at least 1, not 0"),
+    (["bench", "--accuracy-trials", "-1"], "argument --accuracy-trials: must be at least 0"),
+    (["serve", "r", "--port", "99999"], "argument --port: must be from 1 to 65535, not 99999"),
+    (["serve", "r", "--max-bytes", "0"], "argument --max-bytes: must be at least 1, not 0"),
+    (["sweep", "--jobs", "0"], "argument --jobs: must be at least 1, not 0"),
+    (["sweep", "--prune-startup", "-1"], "argument --prune-startup: must be at least 0"),
+    (["sweep", "--heartbeat", "0.5"], "argument --heartbeat: must be a whole number, not '0.5'"),
+])
+def test_the_other_commands_refuse_a_bad_count_as_they_parse_it(args, fragment, capsys):
+    # Before anything is loaded or written: no checkpoint named here exists.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    assert_one_sentence_error(capsys.readouterr().err, fragment)
+    assert not any(Path().iterdir())
+
+
+def test_the_python_api_checks_what_the_command_line_parses(capsys):
+    with pytest.raises(UsageError, match="--batch-size must be at least 1, not 0"):
+        torchmnist.evaluate("r", batch_size=0)
+    with pytest.raises(UsageError, match="--exit-threshold must be above 0 and at most 1"):
+        torchmnist.evaluate("r", exit_threshold=1.5)
+    with pytest.raises(UsageError, match="--mistakes must not be negative, not -1"):
+        torchmnist.report("r", mistakes=-1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from torchmnist import config as cfg
-from torchmnist.errors import TorchMnistError, UsageError
+from torchmnist.errors import TorchMnistError
 
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
 
@@ -24,6 +24,22 @@ _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one sentence, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole(low: int, high: int | None = None):
+    """An argparse type for a count or a port: a whole number from `low` (to `high`), so that a
+    bad value ends at parsing, in one sentence naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+        return value
+
+    return parse
 
 
 def _default_text(name: str) -> str:
@@ -148,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(test)
     _add_data_flags(test)
     _add_device_flag(test)
-    test.add_argument("--batch-size", type=int, default=1000, metavar="N",
+    test.add_argument("--batch-size", type=_whole(1), default=1000, metavar="N",
                       help="test batch size (default: 1000)")
     _add_tta_flag(test)
     test.add_argument("--exit-threshold", type=float, metavar="T", help="--model early-exit: "
@@ -165,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE|DIR|GLOB",
                          help="image files (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), directories "
                          "(their files) or glob patterns")
-    predict.add_argument("--top", type=int, default=3, metavar="K",
+    predict.add_argument("--top", type=_whole(1), default=3, metavar="K",
                          help="also show the K most likely classes (default: 3)")
     predict.add_argument("--json", action="store_true",
                          help="one JSON object per image per line")
@@ -199,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "last.pt), or a checkpoint in one (best.pt, epoch-NNN.pt): the figures "
                         "of its run, the test set scored with that checkpoint")
     report.add_argument("--out", metavar="DIR", help="where to write (default: RUN/report)")
-    report.add_argument("--mistakes", type=int, default=48, metavar="N",
+    report.add_argument("--mistakes", type=_whole(0), default=48, metavar="N",
                         help="misclassified images to show (default: 48)")
     _add_data_flags(report, default="the run's, else ")
     _add_device_flag(report)
@@ -210,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure training and inference throughput of a recipe with each loader, "
         "and its time to accuracy over several seeds; every number is a median of trials, "
         "printed with the hardware and torch version.", argument_default=argparse.SUPPRESS)
-    bench.add_argument("--trials", type=int, default=3, metavar="N",
+    bench.add_argument("--trials", type=_whole(1), default=3, metavar="N",
                        help="throughput trials per loader (default: 3)")
-    bench.add_argument("--steps", type=int, default=200, metavar="N",
+    bench.add_argument("--steps", type=_whole(1), default=200, metavar="N",
                        help="timed training steps per throughput trial (default: 200)")
     bench.add_argument("--loaders", default=",".join(_BENCH_LOADERS), metavar="LIST",
                        help="loaders to compare, e.g. tensor,dataloader:2 (WORKERS after the "
                        "colon); premade times the steps on batches made before the clock, "
                        "the bound no loader can beat; empty to skip (default: %(default)s)")
-    bench.add_argument("--accuracy-trials", type=int, default=3, metavar="N",
+    bench.add_argument("--accuracy-trials", type=_whole(0), default=3, metavar="N",
                        help="whole training runs, one per seed from --seed on, for time to "
                        "accuracy; 0 to skip (default: 3)")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON line")
@@ -235,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on; "
                        "0.0.0.0 serves other machines too (default: %(default)s, this one "
                        "only)")
-    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    serve.add_argument("--max-bytes", type=int, default=5 * 1024 * 1024, metavar="N",
+    serve.add_argument("--port", type=_whole(1, 65535), default=8000,
+                       help="the port to listen on (default: %(default)s)")
+    serve.add_argument("--max-bytes", type=_whole(1), default=5 * 1024 * 1024, metavar="N",
                        help="refuse a request body larger than this (default: 5 MiB)")
-    serve.add_argument("--max-pixels", type=int, default=25_000_000, metavar="N",
+    serve.add_argument("--max-pixels", type=_whole(1), default=25_000_000, metavar="N",
                        help="refuse an image with more pixels than this (default: 25 million)")
-    serve.add_argument("--top", type=int, default=3, metavar="K",
+    serve.add_argument("--top", type=_whole(1), default=3, metavar="K",
                        help="classes in each answer's top list (default: 3)")
     _add_model_flags(serve)
     _add_device_flag(serve)
@@ -269,10 +286,10 @@ def _add_sweep_parser(commands) -> None:
     s.add_argument("--space", metavar="FILE", help="settings to search from a TOML, YAML or "
                    "JSON file: each key a setting, each value a spec as in --param or a list of "
                    "choices")
-    s.add_argument("--trials", type=int, metavar="N", help="trials in the study, all workers "
-                   "together; a resumed or joined study goes on to N (default: 20)")
-    s.add_argument("--jobs", type=int, metavar="J", help="trials at once on this machine, each "
-                   "in its own process with cores/J torch threads (default: 1)")
+    s.add_argument("--trials", type=_whole(1), metavar="N", help="trials in the study, all "
+                   "workers together; a resumed or joined study goes on to N (default: 20)")
+    s.add_argument("--jobs", type=_whole(1), metavar="J", help="trials at once on this machine, "
+                   "each in its own process with cores/J torch threads (default: 1)")
     s.add_argument("--objective", choices=OBJECTIVES, help="what a trial is scored on: "
                    "accuracy (validation with --val-size, else test), val_accuracy, "
                    "test_accuracy, or time to --target-accuracy (default: accuracy)")
@@ -281,8 +298,8 @@ def _add_sweep_parser(commands) -> None:
     s.add_argument("--pruner", choices=("median", "none"), help="stop a trial whose accuracy "
                    "after a test is below the median of earlier trials at that step (default: "
                    "median)")
-    s.add_argument("--prune-startup", type=int, metavar="N", help="trials that run to the end "
-                   "before any is pruned (default: 5)")
+    s.add_argument("--prune-startup", type=_whole(0), metavar="N", help="trials that run to the "
+                   "end before any is pruned (default: 5)")
     s.add_argument("--storage", metavar="URL", help="the study's database, e.g. "
                    "postgresql://user:pass@host/db, which workers on several machines share "
                    "(default: SQLite in the sweep folder)")
@@ -290,7 +307,7 @@ def _add_sweep_parser(commands) -> None:
                    "the sweep folder's name)")
     s.add_argument("--best-format", choices=BEST_FORMATS, help="the file the best settings are "
                    "written to (default: toml, i.e. best.toml)")
-    s.add_argument("--heartbeat", type=int, metavar="S", help="seconds between a running "
+    s.add_argument("--heartbeat", type=_whole(1), metavar="S", help="seconds between a running "
                    "trial's heartbeats; a trial silent for 3 of them is run again (default: 10)")
     # One of --jobs' processes, and how many trials it runs.
     s.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -328,9 +345,6 @@ def _train(explicit: dict[str, Any]) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from torchmnist import serving
 
-    if not 0 <= args.port < 65536 or args.max_bytes < 1 or args.max_pixels < 1 or args.top < 1:
-        raise UsageError("--port must be 0-65535, and --max-bytes, --max-pixels and --top "
-                         "positive")
     app = serving.create_app(args.checkpoint, device=args.device, model=args.model,
                              dataset=args.dataset, max_bytes=args.max_bytes,
                              max_pixels=args.max_pixels, top=args.top)
@@ -358,8 +372,6 @@ def _bench(explicit: dict[str, Any]) -> int:
     config = cfg.resolve(explicit)
     trials, steps = options.get("trials", 3), options.get("steps", 200)
     accuracy_trials = options.get("accuracy_trials", 3)
-    if trials < 1 or steps < 1 or accuracy_trials < 0:
-        raise UsageError("--trials and --steps must be at least 1, --accuracy-trials at least 0")
     loaders = options.get("loaders", ",".join(_BENCH_LOADERS))
     # With --json, stdout holds only the JSON report; the table goes to stderr.
     report = bench.run(config, loaders=bench.parse_loaders(loaders) if loaders else [],
@@ -373,11 +385,6 @@ def _bench(explicit: dict[str, Any]) -> int:
 def _test(args: argparse.Namespace) -> int:
     from torchmnist.evaluation import evaluate
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if args.exit_threshold is not None and not 0 < args.exit_threshold <= 1:
-        raise UsageError(f"--exit-threshold must be above 0 and at most 1, not "
-                         f"{args.exit_threshold}")
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
                       data_dir=args.data_dir, download=args.download, device=args.device,
                       batch_size=args.batch_size, tta=args.tta,
@@ -414,8 +421,6 @@ def _show(args: argparse.Namespace, result: dict, sentence: str) -> None:
 def _report(args: argparse.Namespace) -> int:
     from torchmnist.reporting import report
 
-    if args.mistakes < 0:
-        raise UsageError(f"--mistakes must not be negative, not {args.mistakes}")
     result = report(args.checkpoint, args.out, data_dir=args.data_dir, download=args.download,
                     device=args.device, mistakes=args.mistakes)
     _show(args, result, f"wrote {result['report']} with {Path(result['curves']).name}, "

@@ -127,6 +127,10 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     test images of your own instead: (images, labels) or a Dataset, as data.OwnData takes
     them.
     """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
+    if exit_threshold is not None and not 0 < exit_threshold <= 1:
+        raise UsageError(f"--exit-threshold must be above 0 and at most 1, not {exit_threshold}")
     target = devices.resolve_device(device)
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset

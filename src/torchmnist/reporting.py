@@ -34,6 +34,8 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     except ImportError:
         raise UsageError("torchmnist report needs matplotlib; install it with: pip install "
                          "'torchmnist[report]'") from None
+    if mistakes < 0:
+        raise UsageError(f"--mistakes must not be negative, not {mistakes}")
     chosen = Path(run_dir)
     # A checkpoint file: its run's curves, and the test set scored with that checkpoint.
     run_dir = chosen.parent if chosen.is_file() else chosen

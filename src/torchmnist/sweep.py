@@ -200,12 +200,9 @@ def build(options: dict[str, Any], base: dict[str, Any]) -> Sweep:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UsageError(f"--param {twice[0]} is given more than once")
+    # (Counts such as --trials are checked as the command line is parsed.)
     trials, jobs = options.get("trials", 20), options.get("jobs", 1)
-    if trials < 1 or jobs < 1:
-        raise UsageError("--trials and --jobs must be at least 1")
     heartbeat = options.get("heartbeat", 10)
-    if heartbeat < 1:
-        raise UsageError("--heartbeat must be at least 1 second")
     objective = options.get("objective", "accuracy")
     if objective == "val_accuracy" and not base.get("val_size"):
         raise UsageError("--objective val_accuracy needs a validation set: pass --val-size N")
