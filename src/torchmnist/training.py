@@ -503,34 +503,15 @@ def _load_data(config: TrainConfig, saved: dict | None) -> data.DigitData:
 
 def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path | None]:
     """Build the run: device, data, model, optimiser; restore a checkpoint when resuming
-    (`resumed`: that checkpoint, already read)."""
-    if config.dataset.startswith(data.FOLDER_PREFIX):
-        # An absolute path, so that a resume, test or export finds it from anywhere.
-        folder = Path(config.dataset[len(data.FOLDER_PREFIX):]).expanduser().resolve()
-        config = _replace(config, dataset=f"{data.FOLDER_PREFIX}{folder}")
+    (`resumed`: that checkpoint, already read). Everything that can refuse the run is checked
+    before the run folder is touched."""
+    config = _absolute_dataset(config)
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
     world = distributed.from_environment()
     device = devices.resolve_device(config.device)
-    devices.autocast(device, config.amp)  # refuses fp16 off CUDA before any work is done
-    if config.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm synchronises GPUs only "
-                         "(on the CPU each process's BatchNorm sees its own share of a batch)")
-    if config.batch_size % world.size:
-        raise UsageError(f"--batch-size {config.batch_size} does not divide among {world.size} "
-                         f"processes: it is the whole job's batch, of which each process takes "
-                         f"an equal share; choose a multiple of {world.size}")
-    saved, changes, resume_path = None, [], None
-    if config.resume:
-        resume_path = checkpoint.find_resume(config.resume, config.run_dir)
-        saved = resumed if resumed is not None else checkpoint.load_training(resume_path)
-        changes = checkpoint.check_compatible(saved[checkpoint.CONFIG], config)
-        saved_world = saved.get(checkpoint.WORLD_SIZE, 1)
-        if saved_world != world.size and not config.allow_new_world_size:
-            raise UsageError(f"{resume_path} was trained by {saved_world} process(es) and this "
-                             f"run has {world.size}: the batches would be shared out "
-                             "differently, so it would not continue the same run; pass "
-                             "--allow-new-world-size to go on all the same")
+    _check_devices_and_world(config, device, world)
+    saved, changes, resume_path = _read_resume(config, resumed, world)
     # Every check that needs no other process is done: now join them (torchrun).
     device = distributed.start(world, device)
 
@@ -542,36 +523,10 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     if config.val_size:
         val_index = saved.get(checkpoint.VAL_INDEX) if saved is not None else None
         digits, val_index = _hold_out(digits, config, val_index)
-    pin_memory = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
-    loader_options = dict(num_workers=config.num_workers, pin_memory=pin_memory)
-    # With several processes each trains on its share of every batch and tests on its part
-    # of the test images (distributed.py).
-    train_batches = data.make_batches(config.loader, digits.train, digits.spec, config.batch_size,
-                                      device, shuffle=True, seed=config.seed, rank=world.rank,
-                                      ranks=world.size, **loader_options)
-    test_batches = data.make_batches(config.loader, digits.test.shard(world.rank, world.size),
-                                     digits.spec, config.test_batch_size, device, shuffle=False,
-                                     **loader_options)
-    val_batches = (data.TensorBatches(digits.val.shard(world.rank, world.size), digits.spec,
-                                      config.test_batch_size, device, shuffle=False)
-                   if val_index is not None else None)
-
-    network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
-    model = (network if network is not None
-             else models.build(config.model, len(digits.spec.classes))).to(device)
-    if hasattr(model, "exit_threshold"):  # --model early-exit
-        model.exit_threshold = config.exit_threshold
-    if models.is_import_path(config.model):
-        models.check_output(model, next(iter(test_batches.batches()))[0],
-                            len(digits.spec.classes))
-    notes = []
-    if config.init_from and saved is None:
-        notes.append(_load_initial_weights(model, config.init_from))
-    if config.sync_bn:
-        model = distributed.convert_batchnorm(model, world)
-    _freeze(model, config)  # before the optimiser takes the parameters it trains
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    train_batches, test_batches, val_batches = _make_batches(config, digits, device, world,
+                                                             held_out=val_index is not None)
+    model, notes = _build_model(config, digits.spec, device, world, test_batches,
+                                fresh=saved is None)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, len(train_batches))
     scaler = devices.grad_scaler(device, config.amp)
@@ -602,8 +557,107 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         if (run_dir / "last.pt").exists():
             raise UsageError(f"{run_dir} already holds a run's checkpoint; pass --resume to "
                              "continue it, or choose another --run-dir")
-    # Everything above only read; from here on the run folder is written, under its lock, by
-    # rank 0 alone.
+    # Everything above only read; from here on the run folder is written, by rank 0 alone.
+    config, lock, log = _open_run_dir(config, run_dir, world, saved)
+    # What the step calls: on several processes the model inside DistributedDataParallel.
+    forward = distributed.wrap(model, world, device)
+    run = Run(config, device, run_dir, model, torch.compile(forward) if config.compile else forward,
+              optimizer, scheduler, scaler, ema, train_batches, test_batches, val_batches,
+              val_index, digits.spec, progress=progress, log=log, lock=lock, world=world)
+    _announce(run, digits, notes)
+    if saved is not None:
+        log.print(f"resuming from {resume_path} at epoch {progress.epoch}, batch "
+                  f"{progress.batch} (step {progress.step})")
+        for change in changes:
+            log.print(f"  resume: {change}")
+    return run, resume_path
+
+
+def _absolute_dataset(config: TrainConfig) -> TrainConfig:
+    """--dataset folder:PATH with PATH absolute, so that a resume, test or export finds it
+    from anywhere."""
+    if not config.dataset.startswith(data.FOLDER_PREFIX):
+        return config
+    folder = Path(config.dataset[len(data.FOLDER_PREFIX):]).expanduser().resolve()
+    return _replace(config, dataset=f"{data.FOLDER_PREFIX}{folder}")
+
+
+def _check_devices_and_world(config: TrainConfig, device: torch.device,
+                             world: distributed.World) -> None:
+    """Refuse flags that this device or this number of processes cannot honour."""
+    devices.autocast(device, config.amp)  # refuses fp16 off CUDA before any work is done
+    if config.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm synchronises GPUs only "
+                         "(on the CPU each process's BatchNorm sees its own share of a batch)")
+    if config.batch_size % world.size:
+        raise UsageError(f"--batch-size {config.batch_size} does not divide among {world.size} "
+                         f"processes: it is the whole job's batch, of which each process takes "
+                         f"an equal share; choose a multiple of {world.size}")
+
+
+def _read_resume(config: TrainConfig, resumed: dict | None, world: distributed.World,
+                 ) -> tuple[dict | None, list[str], Path | None]:
+    """With --resume: the checkpoint, what this run's settings change of it, and its path."""
+    if not config.resume:
+        return None, [], None
+    resume_path = checkpoint.find_resume(config.resume, config.run_dir)
+    saved = resumed if resumed is not None else checkpoint.load_training(resume_path)
+    changes = checkpoint.check_compatible(saved[checkpoint.CONFIG], config)
+    saved_world = saved.get(checkpoint.WORLD_SIZE, 1)
+    if saved_world != world.size and not config.allow_new_world_size:
+        raise UsageError(f"{resume_path} was trained by {saved_world} process(es) and this "
+                         f"run has {world.size}: the batches would be shared out differently, "
+                         "so it would not continue the same run; pass --allow-new-world-size "
+                         "to go on all the same")
+    return saved, changes, resume_path
+
+
+def _make_batches(config: TrainConfig, digits: data.DigitData, device: torch.device,
+                  world: distributed.World, held_out: bool):
+    """The training, test and (--val-size) validation batches. With several processes each
+    trains on its share of every batch and tests on its part of the test images
+    (distributed.py)."""
+    pin_memory = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
+    loader_options = dict(num_workers=config.num_workers, pin_memory=pin_memory)
+    train_batches = data.make_batches(config.loader, digits.train, digits.spec, config.batch_size,
+                                      device, shuffle=True, seed=config.seed, rank=world.rank,
+                                      ranks=world.size, **loader_options)
+    test_batches = data.make_batches(config.loader, digits.test.shard(world.rank, world.size),
+                                     digits.spec, config.test_batch_size, device, shuffle=False,
+                                     **loader_options)
+    val_batches = (data.TensorBatches(digits.val.shard(world.rank, world.size), digits.spec,
+                                      config.test_batch_size, device, shuffle=False)
+                   if held_out else None)
+    return train_batches, test_batches, val_batches
+
+
+def _build_model(config: TrainConfig, spec: data.DatasetSpec, device: torch.device,
+                 world: distributed.World, test_batches, fresh: bool,
+                 ) -> tuple[nn.Module, list[str]]:
+    """The network on its device, with --init-from's weights (a fresh run only: a resumed one
+    has its own), --sync-bn, --freeze and --channels-last applied; and what to tell of it."""
+    network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
+    model = (network if network is not None
+             else models.build(config.model, len(spec.classes))).to(device)
+    if hasattr(model, "exit_threshold"):  # --model early-exit
+        model.exit_threshold = config.exit_threshold
+    if models.is_import_path(config.model):
+        models.check_output(model, next(iter(test_batches.batches()))[0], len(spec.classes))
+    notes = []
+    if config.init_from and fresh:
+        notes.append(_load_initial_weights(model, config.init_from))
+    if config.sync_bn:
+        model = distributed.convert_batchnorm(model, world)
+    _freeze(model, config)  # before the optimiser takes the parameters it trains
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, notes
+
+
+def _open_run_dir(config: TrainConfig, run_dir: Path, world: distributed.World,
+                  saved: dict | None) -> tuple[TrainConfig, rundir.RunLock, RunLog]:
+    """Claim and lock the run folder (rank 0), write the config as it will be saved, and
+    open the log. The lock is held for the whole run; the caller releases it."""
     lock = rundir.claim(run_dir) if world.main else rundir.RunLock(run_dir)  # (not acquired)
     try:
         if world.main:
@@ -622,37 +676,31 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     except BaseException:
         lock.release()
         raise
-    # What the step calls: on several processes the model inside DistributedDataParallel.
-    forward = distributed.wrap(model, world, device)
-    run = Run(config, device, run_dir, model, torch.compile(forward) if config.compile else forward,
-              optimizer, scheduler, scaler, ema, train_batches, test_batches, val_batches,
-              val_index, digits.spec, progress=progress, log=log, lock=lock, world=world)
+    return config, lock, log
 
+
+def _announce(run: Run, digits: data.DigitData, notes: list[str]) -> None:
+    """The run's first lines: what trains on what, where, with which settings."""
+    config, log = run.config, run.log
     dry = (" (synthetic, dry run)" if config.dry_run and data.is_builtin(config.dataset)
            else " (a sample, dry run)" if config.dry_run else "")
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
-              f"{dry}, device {device} "
-              f"({devices.describe(device)}), torch {torch.__version__}")
-    held = f" / {len(digits.val)} validation" if val_batches is not None else ""
+              f"{dry}, device {run.device} "
+              f"({devices.describe(run.device)}), torch {torch.__version__}")
+    held = f" / {len(digits.val)} validation" if run.val_batches is not None else ""
     log.print(f"data: {len(digits.train)} train{held} / {len(digits.test)} test images from "
               f"{digits.source}; {config.loader} loader")
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in run.model.parameters())
     changed = differences(config)
     log.print(f"model: {parameters:,} parameters; settings: the {config.recipe} recipe's" + (
         ", except " + ", ".join(f"{k} {json.dumps(v)}" for k, v in changed.items())
-        if changed else "") + f" (all in {run_dir / 'config.json'})")
-    if world.distributed:
-        log.print(f"distributed: {world.size} processes ({distributed.backend()}), each "
-                  f"trains on {config.batch_size // world.size} of every batch of "
+        if changed else "") + f" (all in {run.run_dir / 'config.json'})")
+    if run.world.distributed:
+        log.print(f"distributed: {run.world.size} processes ({distributed.backend()}), each "
+                  f"trains on {config.batch_size // run.world.size} of every batch of "
                   f"{config.batch_size}" + (", BatchNorm synchronised" if config.sync_bn else ""))
     for note in notes:
         log.print(note)
-    if saved is not None:
-        log.print(f"resuming from {resume_path} at epoch {progress.epoch}, batch "
-                  f"{progress.batch} (step {progress.step})")
-        for change in changes:
-            log.print(f"  resume: {change}")
-    return run, resume_path
 
 
 def _restore_rank(saved: dict, world: distributed.World, progress: Progress,
