@@ -21,10 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-import torchmnist
-from torchmnist import devices
+from torchmnist import bench, devices
 
 
 def run(command: list[str], env: dict) -> tuple[dict, float]:
@@ -45,8 +42,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = devices.resolve_device(args.device)
-    print(f"hardware: {devices.describe(device)}; torch {torch.__version__}; torchmnist "
-          f"{torchmnist.__version__}; {args.recipe} recipe, seeds 1-{args.seeds}")
+    print(bench.describe(bench.environment(device)))
+    print(f"{args.recipe} recipe, seeds 1-{args.seeds}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", str(args.nproc), "-m", "torchmnist"]
     single = [sys.executable, "-m", "torchmnist"]

@@ -18,10 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 import torchmnist
-from torchmnist import devices
+from torchmnist import bench, devices
 
 FEATURES = "conv1,bn1,conv2,bn2"  # the fast network's convolutional part
 
@@ -33,8 +31,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = devices.resolve_device(args.device)
-    print(f"hardware: {devices.describe(device)}; torch {torch.__version__}; seeds 1-"
-          f"{args.seeds}; budget: 1 epoch of the fast recipe on the target")
+    print(bench.describe(bench.environment(device)))
+    print(f"seeds 1-{args.seeds}; budget: 1 epoch of the fast recipe on the target")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
 

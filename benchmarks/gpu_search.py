@@ -16,8 +16,6 @@ import json
 import statistics
 import sys
 
-import torch
-
 from torchmnist import bench, data, devices
 from torchmnist.config import resolve
 
@@ -73,7 +71,7 @@ def main() -> int:
     args = parser.parse_args()
     data.load = functools.lru_cache(data.load)  # read the files once, not once a run
     device = devices.resolve_device(args.device)
-    print(f"hardware: {devices.describe(device)}; torch {torch.__version__}")
+    print(bench.describe(bench.environment(device)))
     print(f"\nstage 1: {args.seeds} seeds each")
     rows = [measure(label, values, range(1, args.seeds + 1), args)
             for label, values in VARIANTS.items()]

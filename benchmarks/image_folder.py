@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 import torchmnist
-from torchmnist import data, devices
+from torchmnist import bench, data, devices
 
 
 def write_folder(digits: data.DigitData, root: Path) -> None:
@@ -43,8 +42,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = devices.resolve_device(args.device)
-    print(f"hardware: {devices.describe(device)}; torch {torch.__version__}; torchmnist "
-          f"{torchmnist.__version__}; fast recipe, seeds 1-{args.seeds}")
+    print(bench.describe(bench.environment(device)))
+    print(f"fast recipe, seeds 1-{args.seeds}")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         start = time.perf_counter()

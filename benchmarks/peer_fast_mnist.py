@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import data, devices
+from torchmnist import bench, data, devices
 
 
 class PeerNet(nn.Module):
@@ -95,8 +95,8 @@ def main() -> int:
     run(*tensors, seed=0)  # untimed: loads the kernels
     results = [run(*tensors, seed=seed) for seed in range(1, args.seeds + 1)]
     accuracies, seconds = [r[0] for r in results], [r[1] for r in results]
-    print(f"peer recipe (tuomaso/train_mnist_fast, final): {devices.describe(device)}; torch "
-          f"{torch.__version__}; {args.seeds} seeds")
+    print(bench.describe(bench.environment(device)))
+    print(f"peer recipe (tuomaso/train_mnist_fast, final): {args.seeds} seeds")
     print(f"mean test accuracy {statistics.mean(accuracies):.2%} (min {min(accuracies):.2%}, "
           f"max {max(accuracies):.2%}); median {statistics.median(seconds):.3f} s (min "
           f"{min(seconds):.3f}, max {max(seconds):.3f})")

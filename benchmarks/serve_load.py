@@ -26,8 +26,7 @@ import urllib.request
 import torch
 from PIL import Image, ImageDraw
 
-import torchmnist
-from torchmnist import devices
+from torchmnist import bench
 
 
 def digit_png() -> bytes:
@@ -82,9 +81,8 @@ def main() -> int:
         server.wait()
     latencies = sorted(r[0] for r in results)
     errors = sum(not r[1] for r in results)
-    print(f"hardware: {devices.describe(torch.device('cpu'))} (client and server on one "
-          f"machine); torch {torch.__version__}; torchmnist {torchmnist.__version__}; "
-          f"{os.cpu_count()} cores")
+    print(bench.describe(bench.environment(torch.device("cpu"))))
+    print(f"client and server on one machine, {os.cpu_count()} cores")
     print(f"{args.requests} requests, {args.concurrency} at a time: {errors} errors; latency "
           f"p50 {1000 * statistics.median(latencies):.1f} ms, p99 "
           f"{1000 * latencies[int(0.99 * (len(latencies) - 1))]:.1f} ms; "

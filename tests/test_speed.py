@@ -17,7 +17,7 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 import torchmnist
-from torchmnist import checkpoint, models
+from torchmnist import bench, checkpoint, models
 from torchmnist.augment import ERASE_MAX, MAX_SHIFT, affine, augment, erase, translate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,11 @@ def test_bench_prints_environment_and_every_loader(capsys):
                                "--steps", "5", "--accuracy-trials", "2", "--loaders",
                                "tensor,premade,dataloader:0,dataloader:2", "--json"], capsys)
     assert code == 0, err
-    assert "hardware:" in err and f"torch {torch.__version__}" in err  # --json: on stderr
+    # --json: the header goes to stderr, the line every benchmark script prints too.
+    environment = bench.describe(bench.environment(torch.device("cpu")))
+    assert environment in err.splitlines()
+    assert f"torch {torch.__version__}" in environment
+    assert f"torchmnist {torchmnist.__version__}" in environment
     assert "median of 1 trials" in err
     report = json.loads(out)
     # What airbench records: the resolved config and the code's version beside the numbers.

@@ -38,6 +38,14 @@ def environment(device: torch.device) -> dict:
             "torchmnist": __version__, "commit": _commit()}
 
 
+def describe(env: dict) -> str:
+    """The line every benchmark prints above its numbers: what they were measured on and with
+    (`environment`'s fields)."""
+    commit = f" at {env['commit']}" if env["commit"] else ""
+    return (f"hardware: {env['hardware']}; torch {env['torch']}; python {env['python']}; "
+            f"torchmnist {env['torchmnist']}{commit}")
+
+
 def _commit() -> str | None:
     """The git commit torchmnist runs from (with "+changes" when the tree differs from it),
     as airbench records it beside its numbers; None outside a git checkout."""
@@ -160,10 +168,9 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
     data_name = "synthetic" if config.dry_run else config.dataset
     print(f"torchmnist bench: recipe {config.recipe}, model {config.model}, batch "
           f"{config.batch_size}, amp {config.amp}, {data_name} data", file=out)
-    print(f"hardware: {env['hardware']}; torch {env['torch']}; python {env['python']}; "
-          f"threads {env['threads']}; median of {trials} trials", file=out)
-    print(f"torchmnist {env['torchmnist']}" + (f" at {env['commit']}" if env["commit"] else "")
-          + "; the resolved config is in the --json report", file=out)
+    print(describe(env), file=out)
+    print(f"throughput: median of {trials} trials; the resolved config is in the --json report",
+          file=out)
     # The numbers beside everything that produced them: the whole resolved config.
     report = {"environment": env, "recipe": config.recipe, "config": config.to_dict(),
               "trials": trials, "loaders": []}
