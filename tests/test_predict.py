@@ -14,7 +14,7 @@ from PIL import Image
 
 from torchmnist import data, models
 from torchmnist.prediction import predict
-from torchmnist.preprocess import ImageError, ink_map, prepare, read_grey, to_28x28
+from torchmnist.preprocess import ImageError, as_stored, ink_map, prepare, read_grey, to_28x28
 
 
 def _digit_like(size: int = 200, dark_on_light: bool = True) -> np.ndarray:
@@ -77,6 +77,23 @@ def test_every_common_format_is_read(suffix, tmp_path):
     path = tmp_path / f"ring{suffix}"
     Image.fromarray(_digit_like()).convert("RGB").save(path)
     assert prepare(path).max() > 0.9
+
+
+def test_grey_files_read_exactly_as_their_colour_copies(tmp_path):
+    # 8-bit grey files (an MNIST-like image folder) are taken as they are, without Pillow's
+    # conversions; every value must come out as the colour path makes it, and as stored.
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(values).save(tmp_path / "grey.png")
+    Image.fromarray(values).convert("RGB").save(tmp_path / "colour.png")
+    grey, colour = read_grey(tmp_path / "grey.png"), read_grey(tmp_path / "colour.png")
+    assert np.array_equal(grey, colour)
+    assert np.array_equal(np.round(grey * 255), values)
+    stored = as_stored(np.asarray(Image.fromarray(values).resize((28, 28))) / 255.0)
+    assert stored.dtype == np.float32 and np.array_equal(
+        np.round(stored * 255), np.asarray(Image.fromarray(values).resize((28, 28))))
+    # A grey file with a transparent value still has it composited onto white.
+    Image.fromarray(values).save(tmp_path / "keyed.png", transparency=0)
+    assert read_grey(tmp_path / "keyed.png")[0, 0] == 1.0
 
 
 def test_sixteen_bit_greyscale_is_read(tmp_path):

@@ -108,6 +108,8 @@ def _to_grey(image) -> np.ndarray:
         top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
         return np.clip(values / top, 0.0, 1.0)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if image.mode == "L" and not has_alpha:  # already 8-bit grey (MNIST-like files): as is
+        return np.asarray(image, dtype=np.float64) / 255.0
     if has_alpha:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -187,10 +189,11 @@ def as_stored(grey: np.ndarray) -> np.ndarray:
 
     if grey.ndim != 2 or grey.size == 0:
         raise ImageError("the image has no pixels")
-    image8 = Image.fromarray(np.round(grey * 255).astype(np.uint8))
-    if image8.size != (28, 28):
-        image8 = image8.resize((28, 28), Image.Resampling.LANCZOS)
-    return (np.asarray(image8, dtype=np.float32) / 255.0).astype(np.float32)
+    pixels = np.round(grey * 255).astype(np.uint8)
+    if pixels.shape != (28, 28):
+        image8 = Image.fromarray(pixels).resize((28, 28), Image.Resampling.LANCZOS)
+        pixels = np.asarray(image8)
+    return pixels.astype(np.float32) / 255.0
 
 
 def _as_input(grey: np.ndarray, dataset: str) -> np.ndarray:
