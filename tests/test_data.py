@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import subprocess
+import sys
 from urllib.error import URLError
 
 import numpy as np
@@ -18,7 +21,9 @@ from conftest import (
 )
 
 from torchmnist import data
+from torchmnist.config import TrainConfig
 from torchmnist.errors import UsageError
+from torchmnist.training import train
 
 
 def test_reads_plain_and_gzipped_files(tmp_path):
@@ -147,6 +152,55 @@ def test_both_loaders_yield_identical_batches(num_workers):
         lx, ly = _collect(loader, epoch)
         assert tx.shape == (300, 1, 28, 28) and tx.dtype == torch.float32
         assert torch.equal(tx, lx) and torch.equal(ty, ly)  # bit for bit
+
+
+def test_closing_a_loader_stops_its_workers_and_the_next_epoch_starts_new_ones():
+    digits = data.synthetic(n_train=300, n_test=100)
+    loader = data.LoaderBatches(digits.train, digits.spec, 64, torch.device("cpu"),
+                                shuffle=True, seed=5, num_workers=2)
+    before = set(multiprocessing.active_children())
+    first = _collect(loader, 1)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2  # persistent: still running after the epoch
+    loader.close()
+    loader.close()  # twice is harmless
+    assert not any(worker.is_alive() for worker in workers)
+    assert all(torch.equal(a, b) for a, b in zip(first, _collect(loader, 1), strict=True))
+    loader.close()
+
+
+def test_a_loader_still_open_when_python_exits_does_not_hang_it(tmp_path):
+    # Workers ignore SIGTERM (so that a signal to the whole process group cannot kill them
+    # under a run that is saving), and Python's exit sends SIGTERM to live workers and then
+    # waits for them: without the loaders' exit hook this waited forever.
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import torch\n"
+        "from torchmnist import data\n"
+        "digits = data.synthetic(n_train=256, n_test=64)\n"
+        "KEPT = data.LoaderBatches(digits.train, digits.spec, 64, torch.device('cpu'),\n"
+        "                          shuffle=True, num_workers=2)\n"
+        "next(iter(KEPT.batches()))\n"
+        "print('exiting', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
+
+
+def test_a_run_that_ends_in_an_error_has_stopped_its_loader_workers(tmp_path):
+    config = TrainConfig(dry_run=True, loader="dataloader", num_workers=2, device="cpu",
+                         quiet=True, run_dir=str(tmp_path / "r"))
+    before = set(multiprocessing.active_children())
+
+    def fail(*_):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here") as caught:
+        train(config, on_test=fail)
+    # The traceback still holds the run (train's frame), and so its loaders: closing them
+    # cannot have been left to the garbage collector.
+    assert caught.value.__traceback__ is not None
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def test_training_order_is_shuffled_per_epoch_and_rebuildable():

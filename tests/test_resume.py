@@ -103,8 +103,9 @@ def test_a_signal_to_the_whole_process_group_stops_cleanly_with_loader_workers(s
     try:
         _, stderr = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        # Hung (seen once in CI, not reproduced in 28 runs): faulthandler prints where every
-        # thread of the main process stands on SIGABRT.
+        # Hung once in CI (not reproduced in 28 runs; a likely cause since found and fixed:
+        # Python's exit waiting for loader workers, which ignore SIGTERM, of a loader not yet
+        # collected). faulthandler prints where every thread of the main process stands.
         os.kill(process.pid, signal.SIGABRT)
         _, stderr = process.communicate(timeout=30)
         with contextlib.suppress(ProcessLookupError):  # its loader workers, if still there

@@ -86,8 +86,7 @@ def test_the_step_counts_what_the_model_got_right_before_its_update(tmp_path):
             assert correct.item() == expected.item()
             assert not torch.equal(before, run.model.state_dict()["conv1.weight"])
     finally:
-        run.log.close()
-        run.lock.release()
+        run.close()
 
 
 def test_the_epoch_record_holds_the_training_accuracy_over_every_image(tmp_path, capsys):

@@ -142,8 +142,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
                                         channels_last=config.channels_last)
             infer_rate = result.total / (time.perf_counter() - start)
         finally:
-            run.log.close()
-            run.graphed_step = run.graphed_test = None
+            run.close()
             del run
             # Now, not later: loader workers forked for the next trial must not inherit this
             # trial's CUDA graphs.

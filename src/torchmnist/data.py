@@ -8,11 +8,14 @@ both loaders visit the samples in the same order. The test set is never shuffled
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import functools
 import gzip
 import math
 import os
+import weakref
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -592,6 +595,9 @@ class TensorBatches:
     def __len__(self) -> int:
         return batch_count(len(self.labels), self.batch_size, self.ranks)
 
+    def close(self) -> None:
+        """Nothing to stop: no worker processes (LoaderBatches has them)."""
+
     def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
         if not self.shuffle and self.ranks == 1:  # in order: slices, no gather
@@ -657,7 +663,7 @@ def _seed_worker(worker_id: int) -> None:
     # Ctrl-C in a terminal (and `timeout`, `kill -- -PGID`) signals the whole process group,
     # workers included. A worker that died of it would make the loader raise before the main
     # process could save and stop; so workers ignore the two signals and the main process,
-    # which handles them, shuts the workers down itself.
+    # which handles them, shuts the workers down itself (LoaderBatches.close).
     import random
     import signal
 
@@ -687,9 +693,20 @@ class LoaderBatches:
             # The loader draws its workers' base seed from this generator; without one it
             # would draw from the global RNG and shift dropout's random stream.
             generator=torch.Generator().manual_seed(seed))
+        if num_workers:
+            _loaders_to_close_at_exit().add(self)
 
     def __len__(self) -> int:
         return batch_count(self.n, self.batch_size, self.ranks)
+
+    def close(self) -> None:
+        """Stop the worker processes now; the next epoch would start new ones. Safe to call
+        more than once."""
+        # The persistent workers' iterator, which the DataLoader keeps (it has no public
+        # handle on it); torch's own shutdown of them: finish, then join.
+        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if iterator is not None:
+            iterator._shutdown_workers()
 
     def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start)
@@ -698,6 +715,19 @@ class LoaderBatches:
             # on the CPU.
             yield (images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+@functools.cache
+def _loaders_to_close_at_exit() -> weakref.WeakSet:
+    """The loaders whose workers are stopped when Python exits, if they are still running.
+
+    Workers ignore SIGTERM (_seed_worker), and Python's multiprocessing, at exit, sends SIGTERM
+    to every worker still alive and then waits for it: a loader not yet closed (or collected)
+    at exit would wait forever. This hook, registered after torch's own (which makes the
+    workers' shutdown a no-op once Python is exiting), runs before it and stops them."""
+    loaders = weakref.WeakSet()
+    atexit.register(lambda: [batches.close() for batches in list(loaders)])
+    return loaders
 
 
 def make_batches(kind: str, split: Split, spec: DatasetSpec, batch_size: int,

@@ -141,6 +141,25 @@ class Run:
         """The weights that are tested and shipped: the average when --ema is on."""
         return self.ema.module if self.ema is not None else self.model
 
+    def close(self) -> None:
+        """Let go of what the run holds, however it ended: the graphs' device memory, the
+        loader workers, the log files and progress bar, the run folder's lock and, under
+        torchrun, the process group (after the DistributedDataParallel wrapper: see
+        distributed.finish). Safe to call more than once."""
+        self.graphed_step = self.graphed_test = None
+        for batches in (self.train_batches, self.test_batches):
+            batches.close()
+        self.log.close()
+        self.lock.release()
+        self.forward = self.model
+        distributed.finish()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 def _replace(config: TrainConfig, **changes) -> TrainConfig:
     """dataclasses.replace that keeps what the config was given from Python (your own model
@@ -297,14 +316,7 @@ def train(config: TrainConfig, *, resumed: dict | None = None,
     setup_start = time.perf_counter()
     run, saved_from = setup(config, resumed)
     run.on_test = on_test
-    # However training ends (done, an error, a signal), the log files and the progress bar
-    # are closed, the run folder's lock is released, the graphs' device memory is freed and,
-    # under torchrun, the process group is left.
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(_leave_job, run)
-        cleanup.callback(run.lock.release)
-        cleanup.enter_context(run.log)
-        cleanup.callback(_drop_graphs, run)
+    with run:  # however training ends (done, an error, a signal), the run is closed
         # One-time work kept out of the training time: compilation, the capture of CUDA
         # graphs, and on an accelerator the loading of its kernels and libraries, which the
         # first steps would otherwise pay for.
@@ -444,17 +456,6 @@ def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Pa
         "device": str(run.device), "dataset": config.dataset, "model": config.model,
         "recipe": config.recipe, "resumed_from": str(saved_from) if saved_from else None,
     }
-
-
-def _drop_graphs(run: Run) -> None:
-    run.graphed_step = run.graphed_test = None
-
-
-def _leave_job(run: Run) -> None:
-    """Let go of the DistributedDataParallel wrapper, then of the process group (see
-    distributed.finish for why in this order)."""
-    run.forward = run.model
-    distributed.finish()
 
 
 @contextlib.contextmanager
