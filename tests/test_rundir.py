@@ -51,9 +51,30 @@ def test_a_run_folder_that_cannot_be_made_is_one_usage_sentence(tmp_path, capsys
     (tmp_path / "notes.txt").write_text("n\n")  # a file where a parent folder would go
     code, _, err = run_main(["train", "--dry-run", "--run-dir", "notes.txt/run"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "cannot make the run folder notes.txt/run",
-                              "Not a directory", "choose another --run-dir")
+    assert_one_sentence_error(err, "cannot make the folder notes.txt/run: notes.txt is a file; "
+                              "choose another --run-dir")
     assert (tmp_path / "notes.txt").read_text() == "n\n"
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["report", "RUN", "--out", "OUT"], "--out"),
+    (["export", "RUN", "--format", "safetensors", "--out", "OUT/m.safetensors"], "--out"),
+    (["predict", "RUN", "digit.png", "--save-preprocessed", "OUT"], "--save-preprocessed"),
+])
+def test_an_output_folder_that_cannot_be_made_is_one_usage_sentence(command, flag, tmp_path,
+                                                                    capsys):
+    from PIL import Image
+
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    Image.new("L", (28, 28)).save("digit.png")
+    Path("notes.txt").write_text("n\n")
+    args = [{"RUN": "r", "OUT": "notes.txt/out"}.get(a, a.replace("OUT", "notes.txt/out"))
+            for a in command]
+    code, _, err = run_main(args, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "cannot make the folder notes.txt/out: notes.txt is a file; "
+                              f"choose another {flag}")
+    assert Path("notes.txt").read_text() == "n\n"
 
 
 def test_a_new_or_empty_folder_becomes_a_marked_run(tmp_path, capsys):

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchmnist import __version__, checkpoint, data
+from torchmnist import __version__, checkpoint, data, rundir
 from torchmnist.errors import TorchMnistError, UsageError
 from torchmnist.evaluation import test_data
-from torchmnist.rundir import TEMPORARY_PREFIX
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4
@@ -84,10 +83,10 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     with torch.inference_mode():
         expected = network(x).numpy()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.make_folder(out.parent, "--out")
     # Written under a temporary name that ends as the format's files do (whatever --out ends
     # with), checked, and only then renamed to --out.
-    partial = out.with_name(f"{TEMPORARY_PREFIX}{out.name}{FORMATS[format]}")
+    partial = out.with_name(f"{rundir.TEMPORARY_PREFIX}{out.name}{FORMATS[format]}")
     try:
         try:
             if format == "onnx":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchmnist import checkpoint, devices
+from torchmnist import checkpoint, devices, rundir
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture
@@ -127,7 +127,7 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
     from PIL import Image
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    rundir.make_folder(folder, "--save-preprocessed")
     used: set[str] = set()
     for file, image in zip(files, images, strict=True):
         name, n = Path(file).stem, 1

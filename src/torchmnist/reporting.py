@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torchmnist import checkpoint, data, devices
+from torchmnist import checkpoint, data, devices, rundir
 from torchmnist.config import RESULT_KEYS, TrainConfig
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities as class_probabilities
@@ -53,7 +53,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
 
     out = Path(out) if out else run_dir / "report"
     made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    rundir.make_folder(out, "--out")
     figures = {"curves": out / "curves.png", "confusion": out / "confusion.png",
                "mistakes": out / "mistakes.png"}
     try:

@@ -92,16 +92,25 @@ class RunLock:
         self.release()
 
 
+def make_folder(folder: Path, flag: str) -> None:
+    """Make `folder` and its parents for torchmnist to write into. One that cannot be made (a
+    file in the way, no permission, a read-only disk) is one sentence naming `flag`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        in_the_way = next((part for part in (folder, *folder.parents)
+                           if part.exists() and not part.is_dir()), None)
+        reason = f"{in_the_way} is a file" if in_the_way else error.strerror or str(error)
+        raise UsageError(f"cannot make the folder {folder}: {reason}; choose another {flag}"
+                         ) from None
+
+
 def claim(folder: Path) -> RunLock:
     """Check the folder, make it, lock it and mark it as a run; return the held lock."""
     from torchmnist import __version__
 
     check_writable(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a parent that is a file, no permission, a read-only disk
-        raise UsageError(f"cannot make the run folder {folder}: "
-                         f"{error.strerror or error}; choose another --run-dir") from None
+    make_folder(folder, "--run-dir")
     lock = RunLock(folder)
     lock.acquire()
     try:

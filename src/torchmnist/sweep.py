@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from torchmnist import config as cfg
+from torchmnist import rundir
 from torchmnist.errors import TorchMnistError, TrainingError, UsageError
 
 KINDS = ("log", "float", "int", "choice")
@@ -608,7 +609,7 @@ def _plots(sweep: Sweep, study) -> tuple[list[str], list[str]]:
 def main(options: dict[str, Any], base: dict[str, Any], argv: list[str]) -> dict[str, Any] | None:
     """The sweep command: one worker here, or `--jobs` of them, then the results."""
     sweep = build(options, base)
-    sweep.folder.mkdir(parents=True, exist_ok=True)
+    rundir.make_folder(sweep.folder, "--run-dir")
     worker = options.get("worker")
     if worker is not None:  # one of the --jobs processes
         work(sweep, worker, options.get("share"))
