@@ -20,7 +20,13 @@ def _test(path, capsys, *flags):
     (b"", "is empty"),
     # Fixed noise, so the test's id is the same in every process (pytest-xdist compares them).
     (np.random.default_rng(0).bytes(4096), "not a readable checkpoint"),
-], ids=["empty", "noise"])
+    # Another kind of file (here a PNG's signature and header) is named as such.
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "neither a file that torch.save writes nor "
+                                        "safetensors"),
+    # A zip or pickle that is not one torch.save wrote still fails as damaged.
+    (b"PK\x03\x04" + bytes(64), "not a readable checkpoint (truncated or corrupt?)"),
+    (b"\x80\x02K\x01.", "not a readable checkpoint"),  # the pickle of the number 1
+], ids=["empty", "noise", "image", "zip", "pickle"])
 def test_unreadable_files_exit_2(tmp_path, content, fragment, capsys):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)

@@ -173,6 +173,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         raise UsageError(f"checkpoint {path} is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return _load_safetensors(path)
+    with open(path, "rb") as f:
+        start = f.read(4)
+    # torch.save writes a zip archive, or (before torch 1.6, or on request) a pickle, whose
+    # first byte is the PROTO opcode: any other file (an image, a text) is named as such.
+    if not (start == b"PK\x03\x04" or start[:1] == b"\x80"):
+        raise UsageError(f"{path} is not a readable checkpoint: it is neither a file that "
+                         "torch.save writes nor safetensors")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
