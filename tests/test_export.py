@@ -129,6 +129,16 @@ def test_missing_export_packages_are_named(tmp_path, small_data, capsys, monkeyp
     assert_one_sentence_error(err, "onnxruntime", "pip install 'torchmnist[export]'")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_file_is_one_usage_sentence(tmp_path, small_data, capsys):
+    # /proc is a folder in which no one, root included, can make a file.
+    code, _, err = run_main(["export", str(_state_dict(tmp_path, "guide")), "--format",
+                             "safetensors", "--out", "/proc/model.safetensors", "--data-dir",
+                             str(small_data)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "cannot write into /proc: ", "choose another --out")
+
+
 def test_exporting_onto_the_checkpoint_itself_is_refused(tmp_path, small_data, capsys):
     source = tmp_path / "model.safetensors"
     exporting.export(_state_dict(tmp_path, "guide"), "safetensors", source, data_dir=small_data)

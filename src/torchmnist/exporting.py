@@ -87,6 +87,11 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
     # Written under a temporary name that ends as the format's files do (whatever --out ends
     # with), checked, and only then renamed to --out.
     partial = out.with_name(f"{rundir.TEMPORARY_PREFIX}{out.name}{FORMATS[format]}")
+    try:  # first, whether the folder takes a file at all (the exporters would say it worse)
+        partial.touch()
+    except OSError as error:
+        raise UsageError(f"cannot write into {out.parent}: {error.strerror or error}; choose "
+                         "another --out") from None
     try:
         try:
             if format == "onnx":
