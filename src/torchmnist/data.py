@@ -726,7 +726,12 @@ def _loaders_to_close_at_exit() -> weakref.WeakSet:
     at exit would wait forever. This hook, registered after torch's own (which makes the
     workers' shutdown a no-op once Python is exiting), runs before it and stops them."""
     loaders = weakref.WeakSet()
-    atexit.register(lambda: [batches.close() for batches in list(loaders)])
+
+    def close_all() -> None:
+        for batches in list(loaders):
+            batches.close()
+
+    atexit.register(close_all)
     return loaders
 
 
