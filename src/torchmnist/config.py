@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,19 +390,19 @@ def validate(config: TrainConfig) -> None:
     """Reject values that cannot work, with one sentence naming the setting."""
     if config.model not in MODELS and not _IMPORT_PATH.fullmatch(config.model):
         raise UsageError(f"--model must be one of {', '.join(MODELS)} or an import path such as "
-                         f"mypackage.nets:MyNet, not {config.model!r}")
+                         f"mypackage.nets:MyNet, not {_shown(config.model)}")
     dataset = config.dataset
     if not (dataset in DATASETS or (dataset.startswith(FOLDER_PREFIX)
                                     and dataset[len(FOLDER_PREFIX):].strip())
             or dataset.startswith(OWN_PREFIX)):
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, or folder:PATH for "
-                         f"your own images, not {dataset!r}")
+                         f"your own images, not {_shown(dataset)}")
     for name in dataclasses.fields(config):
         choices = name.metadata.get("choices")
         value = getattr(config, name.name)
         if choices and value not in choices:
             raise UsageError(f"--{_flag(name.name)} must be one of {', '.join(choices)}, "
-                             f"not {value!r}")
+                             f"not {_shown(value)}")
     positive = {"batch_size": config.batch_size, "test_batch_size": config.test_batch_size,
                 "log_interval": config.log_interval}
     if config.threads is not None:
@@ -477,7 +478,7 @@ def eval_interval(config: TrainConfig) -> Interval:
     unit, number = ("steps", text[:-1]) if text.endswith("s") else ("epochs", text)
     if not number.isdigit() or int(number) < 1:
         raise UsageError(f"--eval-interval must be a number of epochs (2) or of steps (500s), "
-                         f"not {config.eval_interval!r}")
+                         f"not {_shown(config.eval_interval)}")
     return Interval(unit, int(number))
 
 
@@ -487,6 +488,16 @@ def _flag(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Config files (--config)
+
+
+def _shown(value: Any) -> str:
+    """A value from a file, for a message: its repr, cut short. (YAML's aliases let a file of a
+    few lines hold a list of millions of items, which a plain repr would spend seconds and
+    gigabytes writing out.)"""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 4, 4, 4
+    short.maxstring = short.maxother = 60
+    return short.repr(value)
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -499,22 +510,22 @@ def coerce(name: str, value: Any) -> Any:
     if isinstance(default, bool) or (default is None and name == "pin_memory"):
         if isinstance(value, bool):
             return value
-        raise UsageError(f"{name} must be true or false, not {value!r}")
+        raise UsageError(f"{name} must be true or false, not {_shown(value)}")
     if isinstance(value, str) and not isinstance(default, str):
         try:
             return f.metadata["type"](value)
         except ValueError:
-            raise UsageError(f"{name} must be a number, not {value!r}") from None
+            raise UsageError(f"{name} must be a number, not {_shown(value)}") from None
     if isinstance(default, str) or f.metadata["type"] is str:
         if isinstance(value, str):
             return value
         if name == "eval_interval" and isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # eval_interval = 2 means 2 epochs, as "2" does
-        raise UsageError(f"{name} must be text, not {value!r}")
+        raise UsageError(f"{name} must be text, not {_shown(value)}")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UsageError(f"{name} must be a number, not {value!r}")
+        raise UsageError(f"{name} must be a number, not {_shown(value)}")
     if f.metadata["type"] is int and not float(value).is_integer():
-        raise UsageError(f"{name} must be a whole number, not {value!r}")
+        raise UsageError(f"{name} must be a whole number, not {_shown(value)}")
     return int(value) if f.metadata["type"] is int else value
 
 
