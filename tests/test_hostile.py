@@ -135,7 +135,8 @@ def test_a_checkpoint_with_a_crafted_config_is_refused(config, capsys):
     ("[1, 2]", "it is a list, not an object"),
     ('{"kind": "train", "epoch": 1}', "it has no whole-number step"),
     ("{not json", "is not JSON"),
-], ids=["list", "no-step", "not-json"])
+    ("[" * 100_000 + "]" * 100_000, "it nests deeper than Python's stack"),
+], ids=["list", "no-step", "not-json", "deep"])
 def test_report_names_the_bad_line_of_metrics_and_leaves_nothing(line, problem, capsys):
     run = _dry_run(capsys)
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -147,9 +148,11 @@ def test_report_names_the_bad_line_of_metrics_and_leaves_nothing(line, problem, 
     assert not (run / "report").exists()
 
 
-def test_report_refuses_a_config_that_is_not_an_object(capsys):
+@pytest.mark.parametrize("text", ["[1]\n", '{"a": ' * 100_000 + "1" + "}" * 100_000],
+                         ids=["list", "deep"])
+def test_report_refuses_a_config_that_is_not_an_object(text, capsys):
     run = _dry_run(capsys)
-    (run / "config.json").write_text("[1]\n")
+    (run / "config.json").write_text(text)
     code, _, err = run_main(["report", "r"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "config.json is damaged")

@@ -137,11 +137,13 @@ def _huge() -> bytes:
     (dict(json={"picture": "abc"}), 422, 'the JSON must be an object with "image"'),
     (dict(content=b"{not json", headers={"content-type": "application/json"}), 400,
      "not valid JSON"),
+    (dict(content=b"[" * 90_000 + b"]" * 90_000, headers={"content-type": "application/json"}),
+     400, "the JSON nests too deeply to read"),
     (dict(files={"other": ("a.txt", b"", "text/plain")}), 400, "the uploaded file is empty"),
     (dict(files={"text": (None, "no file")}), 422, "has no file"),
 ], ids=["content-type", "empty", "not-an-image", "truncated", "too-large", "too-large-chunked",
-        "bomb", "huge", "bad-base64", "json-without-image", "bad-json", "empty-upload",
-        "no-file"])
+        "bomb", "huge", "bad-base64", "json-without-image", "bad-json", "deep-json",
+        "empty-upload", "no-file"])
 def test_a_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(client, send, status,
                                                                         fragment):
     response = client.post("/api/predict", **send)

@@ -88,7 +88,8 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     path = run_dir / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        # (RecursionError: nesting deeper than Python's stack, which no torchmnist file has)
         raise UsageError(f"{path} is damaged: {error}") from None
     if not isinstance(config, dict):
         raise UsageError(f"{path} is damaged: it holds a {type(config).__name__}, not an "
@@ -110,6 +111,9 @@ def _read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UsageError(f"{path}, line {number}, is not JSON: {error.msg}") from None
+        except RecursionError:
+            raise UsageError(f"{path}, line {number}, is not a torchmnist metrics record: "
+                             "it nests deeper than Python's stack") from None
         problem = _record_problem(record)
         if problem:
             raise UsageError(f"{path}, line {number}, is not a torchmnist metrics record: "

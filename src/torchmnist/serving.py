@@ -127,6 +127,8 @@ def decode_json_image(body: bytes) -> bytes:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadInput(400, "the body is not valid JSON") from None
+    except RecursionError:  # [[[[...]]]] nested past Python's stack, in a few megabytes
+        raise BadInput(400, "the JSON nests too deeply to read") from None
     if not isinstance(value, dict) or not isinstance(value.get("image"), str):
         raise BadInput(422, 'the JSON must be an object with "image": a base64 PNG or a data: URL')
     text = value["image"]
