@@ -203,6 +203,25 @@ def test_a_run_that_ends_in_an_error_has_stopped_its_loader_workers(tmp_path):
     assert set(multiprocessing.active_children()) - before == set()
 
 
+class _ThreeClasses(torch.nn.Module):
+    """Your own network, but for three classes where the data has ten."""
+
+    def forward(self, x):
+        return torch.log_softmax(x.flatten(1)[:, :3], dim=1)
+
+
+def test_a_model_refused_before_training_has_started_no_loader_workers(tmp_path):
+    config = TrainConfig(model=_ThreeClasses(), dry_run=True, loader="dataloader",
+                         num_workers=2, device="cpu", quiet=True, run_dir=str(tmp_path / "r"))
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UsageError, match=r"must return \(2, 10\) log-probabilities") as caught:
+        train(config)
+    # Its traceback, still held here, holds setup's loaders: none has started its workers.
+    assert caught.value.__traceback__ is not None
+    assert set(multiprocessing.active_children()) - before == set()
+    assert not (tmp_path / "r").exists()
+
+
 def test_training_order_is_shuffled_per_epoch_and_rebuildable():
     digits = data.synthetic(n_train=256, n_test=64)
     batches = data.TensorBatches(digits.train, digits.spec, 32, torch.device("cpu"),

@@ -526,8 +526,7 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         digits, val_index = _hold_out(digits, config, val_index)
     train_batches, test_batches, val_batches = _make_batches(config, digits, device, world,
                                                              held_out=val_index is not None)
-    model, notes = _build_model(config, digits.spec, device, world, test_batches,
-                                fresh=saved is None)
+    model, notes = _build_model(config, digits, device, world, fresh=saved is None)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, len(train_batches))
     scaler = devices.grad_scaler(device, config.amp)
@@ -632,18 +631,21 @@ def _make_batches(config: TrainConfig, digits: data.DigitData, device: torch.dev
     return train_batches, test_batches, val_batches
 
 
-def _build_model(config: TrainConfig, spec: data.DatasetSpec, device: torch.device,
-                 world: distributed.World, test_batches, fresh: bool,
-                 ) -> tuple[nn.Module, list[str]]:
+def _build_model(config: TrainConfig, digits: data.DigitData, device: torch.device,
+                 world: distributed.World, fresh: bool) -> tuple[nn.Module, list[str]]:
     """The network on its device, with --init-from's weights (a fresh run only: a resumed one
     has its own), --sync-bn, --freeze and --channels-last applied; and what to tell of it."""
     network = config.__dict__.get("network")  # TrainConfig(model=MyNet()): that very one
-    model = (network if network is not None
-             else models.build(config.model, len(spec.classes))).to(device)
+    classes = len(digits.spec.classes)
+    model = (network if network is not None else models.build(config.model, classes)).to(device)
     if hasattr(model, "exit_threshold"):  # --model early-exit
         model.exit_threshold = config.exit_threshold
     if models.is_import_path(config.model):
-        models.check_output(model, next(iter(test_batches.batches()))[0], len(spec.classes))
+        # Two training images, normalised as the loaders do it: taken from a loader, they
+        # would start its worker processes before the run could close them.
+        sample = digits.train.images[:2].to(device)  # (2, 28, 28) uint8
+        models.check_output(model, data.normalize(sample, digits.spec.mean, digits.spec.std),
+                            classes)
     notes = []
     if config.init_from and fresh:
         notes.append(_load_initial_weights(model, config.init_from))
