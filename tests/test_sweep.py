@@ -189,6 +189,85 @@ def test_a_killed_sweep_resumes_and_reruns_its_interrupted_trials_from_their_che
     assert all((f / "last.pt").exists() for f in folders), told
 
 
+def test_a_diverging_trial_fails_in_one_line_and_the_sweep_goes_on(tmp_path):
+    result = _sweep(tmp_path, "--dry-run", "--param", "lr=log:1000:10000", "--trials", "2",
+                    "--pruner", "none", "--run-dir", "s", "--json")
+    summary = _summary(result)
+    assert summary["states"] == {"fail": 2} and summary["best"] is None
+    said = result.stderr
+    assert said.count(": failed: training diverged: the loss or the weights became NaN") == 2
+    # Optuna's own record of the failure (a traceback, then "failed with value None") is left
+    # out: the line above says it.
+    assert "Traceback" not in said and "failed with value" not in said, said
+    assert "plots skipped: no trial has completed" in said
+
+
+def test_a_stopped_sweep_goes_on_from_the_trial_it_stopped_in(tmp_path):
+    flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
+             "lr=log:1e-3:0.5", "--trials", "2", "--pruner", "none", "--run-dir", "s"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "s/trial-0000/last.pt").exists():  # trial 0 is under way
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 143, stderr
+    assert_one_sentence_error(stderr, "stopped: SIGTERM during trial 0, whose checkpoint is "
+                              "saved; run the same sweep command to go on from it")
+
+    result = _sweep(tmp_path, *flags, "--json")
+    summary = _summary(result)
+    # Queued when it stopped, trial 0 goes on first, as trial 1, in its own folder.
+    assert "(resuming s/trial-0000) [worker 0]" in result.stderr.splitlines()[2]
+    assert summary["states"] == {"complete": 2, "fail": 1}
+    assert "| 0 | fail, run again as 1 |" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "s").glob("trial-*")) == ["trial-0000",
+                                                                        "trial-0002"]
+
+
+def _torchmnist_processes_in(folder: Path) -> list[str]:
+    """The torchmnist processes whose working folder is `folder` (Linux's /proc)."""
+    found = []
+    for process in Path("/proc").iterdir():
+        try:
+            if (process.name.isdigit() and Path(os.readlink(process / "cwd")) == folder
+                    and b"torchmnist" in (process / "cmdline").read_bytes()):
+                found.append((process / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
+def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_path):
+    flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
+             "lr=log:1e-3:0.5", "--trials", "2", "--jobs", "2", "--pruner", "none", "--run-dir",
+             "s"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # to the sweep alone, as `timeout` or a scheduler sends it
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "torchmnist: stopped: SIGTERM: 2 of 2 sweep workers stopped, their trials queued "
+        "again; run the same sweep command to go on"), stderr
+    assert "Traceback" not in stderr
+    assert _torchmnist_processes_in(tmp_path) == []  # no worker outlives the sweep
+
+    result = _sweep(tmp_path, *flags, "--json")
+    summary = _summary(result)
+    assert summary["states"] == {"complete": 2, "fail": 2}, result.stderr
+    assert all(f"(resuming s/trial-000{i})" in result.stderr for i in (0, 1)), result.stderr
+
+
 # ---- on PostgreSQL, two workers started apart -------------------------------------------------
 
 def _postgres_bin(name: str) -> str | None:

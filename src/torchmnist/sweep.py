@@ -22,6 +22,7 @@ importance plots (PNG).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -38,6 +39,7 @@ from typing import Any
 from torchmnist import config as cfg
 from torchmnist import rundir
 from torchmnist.errors import TorchMnistError, TrainingError, UsageError
+from torchmnist.signals import Stopped, StopSignals
 
 KINDS = ("log", "float", "int", "choice")
 OBJECTIVES = ("accuracy", "val_accuracy", "test_accuracy", "time")
@@ -238,7 +240,34 @@ def _optuna():
                          "'torchmnist[sweep]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for handler in logging.getLogger("optuna").handlers:
+        if _OWN_ERRORS not in handler.filters:
+            handler.addFilter(_OWN_ERRORS)
     return optuna
+
+
+class _OwnErrors(logging.Filter):
+    """Drops Optuna's records of a trial that a torchmnist error ended (it diverged, or the
+    sweep was asked to stop): the sweep says that itself, in one line, where Optuna writes the
+    whole traceback, then 'Trial N failed with value None.'"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next: str | None = None  # the second record of a dropped failure
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._next is not None and message.startswith(self._next):
+            self._next = None
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, TorchMnistError):
+            return True
+        self._next = " ".join(message.split()[:2]) + " failed with value"  # "Trial 3 ..."
+        return False
+
+
+_OWN_ERRORS = _OwnErrors()
 
 
 def _storage(sweep: Sweep):
@@ -391,8 +420,22 @@ def work(sweep: Sweep, worker: int = 0, share: int | None = None, storage=None) 
     # them (other workers, other machines on the same storage).
     enough = MaxTrialsCallback(sweep.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                      TrialState.RUNNING))
-    study.optimize(lambda trial: _objective(sweep, trial, worker), n_trials=left,
-                   callbacks=[enough], catch=(TrainingError,))
+    try:
+        study.optimize(lambda trial: _objective(sweep, trial, worker), n_trials=left,
+                       callbacks=[enough], catch=(TrainingError,))
+    except Stopped as stop:
+        # Ctrl-C or SIGTERM: the trial has saved its checkpoint, and Optuna has marked it
+        # failed. Queued again, as a trial whose worker died is, it goes on from that
+        # checkpoint, in its folder, when the same sweep command runs again.
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        stopped = next(t for t in study.get_trials(deepcopy=False)
+                       if t.number == stop.trial_number)
+        RetryHeartbeatStaleTrialCallback()(study, stopped)
+        signum = stop.exit_code - 128
+        raise Stopped(f"{signal.Signals(signum).name} during trial {stop.trial_number}, whose "
+                      "checkpoint is saved; run the same sweep command to go on from it",
+                      signum) from None
 
 
 def _trial_folder(sweep: Sweep, trial) -> Path:
@@ -432,7 +475,14 @@ def _objective(sweep: Sweep, trial, worker: int) -> float:
 
     _say(sweep, f"trial {trial.number}: {shown}" + (f" (resuming {folder})" if resumed_from
                                                     else "") + f" [worker {worker}]")
-    summary = training.train(config, resumed=resumed, on_test=report)
+    try:
+        summary = training.train(config, resumed=resumed, on_test=report)
+    except TrainingError as error:  # diverged: the trial fails, the sweep goes on
+        _say(sweep, f"trial {trial.number}: {shown}: failed: {error}")
+        raise
+    except Stopped as stop:
+        stop.trial_number = trial.number  # for work(), which queues it again
+        raise
     value = summary[sweep.metric]
     for key in ("test_accuracy", "val_accuracy", "train_seconds", "target_seconds"):
         trial.set_user_attr(key, summary[key])
@@ -484,14 +534,33 @@ def run_workers(sweep: Sweep, argv: list[str], storage) -> None:
     workers = [subprocess.Popen([*command, "--worker", str(i), "--share", str(share)])
                for i, share in enumerate(shares) if share]
     try:
-        codes = [w.wait() for w in workers]
+        # A Ctrl-C or SIGTERM to this process (`timeout`, a scheduler) is passed on to the
+        # workers as SIGTERM, once: each saves its trial and stops, and is waited for. (Not as
+        # SIGINT: after a Ctrl-C in a terminal, which reaches them too, a second one would make
+        # them abort without saving.)
+        with StopSignals() as stop:
+            passed_on = False
+            while any(w.poll() is None for w in workers):
+                if stop.signum and not passed_on:
+                    for w in workers:
+                        if w.poll() is None:
+                            w.send_signal(signal.SIGTERM)
+                    passed_on = True
+                time.sleep(0.1)
+        codes = [w.returncode for w in workers]
     finally:
-        for w in workers:  # a Ctrl-C or an error here: no worker outlives the sweep
+        for w in workers:  # a second Ctrl-C or an error here: no worker outlives the sweep
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
         for w in workers:
             w.wait()
     failed = [c for c in codes if c]
+    stops = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+    if failed and set(failed) <= stops:  # stopped by a signal, each saying so above
+        signum = stop.signum or failed[0] - 128
+        raise Stopped(f"{signal.Signals(signum).name}: {len(failed)} of {len(workers)} sweep "
+                      "workers stopped, their trials queued again; run the same sweep command "
+                      "to go on", signum)
     if failed:
         error = TorchMnistError(f"{len(failed)} of {len(workers)} sweep workers failed (exit "
                                 f"{failed[0]}); their errors are above")
@@ -503,10 +572,14 @@ def run_workers(sweep: Sweep, argv: list[str], storage) -> None:
 
 def results(sweep: Sweep, storage) -> dict[str, Any]:
     """Print the table of trials; write the best settings and the plots; return the summary."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     study = _study(sweep, storage)
     trials = study.get_trials(deepcopy=False)
+    # A trial stopped (or whose worker died) goes on as a later one: which one.
+    again = {RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]: t.number for t in trials
+             if RetryHeartbeatStaleTrialCallback.retry_history(t)}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
                 and math.isfinite(t.value)]
     names = [p.name for p in sweep.space]
@@ -518,6 +591,8 @@ def results(sweep: Sweep, storage) -> dict[str, Any]:
         state = t.state.name.lower()
         if t.state == TrialState.PRUNED and t.intermediate_values:
             state += f" after test {len(t.intermediate_values)}"
+        if t.number in again:
+            state += f", run again as {again[t.number]}"
         lines.append(f"| {t.number} | {state} | " + " | ".join(
             _short(t.params.get(n, "-")) for n in names) + f" | {_value_text(sweep, t.value)} | "
             f"{'-' if seconds is None else f'{seconds:.1f}'} |")
@@ -538,7 +613,8 @@ def results(sweep: Sweep, storage) -> dict[str, Any]:
         _say(sweep, f"best: trial {best.number}, {_value_text(sweep, best.value)} with "
                     + ", ".join(f"{k} {_short(v)}" for k, v in best.params.items())
                     + f"; train with: torchmnist train --config {path}")
-    summary["plots"], notes = _plots(sweep, study)
+    summary["plots"], notes = (_plots(sweep, study) if complete else
+                               ([], ["plots skipped: no trial has completed"]))
     for note in notes:
         _say(sweep, note)
     return summary
