@@ -89,6 +89,28 @@ def test_the_step_counts_what_the_model_got_right_before_its_update(tmp_path):
         run.close()
 
 
+def test_closing_a_run_takes_every_step_even_when_one_fails(tmp_path, monkeypatch):
+    import multiprocessing
+
+    config = torchmnist.TrainConfig(dry_run=True, loader="dataloader", num_workers=2,
+                                    device="cpu", quiet=True, run_dir=str(tmp_path / "r"))
+    left = []
+    monkeypatch.setattr(training.distributed, "finish", lambda: left.append(True))
+    before = set(multiprocessing.active_children())
+    run, _ = training.setup(config)
+    next(iter(run.train_batches.batches(1)))  # the workers are running
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run.log, "close", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run.close()
+    # Closing the log failed; the steps after it were still taken.
+    assert set(multiprocessing.active_children()) - before == set()
+    assert run.lock._fd is None and left == [True]
+
+
 def test_the_epoch_record_holds_the_training_accuracy_over_every_image(tmp_path, capsys):
     # The dry run's 1,024 images in batches of 100: the last batch has 24, and counts as 24.
     _train(tmp_path, "r", "--epochs", "2", "--batch-size", "100", capsys=capsys)

@@ -145,14 +145,16 @@ class Run:
         """Let go of what the run holds, however it ended: the graphs' device memory, the
         loader workers, the log files and progress bar, the run folder's lock and, under
         torchrun, the process group (after the DistributedDataParallel wrapper: see
-        distributed.finish). Safe to call more than once."""
+        distributed.finish). Safe to call more than once; each step is taken even if one before
+        it fails (a full disk can make closing the log raise)."""
         self.graphed_step = self.graphed_test = None
-        for batches in (self.train_batches, self.test_batches):
-            batches.close()
-        self.log.close()
-        self.lock.release()
-        self.forward = self.model
-        distributed.finish()
+        with contextlib.ExitStack() as steps:  # registered last to first: it calls them LIFO
+            steps.callback(distributed.finish)
+            steps.callback(setattr, self, "forward", self.model)
+            steps.callback(self.lock.release)
+            steps.callback(self.log.close)
+            for batches in (self.test_batches, self.train_batches):
+                steps.callback(batches.close)
 
     def __enter__(self) -> Run:
         return self
