@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -23,9 +25,10 @@ def _test(path, capsys, *flags):
     # Another kind of file (here a PNG's signature and header) is named as such.
     (b"\x89PNG\r\n\x1a\n" + bytes(64), "neither a file that torch.save writes nor "
                                         "safetensors"),
-    # A zip or pickle that is not one torch.save wrote still fails as damaged.
+    # The start of a zip whose directory never came (a checkpoint cut short looks like this).
     (b"PK\x03\x04" + bytes(64), "not a readable checkpoint (truncated or corrupt?)"),
-    (b"\x80\x02K\x01.", "not a readable checkpoint"),  # the pickle of the number 1
+    # A pickle that is not one torch.save wrote is named as such.
+    (b"\x80\x02K\x01.", "a Python pickle, but not one that torch.save writes"),
 ], ids=["empty", "noise", "image", "zip", "pickle"])
 def test_unreadable_files_exit_2(tmp_path, content, fragment, capsys):
     path = tmp_path / "bad.pt"
@@ -33,6 +36,56 @@ def test_unreadable_files_exit_2(tmp_path, content, fragment, capsys):
     code, _, err = _test(path, capsys)
     assert code == 2
     assert_one_sentence_error(err, str(path), fragment)
+
+
+def _zip(path, names):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"x")
+
+
+def _torch_save(path, **options):
+    torch.save(models.OfficialNet().state_dict(), path, **options)
+
+
+@pytest.mark.parametrize("name, write, fragment", [
+    # numpy's .npz, or any other zip, holds no data.pkl at the top of one folder.
+    ("arrays.npz", lambda p: _zip(p, ["a.npy", "b.npy"]),
+     "is a zip archive, but not one that torch.save writes"),
+    # What `torchmnist export --format torchscript` writes is a program, not a checkpoint.
+    ("model.torchscript.pt", lambda p: _zip(p, ["m/data.pkl", "m/code/__torch__/m.py"]),
+     "is a TorchScript program"),
+    ("model.onnx", lambda p: p.write_bytes(b"\x08\x08\x12\x07pytorch"), "is an ONNX model"),
+    # torch.save itself, with protocols its safe loader cannot read: in both of its formats.
+    ("legacy-p1.pt", lambda p: _torch_save(p, _use_new_zipfile_serialization=False,
+                                           pickle_protocol=1),
+     "written by torch.save with a pickle protocol that torch cannot load"),
+    ("legacy-p4.pt", lambda p: _torch_save(p, _use_new_zipfile_serialization=False,
+                                           pickle_protocol=4),
+     "written by torch.save with a pickle protocol that torch cannot load"),
+    ("zip-p4.pt", lambda p: _torch_save(p, pickle_protocol=4),
+     "written by torch.save with a pickle protocol that torch cannot load"),
+], ids=["npz", "torchscript", "onnx", "legacy-p1", "legacy-p4", "zip-p4"])
+def test_files_that_are_not_checkpoints_are_named(tmp_path, name, write, fragment, capsys):
+    path = tmp_path / name
+    write(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # torch's warnings about the format, shown or not
+        code, _, err = _test(path, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, str(path), fragment)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_both_formats_that_torch_load_reads_safely_are_loaded(tmp_path):
+    state = models.OfficialNet().state_dict()
+    for options in ({}, {"_use_new_zipfile_serialization": False},
+                    {"_use_new_zipfile_serialization": False, "pickle_protocol": 3}):
+        path = tmp_path / "weights.pt"
+        torch.save(state, path, **options)
+        loaded = checkpoint.load(path)
+        assert list(loaded) == list(state)
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
 
 
 def test_truncated_checkpoint_exits_2(tmp_path, capsys):

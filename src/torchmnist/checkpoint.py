@@ -31,6 +31,8 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,15 +175,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         raise UsageError(f"checkpoint {path} is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return _load_safetensors(path)
-    with open(path, "rb") as f:
-        start = f.read(4)
-    # torch.save writes a zip archive, or (before torch 1.6, or on request) a pickle, whose
-    # first byte is the PROTO opcode: any other file (an image, a text) is named as such.
-    if not (start == b"PK\x03\x04" or start[:1] == b"\x80"):
-        raise UsageError(f"{path} is not a readable checkpoint: it is neither a file that "
-                         "torch.save writes nor safetensors")
+    _check_torch_save_format(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about any pickle protocol but 2, then fails or loads on its own merit:
+            # the outcome is what the user is told, not the warning.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only=True stopped the unpickler. It names the GLOBAL it refused when the file
         # asks for a Python object (a class, or a function such as os.system); anything else
@@ -192,12 +192,63 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
                 f"refusing to load {path}: it asks for the Python object {refused.group(1)}, "
                 "which could run code when unpickled, and torchmnist only loads tensors and "
                 "plain values") from None
+        if "Unsupported operand" in str(error):
+            # torch.save(..., pickle_protocol=N) for N other than 2 and 3 writes opcodes that
+            # the weights-only unpickler does not implement.
+            raise UsageError(
+                f"{path} was written by torch.save with a pickle protocol that torch cannot "
+                "load without the risk of running code in it; if you trust the file, load it "
+                "with torch.load(weights_only=False) and save it again with torch.save"
+            ) from None
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
     except Exception as error:  # noqa: BLE001 - damaged bytes fail in many ways (KeyError,
         # struct.error, zipfile.BadZipFile, RuntimeError, ...), all of which mean the same
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)"
                          f"{': ' + detail if detail else ''}") from None
+
+
+# torch.save's format before torch 1.6 (still written with _use_new_zipfile_serialization=False)
+# starts with the pickle of torch.serialization's magic number, 0x1950a86a20f9469cfc6c: LONG1
+# with its 10 bytes from protocol 2 on, the decimal LONG in protocols 0 and 1.
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_LEGACY_MAGIC_TEXT = b"L119547037146038801333356L"
+
+
+def _check_torch_save_format(path: Path) -> None:
+    """Name a file whose first bytes show that torch.save did not write it, in one sentence.
+
+    torch.load's own errors for these ("Invalid magic number", "file in archive is not in a
+    subdirectory", "Unsupported operand 149") describe its parser, not the file.
+    """
+    with open(path, "rb") as f:
+        start = f.read(32)
+    if start.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            # Most often a checkpoint cut short: the archive's directory is written last.
+            raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                             "its zip archive has no complete directory") from None
+        # torch.save's archive is one folder holding data.pkl (the pickle) and data/ (tensors);
+        # TorchScript's (torch.jit.save, `torchmnist export --format torchscript`) adds code/.
+        if any(re.fullmatch(r"[^/]+/code/.+", name) for name in names):
+            raise UsageError(f"{path} is a TorchScript program (such as `torchmnist export` "
+                             "writes), not a checkpoint; use the checkpoint it was exported "
+                             "from, or run it with torch.jit.load")
+        if not any(re.fullmatch(r"[^/]+/data\.pkl", name) for name in names):
+            raise UsageError(f"{path} is a zip archive, but not one that torch.save writes "
+                             "(it holds no data.pkl)")
+    elif start.startswith(b"\x80"):
+        if _LEGACY_MAGIC not in start:
+            raise UsageError(f"{path} is a Python pickle, but not one that torch.save writes")
+    elif path.suffix == ".onnx":
+        raise UsageError(f"{path} is an ONNX model, not a checkpoint; use the checkpoint it "
+                         "was exported from, or run it with onnxruntime")
+    elif not start.startswith(_LEGACY_MAGIC_TEXT):
+        raise UsageError(f"{path} is not a readable checkpoint: it is neither a file that "
+                         "torch.save writes nor safetensors")
 
 
 def _looks_like_safetensors(path: Path) -> bool:
