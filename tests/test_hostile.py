@@ -134,9 +134,19 @@ def test_a_checkpoint_with_a_crafted_config_is_refused(config, capsys):
 @pytest.mark.parametrize("line, problem", [
     ("[1, 2]", "it is a list, not an object"),
     ('{"kind": "train", "epoch": 1}', "it has no whole-number step"),
+    # Records that the figures or the table would read a field of, which it lacks.
+    ('{"kind": "epoch", "step": 16, "train_loss": 2.2, "seconds": 0.8}',
+     "it has no whole-number epoch"),
+    ('{"kind": "epoch", "epoch": 1, "step": 16, "seconds": 0.8}',
+     "it has no number for train_loss"),
+    ('{"kind": "epoch", "epoch": 1, "step": 16, "train_loss": 2.2, "seconds": "0.8"}',
+     "it has no number for seconds"),
+    ('{"kind": "epoch", "epoch": 1, "step": 16, "train_loss": 2.2, "seconds": 0.8, '
+     '"val_accuracy": "high"}', "its val_accuracy is not a number"),
     ("{not json", "is not JSON"),
     ("[" * 100_000 + "]" * 100_000, "it nests deeper than Python's stack"),
-], ids=["list", "no-step", "not-json", "deep"])
+], ids=["list", "no-step", "no-epoch", "no-train-loss", "seconds-text", "val-text",
+        "not-json", "deep"])
 def test_report_names_the_bad_line_of_metrics_and_leaves_nothing(line, problem, capsys):
     run = _dry_run(capsys)
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -123,17 +123,27 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _record_problem(record) -> str | None:
+    """Why a record is not one that training writes, or None: checked here so that the
+    figures and the table need not guess."""
     if not isinstance(record, dict):
         return f"it is a {type(record).__name__}, not an object"
     if record.get("kind") not in ("train", "epoch"):
         return "its kind is neither train nor epoch"
-    if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
-        return "it has no whole-number step"
-    for key in ("train_loss", "test_loss", "test_accuracy", "lr"):
-        value = record.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+    for key in ("epoch", "step"):
+        if not _is_number(record.get(key), whole=True):
+            return f"it has no whole-number {key}"
+    for key in ("train_loss", "seconds"):
+        if not _is_number(record.get(key)):
+            return f"it has no number for {key}"
+    for key in ("train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr"):
+        if record.get(key) is not None and not _is_number(record[key]):
             return f"its {key} is not a number"
     return None
+
+
+def _is_number(value, whole: bool = False) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and (isinstance(value, int) or not whole))
 
 
 def _loss_names(config: dict) -> tuple[str, str]:
