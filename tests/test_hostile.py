@@ -18,6 +18,7 @@ from conftest import assert_one_sentence_error, make_dataset_files, run_main, wr
 from PIL import Image
 
 from torchmnist import checkpoint, data, models
+from torchmnist import config as cfg
 from torchmnist.errors import UsageError
 
 
@@ -129,6 +130,49 @@ def test_a_checkpoint_with_a_crafted_config_is_refused(config, capsys):
         assert code == 2, command
         assert_one_sentence_error(err, "r/last.pt")
         assert "damaged checkpoint" in err or "no config" in err
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("lr", "abc", "lr must be a number, not 'abc'"),
+    ("seed", 1.5, "seed must be a whole number, not 1.5"),
+    ("data_dir", 123, "data_dir must be text, not 123"),
+    ("dry_run", "yes", "dry_run must be true or false, not 'yes'"),
+], ids=["lr-text", "seed-fraction", "data-dir-number", "dry-run-text"])
+def test_a_wrongly_typed_setting_in_a_checkpoint_is_named(key, value, problem, capsys):
+    run = _dry_run(capsys)
+    saved = checkpoint.load(run / "last.pt")
+    saved["config"][key] = value
+    torch.save(saved, run / "last.pt")
+    for command in (["test", "r", "--no-download"], ["train", "--resume", "r", "--epochs", "2"],
+                    ["report", "r", "--no-download"]):
+        code, _, err = run_main(command, capsys)
+        assert code == 2, command
+        assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: in its config,",
+                                  problem)
+
+
+def test_a_wrongly_typed_setting_in_config_json_is_named(capsys):
+    run = _dry_run(capsys)
+    config = json.loads((run / "config.json").read_text())
+    config.update(scheduler="step", lr="fast")  # the figure's title formats the rate
+    (run / "config.json").write_text(json.dumps(config))
+    code, _, err = run_main(["report", "r", "--no-download"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "config.json is damaged: lr must be a number, not 'fast'")
+    assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize("recipe", ["guide", "fast", "best"])
+def test_saved_settings_pass_their_own_check_unchanged(recipe, capsys):
+    run = Path(recipe)
+    code, _, err = run_main(["train", "--dry-run", "--recipe", recipe, "--run-dir", recipe,
+                             "--epochs", "0.25"], capsys)
+    assert code == 0, err
+    for saved in (checkpoint.load(run / "last.pt")["config"],
+                  json.loads((run / "config.json").read_text())):
+        again = cfg.checked(saved)
+        assert again == saved
+        assert [type(v) for v in again.values()] == [type(v) for v in saved.values()]
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmnist.config import RESULT_KEYS, TrainConfig
+from torchmnist.config import RESULT_KEYS, TrainConfig, checked
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.rundir import TEMPORARY_PREFIX
 
@@ -285,6 +285,10 @@ def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             what = ("has no config" if config is None else
                     f"has a {type(config).__name__} where its config should be")
             raise UsageError(f"{path} is a damaged checkpoint: it {what}")
+        try:
+            config = checked(config)
+        except UsageError as error:
+            raise UsageError(f"{path} is a damaged checkpoint: in its config, {error}") from None
         # An average of the weights is what the run tested: ship that one.
         state = obj[EMA] if obj.get(EMA) else obj[MODEL]
         if isinstance(state, dict):
@@ -342,7 +346,8 @@ def load_training(path: Path) -> dict:
         if not isinstance(saved.get(key), dict):
             raise UsageError(f"{path} is a damaged checkpoint: it has no {key} to resume from")
     _checked_tensors(saved[MODEL], path)  # a mapping of finite tensors
-    weights(saved, path)  # and the average, if there is one
+    # The weights and the average, if there is one, and the settings each of its field's type.
+    _, saved[CONFIG] = weights(saved, path)
     return saved
 
 

@@ -529,6 +529,14 @@ def coerce(name: str, value: Any) -> Any:
     return int(value) if f.metadata["type"] is int else value
 
 
+def checked(values: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings (a checkpoint's, a run's config.json), each as its field takes it, so that a
+    damaged or crafted value is named at once rather than failing wherever it is first used.
+    Keys that are not settings are kept as they are."""
+    known = set(field_names())
+    return {key: coerce(key, value) if key in known else value for key, value in values.items()}
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in a TOML, YAML or JSON file (a run's own config.json included), checked
     against the schema; unknown keys are refused by name."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from torchmnist import checkpoint, data, devices, rundir
-from torchmnist.config import RESULT_KEYS, TrainConfig
+from torchmnist.config import RESULT_KEYS, TrainConfig, checked
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
@@ -94,6 +94,10 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if not isinstance(config, dict):
         raise UsageError(f"{path} is damaged: it holds a {type(config).__name__}, not an "
                          "object of settings")
+    try:
+        config = checked(config)
+    except UsageError as error:
+        raise UsageError(f"{path} is damaged: {error}") from None
     return config, _read_metrics(run_dir / "metrics.jsonl")
 
 
