@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_sentence_error, last_json, run_main, run_subprocess
+from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
 
 import torchmnist
 from torchmnist import cli, config
@@ -117,6 +117,10 @@ def test_no_cuda_means_cpu():
     (["--epochs", "inf"], "--epochs must be a finite number, not inf"),
     (["--epochs", "some"], "invalid number value: 'some'"),
     (["--save-interval", "-5"], "--save-interval must not be negative"),
+    # Both once ended in a traceback from numpy's SeedSequence, or a segmentation fault.
+    (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, not -1"),
+    (["--seed", str(2**63)], f"--seed must be from 0 to 2**63 - 1, not {2**63}"),
+    (["--threads", "100000"], "--threads must be at most 1024, not 100000"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_flags_exit_2_with_one_sentence(flags, fragment, capsys):
@@ -273,3 +277,13 @@ def test_each_epoch_keeps_a_line_with_losses_accuracy_time_and_rate(capsys):
                 f"{100 * record['train_accuracy']:.2f}%; ") in line
         assert f"validation loss {record['val_loss']:.4f}, accuracy" in line
         assert "; epoch " in line and f" s, lr {record['lr']:.4g}, " in line
+
+
+def test_the_largest_seed_trains_and_resumes(tmp_path, capsys):
+    seed = str(2**63 - 1)  # every generator the run seeds takes it, and the per-epoch orders
+    code, _, err = run_main(["train", "--dry-run", "--seed", seed, "--epochs", "0.5",
+                             "--run-dir", "r", "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "1", "--quiet"], capsys)
+    assert code == 0, err
+    assert read_metrics(tmp_path / "r")[-1]["epoch"] == 1

@@ -414,6 +414,13 @@ def validate(config: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{_flag(name)} must be at least 1, not {value}")
+    if config.threads is not None and config.threads > MAX_THREADS:
+        # Far more than any machine has cores; tens of thousands of OpenMP threads crash the
+        # process (a segmentation fault, or libgomp failing to create them).
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, not {config.threads}")
+    if not 0 <= config.seed <= MAX_SEED:
+        # The seed goes to torch, numpy and SeedSequence, whose common range this is.
+        raise UsageError(f"--seed must be from 0 to 2**63 - 1, not {config.seed}")
     for name in ("save_interval", "num_workers", "keep", "val_size", "patience"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{_flag(name)} must not be negative, not {getattr(config, name)}")
@@ -444,6 +451,8 @@ def validate(config: TrainConfig) -> None:
     eval_interval(config)
 
 
+MAX_THREADS = 1024
+MAX_SEED = 2**63 - 1
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.<>]*")
 
 
