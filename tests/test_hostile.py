@@ -151,6 +151,62 @@ def test_a_wrongly_typed_setting_in_a_checkpoint_is_named(key, value, problem, c
                                   problem)
 
 
+def _set(*keys_and_value):
+    """A change to a loaded checkpoint: _set("progress", "epoch", "x") sets saved[..][..]."""
+    *keys, last, value = keys_and_value
+
+    def change(saved):
+        for key in keys:
+            saved = saved[key]
+        saved[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_set("progress", "epoch", "x"), "its progress has no count for epoch"),
+    (_set("progress", "step", 1.5), "its progress has no count for step"),
+    (_set("progress", "seconds", None), "its progress has no number for seconds"),
+    (_set("progress", "epoch_loss_sum", "a"), "its progress has no number for epoch_loss_sum"),
+    (_set("optimizer", "x"), "it has no optimiser state"),
+    (_set("metrics", [1, 2]), "its metrics are not a list of records"),
+    (_set("metrics", [{"a": torch.ones(1)}]), "its metrics hold values that are not plain JSON"),
+    (_set("world_size", "two"), "its number of processes is not a whole number"),
+    (_set("ranks", 5), "its per-process states are not a list"),
+    (_set("ranks", [5]), "a process's progress or random generator states are missing"),
+    # Found only once the batches are known: a dry run's epoch has 16.
+    (_set("progress", "batch", 10**6), "it is at batch 1000000 of an epoch of 16 batches"),
+], ids=["epoch-text", "step-fraction", "seconds-none", "sum-text", "optimizer-text",
+        "metrics-numbers", "metrics-tensor", "world-text", "ranks-number", "ranks-number-list",
+        "batch-beyond-epoch"])
+def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, problem, capsys):
+    run = _dry_run(capsys)
+    saved = checkpoint.load(run / "last.pt")
+    change(saved)
+    torch.save(saved, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: " + problem)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    assert all(after[name] == before[name] for name in before if name != "train.log")
+
+
+@pytest.mark.parametrize("index", [torch.tensor([5, 5]), torch.tensor([1.0, 2.0]),
+                                   torch.tensor([3, 10**6]), torch.tensor([3])],
+                         ids=["repeated", "fractions", "beyond", "too-few"])
+def test_a_damaged_validation_split_is_named(index, capsys):
+    assert run_main(["train", "--dry-run", "--val-size", "2", "--epochs", "0.5",
+                     "--run-dir", "r"], capsys)[0] == 0
+    saved = checkpoint.load("r/last.pt")
+    saved["val_index"] = index
+    torch.save(saved, "r/last.pt")
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "1"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "the checkpoint's validation split is damaged: it is not 2 "
+                                   "different training images of the 1024")
+
+
 def test_a_wrongly_typed_setting_in_config_json_is_named(capsys):
     run = _dry_run(capsys)
     config = json.loads((run / "config.json").read_text())

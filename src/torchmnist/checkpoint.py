@@ -26,6 +26,7 @@ Everything in it is a tensor or a plain Python value, so it loads with
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -345,10 +346,65 @@ def load_training(path: Path) -> dict:
     for key in (CONFIG, PROGRESS):
         if not isinstance(saved.get(key), dict):
             raise UsageError(f"{path} is a damaged checkpoint: it has no {key} to resume from")
+    problem = _training_state_problem(saved)
+    if problem:
+        raise UsageError(f"{path} is a damaged checkpoint: {problem}")
     _checked_tensors(saved[MODEL], path)  # a mapping of finite tensors
     # The weights and the average, if there is one, and the settings each of its field's type.
     _, saved[CONFIG] = weights(saved, path)
     return saved
+
+
+def _training_state_problem(saved: dict) -> str | None:
+    """What is wrong with the parts of a checkpoint only a resume reads, or None. Checked here,
+    before anything is written, so that a damaged or crafted file is named in one sentence
+    and never half-rewrites the run folder (metrics.jsonl is rebuilt from it)."""
+    if not isinstance(saved.get(RANKS) or [], list):
+        return "its per-process states are not a list"
+    for own in [saved, *(saved.get(RANKS) or [])]:
+        if not (isinstance(own, dict) and isinstance(own.get(PROGRESS), dict)
+                and isinstance(own.get(RNG), dict)):
+            return "a process's progress or random generator states are missing"
+        problem = _progress_problem(own[PROGRESS])
+        if problem:
+            return f"its progress {problem}"
+    if not isinstance(saved.get(OPTIMIZER), dict):
+        return "it has no optimiser state"
+    world_size = saved.get(WORLD_SIZE, 1)
+    if not (_is_whole(world_size) and world_size >= 1):
+        return "its number of processes is not a whole number"
+    metrics = saved.get(METRICS) or []
+    if not (isinstance(metrics, list) and all(isinstance(r, dict) for r in metrics)):
+        return "its metrics are not a list of records"
+    try:
+        json.dumps(metrics, allow_nan=False)  # as metrics.jsonl is written
+    except (TypeError, ValueError, RecursionError):
+        return "its metrics hold values that are not plain JSON"
+    return None
+
+
+def _progress_problem(progress: dict) -> str | None:
+    # Keys a checkpoint lacks keep their defaults (older versions saved fewer).
+    for key in ("epoch", "batch", "step", "stale_tests", "epoch_images", "window_batches"):
+        value = progress.get(key, 1)
+        if not (_is_whole(value) and value >= (1 if key == "epoch" else 0)):
+            return f"has no count for {key}"
+    for key in ("seconds", "best_accuracy", "target_seconds"):
+        value = progress.get(key, 0.0)
+        if not ((value is None and key != "seconds")
+                or (isinstance(value, int | float) and not isinstance(value, bool)
+                    and math.isfinite(value))):
+            return f"has no number for {key}"
+    for key in ("epoch_loss_sum", "epoch_correct_sum", "window_loss_sum"):
+        value = progress.get(key, 0.0)
+        if not ((isinstance(value, torch.Tensor) and value.numel() == 1)
+                or (isinstance(value, int | float) and not isinstance(value, bool))):
+            return f"has no number for {key}"
+    return None
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:

@@ -181,8 +181,16 @@ def _hold_out(digits: data.DigitData, config: TrainConfig, saved_index: torch.Te
     if config.val_size >= n:
         raise UsageError(f"--val-size {config.val_size} leaves nothing to train on: the "
                          f"training set has {n} images")
-    index = (saved_index if saved_index is not None
-             else data.epoch_order(n, config.seed, 0)[:config.val_size].sort().values)
+    if saved_index is None:
+        index = data.epoch_order(n, config.seed, 0)[:config.val_size].sort().values
+    elif not (isinstance(saved_index, torch.Tensor) and saved_index.dim() == 1
+              and saved_index.dtype == torch.int64 and len(saved_index) == config.val_size
+              and bool(((saved_index >= 0) & (saved_index < n)).all())
+              and len(saved_index.unique()) == len(saved_index)):
+        raise UsageError(f"the checkpoint's validation split is damaged: it is not "
+                         f"{config.val_size} different training images of the {n}")
+    else:
+        index = saved_index
     keep = torch.ones(n, dtype=torch.bool)
     keep[index] = False
     images, labels = digits.train.images, digits.train.labels
@@ -547,6 +555,9 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         progress.load_state_dict(saved[checkpoint.PROGRESS])
         if world.rank:
             _restore_rank(saved, world, progress, config.seed)
+        if progress.batch > len(train_batches):
+            raise UsageError(f"{resume_path} is a damaged checkpoint: it is at batch "
+                             f"{progress.batch} of an epoch of {len(train_batches)} batches")
         total = schedule_length(config, len(train_batches)).steps
         if progress.step > total:
             raise UsageError(f"{resume_path} has already trained {progress.step} steps, and "
