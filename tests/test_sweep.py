@@ -58,11 +58,14 @@ def test_param_specs_become_optuna_ranges_and_choices():
     ("colour=choice:red", "--param colour: 'colour' is not a train setting"),
     ("run_dir=choice:a", "--param run_dir: 'run_dir' is not a train setting"),
     ("lr", "--param 'lr' must look like lr=log:1e-3:1"),
+    ("lr=choice:", "--param lr: choice needs at least one value"),
+    ("lr=log:1", "--param lr: log needs LOW:HIGH"),
 ])
 def test_a_bad_search_spec_exits_2_naming_the_parameter(spec, fragment, capsys):
     code, _, err = run_main(["sweep", "--dry-run", "--param", spec, "--run-dir", "s"], capsys)
     assert code == 2
     assert_one_sentence_error(err, fragment)
+    assert err.startswith("torchmnist: error: " + fragment)  # named once, not twice
     assert not Path("s").exists()
 
 
@@ -86,6 +89,7 @@ def test_a_space_file_and_the_sweep_options_are_checked(capsys):
         code, _, err = run_main(["sweep", "--dry-run", "--run-dir", "s", *args], capsys)
         assert code == 2, args
         assert_one_sentence_error(err, fragment)
+        assert err.count("bad.toml") <= 1, err
 
 
 # ---- on SQLite -------------------------------------------------------------------------------

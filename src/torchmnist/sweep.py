@@ -96,22 +96,23 @@ def _param(name: str, spec: Any, where: str) -> Param:
     if kind not in KINDS:
         raise UsageError(f"{where}: the kind {kind!r} is not one of {', '.join(KINDS)} "
                          "(e.g. log:1e-3:1, int:1:5, choice:64,128)")
+    if kind == "choice":
+        values = [v.strip() for v in rest.split(",") if v.strip()]
+        if not values:
+            raise UsageError(f"{where}: choice needs at least one value")
+        try:
+            choices = tuple(cfg.coerce(name, _text_value(name, v)) for v in values)
+        except UsageError as error:  # says which setting, not where it was written
+            raise UsageError(f"{where}: {error}") from None
+        return _checked(Param(name, kind, choices=choices), where)
+    bounds = rest.split(":")
+    if len(bounds) != 2:
+        raise UsageError(f"{where}: {kind} needs LOW:HIGH, as in {kind}:1:5")
+    number = int if kind == "int" else float
     try:
-        if kind == "choice":
-            values = [v.strip() for v in rest.split(",") if v.strip()]
-            if not values:
-                raise UsageError(f"{where}: choice needs at least one value")
-            return _checked(Param(name, kind, choices=tuple(
-                cfg.coerce(name, _text_value(name, v)) for v in values)), where)
-        bounds = rest.split(":")
-        if len(bounds) != 2:
-            raise UsageError(f"{where}: {kind} needs LOW:HIGH, as in {kind}:1:5")
-        number = int if kind == "int" else float
         low, high = number(bounds[0]), number(bounds[1])
     except ValueError:
         raise UsageError(f"{where}: {spec!r} holds something that is not a number") from None
-    except UsageError as error:
-        raise UsageError(f"{where}: {error}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise UsageError(f"{where}: the range needs finite LOW < HIGH, not {low} and {high}")
     if kind == "log" and low <= 0:
