@@ -34,10 +34,21 @@ def test_a_dry_run_is_one_epoch_in_python_too():
     ({"recipe": "quick"}, "unknown recipe 'quick'"),
     ({"batch_size": 0}, "--batch-size must be at least 1"),
     ({"momentum": float("nan")}, "--momentum must be a finite number"),
+    # Wrongly typed values, named as a config file's are (they were TypeErrors from deep in).
+    ({"lr": "abc"}, "lr must be a number, not 'abc'"),
+    ({"seed": 1.5}, "seed must be a whole number, not 1.5"),
+    ({"batch_size": None}, "batch_size must be a number, not None"),
+    ({"nesterov": "yes"}, "nesterov must be true or false, not 'yes'"),
 ])
 def test_a_config_is_checked_when_it_is_made(values, sentence):
     with pytest.raises(UsageError, match=sentence.replace("(", r"\(")):
         torchmnist.TrainConfig(**values)
+
+
+def test_paths_and_text_numbers_from_python_are_taken_as_a_config_file_takes_them(tmp_path):
+    made = torchmnist.TrainConfig(run_dir=tmp_path / "run", data_dir=tmp_path, epochs="2")
+    assert (made.run_dir, made.data_dir, made.epochs) == (str(tmp_path / "run"), str(tmp_path), 2)
+    assert json.loads(json.dumps(made.to_dict())) == made.to_dict()  # config.json as it is
 
 
 def test_a_changed_copy_is_checked_and_keeps_the_rest():

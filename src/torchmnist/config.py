@@ -249,6 +249,13 @@ class TrainConfig:
                 # dataclasses.replace builds a fresh one from the import path instead.
                 self.__dict__["network"] = self.model
             self.model = f"{network_class.__module__}:{network_class.__qualname__}"
+        # Values given from Python are checked as a config file's are: lr="abc" is named here
+        # rather than failing as a TypeError wherever it is first compared.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):  # run_dir=Path("runs/a")
+                value = os.fspath(value)
+            setattr(self, f.name, coerce(f.name, value))
         validate(self)
 
     @classmethod
