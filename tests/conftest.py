@@ -62,9 +62,11 @@ def _checkout_unchanged():
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """Every test runs in its own directory, with no data folder unless it asks for one."""
+    """Every test runs in its own directory, with no data folder unless it asks for one, and
+    its own cache of decoded image folders."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TORCHMNIST_DATA_DIR", raising=False)
+    monkeypatch.setenv("TORCHMNIST_CACHE_DIR", str(tmp_path / "cache"))  # decoded image folders
     monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", tmp_path / "no-system-datasets")
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +294,104 @@ def test_dataset_names_are_checked_before_anything_runs():
         torchmnist.TrainConfig(dataset="cifar10")
     with pytest.raises(torchmnist.UsageError, match="must be a name, folder:PATH"):
         torchmnist.TrainConfig(dataset=[1, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache of decoded image folders
+
+
+def _small_folder(root: Path) -> Path:
+    for split in ("train", "test"):
+        for label, name in enumerate(("a", "b")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((28, 28), 30 * (i + 1) + 100 * label, np.uint8)).save(
+                    root / split / name / f"{i}.png")
+    _settle(root)
+    return root
+
+
+def _settle(root: Path) -> None:
+    """Date every file an hour back: a folder written moments ago is not cached yet."""
+    an_hour_ago = time.time() - 3600
+    for path in root.rglob("*.png"):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+
+def _reads(monkeypatch) -> list[Path]:
+    """The image files decoded from now on."""
+    from torchmnist import preprocess
+
+    decoded, read_grey = [], preprocess.read_grey
+    monkeypatch.setattr(preprocess, "read_grey",
+                        lambda path: decoded.append(Path(path)) or read_grey(path))
+    return decoded
+
+
+def _same(a: data.DigitData, b: data.DigitData) -> bool:
+    return (a.spec == b.spec and torch.equal(a.train.images, b.train.images)
+            and torch.equal(a.train.labels, b.train.labels)
+            and torch.equal(a.test.images, b.test.images))
+
+
+def test_a_folder_is_decoded_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    root = _small_folder(tmp_path / "f")
+    decoded = _reads(monkeypatch)
+    first = data.load_folder(root)
+    assert len(decoded) == 12
+    again = data.load_folder(root)
+    assert len(decoded) == 12  # nothing decoded the second time
+    assert _same(first, again)
+    assert len(list((tmp_path / "cache" / "folders").glob("*.pt"))) == 2  # one per split
+
+
+@pytest.mark.parametrize("change", ["rewrite", "add", "remove", "rename"])
+def test_a_changed_folder_is_decoded_again(change, tmp_path, monkeypatch):
+    root = _small_folder(tmp_path / "f")
+    data.load_folder(root)
+    image = root / "train" / "a" / "0.png"
+    if change == "rewrite":  # same size and name, other pixels
+        Image.fromarray(np.full((28, 28), 77, np.uint8)).save(image)
+    elif change == "add":
+        Image.fromarray(np.full((28, 28), 77, np.uint8)).save(image.with_name("3.png"))
+    elif change == "remove":
+        image.unlink()
+    else:
+        image.rename(image.with_name("9.png"))
+    decoded = _reads(monkeypatch)
+    changed = data.load_folder(root)
+    assert decoded and all(path.parts[-3] == "train" for path in decoded)  # test/ was kept
+    monkeypatch.setenv("TORCHMNIST_CACHE_DIR", "off")
+    assert _same(changed, data.load_folder(root))  # what decoding every file gives
+
+
+def test_a_damaged_or_unwritable_cache_is_passed_over(tmp_path, monkeypatch):
+    root = _small_folder(tmp_path / "f")
+    expected = data.load_folder(root)
+    for entry in (tmp_path / "cache" / "folders").glob("*.pt"):
+        entry.write_bytes(b"PK\x03\x04 not a zip")
+    decoded = _reads(monkeypatch)
+    assert _same(data.load_folder(root), expected) and len(decoded) == 12
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("TORCHMNIST_CACHE_DIR", str(tmp_path / "blocked"))
+    assert _same(data.load_folder(root), expected)
+
+
+def test_a_folder_written_moments_ago_is_not_cached_yet(tmp_path, monkeypatch):
+    root = _small_folder(tmp_path / "f")
+    (root / "train" / "a" / "0.png").touch()
+    decoded = _reads(monkeypatch)
+    data.load_folder(root)
+    data.load_folder(root)
+    assert len([p for p in decoded if p.parts[-3] == "train"]) == 12  # decoded both times
+    assert len([p for p in decoded if p.parts[-3] == "test"]) == 6  # kept after the first
+
+
+def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHMNIST_CACHE_DIR", "off")
+    root = _small_folder(tmp_path / "f")
+    decoded = _reads(monkeypatch)
+    data.load_folder(root)
+    data.load_folder(root)
+    assert len(decoded) == 24
+    assert not (tmp_path / "cache").exists()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from torchmnist import config
+from torchmnist import cache, config
 from torchmnist.errors import UsageError
 
 
@@ -448,22 +448,40 @@ def _read_image_folder(root: Path, classes: tuple[str, ...] | None = None,
         extra = sorted(set(found) - set(classes))[0]
         raise UsageError(f"{root} has a class folder {extra!r} that the training images do "
                          "not have")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        folder = root / name
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                       and p.is_file()) if folder.is_dir() else []
-        for path in files:
+    entries = _image_files(root, classes)
+    if not entries:
+        raise UsageError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
+                         "folders")
+    labels = torch.tensor([label for label, *_ in entries], dtype=torch.int64)
+    images = cache.load(root, entries)
+    if images is None:
+        decoded = []
+        for label, name, *_ in entries:
+            path = root / classes[label] / name
             try:
                 image = preprocess.as_stored(preprocess.read_grey(path))
             except preprocess.ImageError as error:
                 raise UsageError(f"cannot use {path}: {error}") from None
-            images.append(torch.from_numpy(np.round(image * 255).astype(np.uint8)))
-            labels.append(label)
-    if not images:
-        raise UsageError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
-                         "folders")
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), classes
+            decoded.append(torch.from_numpy(np.round(image * 255).astype(np.uint8)))
+        images = torch.stack(decoded)
+        cache.store(root, entries, images)
+    return Split(images, labels), classes
+
+
+def _image_files(root: Path, classes: tuple[str, ...]) -> list[cache.Entry]:
+    """Every image file of a split, by class and then by name, with its size and time."""
+    entries = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as found:
+            files = sorted((f for f in found if os.path.splitext(f.name)[1].lower()
+                            in IMAGE_SUFFIXES and f.is_file()), key=lambda f: f.name)
+        for f in files:
+            stat = f.stat()
+            entries.append((label, f.name, stat.st_size, stat.st_mtime_ns))
+    return entries
 
 
 def load_folder(path: str | os.PathLike, splits: tuple[str, ...] = ("train", "test"),
