@@ -271,6 +271,20 @@ def test_report_refuses_a_config_that_is_not_an_object(text, capsys):
 # ---- export paths ---------------------------------------------------------------------------
 
 
+def test_export_never_writes_over_a_file_its_run_keeps(capsys):
+    run = _dry_run(capsys)
+    assert run_main(["train", "--resume", "r", "--epochs", "2", "--keep", "1", "--quiet"],
+                    capsys)[0] == 0
+    for name in ("best.pt", "last.pt", "epoch-002.pt", "metrics.jsonl", "config.json"):
+        before = (run / name).read_bytes()
+        code, _, err = run_main(["export", "r", "--format", "onnx", "--out", f"r/{name}"],
+                                capsys)
+        assert code == 2, name
+        assert_one_sentence_error(err, f"exporting would overwrite r/{name}")  # last.pt: itself
+        assert (run / name).read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".torchmnist-tmp")]
+
+
 def test_export_takes_any_suffix_and_a_folder(weights_file, tmp_path, capsys):
     make_dataset_files(tmp_path / "data" / "MNIST" / "raw", n_train=64, n_test=300)
     code, out, err = run_main(["export", str(weights_file), "--format", "safetensors", "--out",

@@ -67,6 +67,9 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
         out = out / default_name
     if out.exists() and out.resolve() == source.resolve():
         raise UsageError(f"exporting would overwrite {source} itself; choose --out")
+    if out.is_file() and rundir.is_run_file(out):
+        raise UsageError(f"exporting would overwrite {out}, which its run keeps; choose "
+                         "another --out")
     trained = checkpoint.load_model(source, model=model, dataset=dataset)
     spec = trained.spec
     network = trained.model.float().eval()

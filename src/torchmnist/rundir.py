@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from torchmnist.errors import UsageError
@@ -38,6 +39,17 @@ def is_run(folder: Path) -> bool:
         return checkpoint.is_training_checkpoint(checkpoint.load(last))
     except UsageError:
         return False
+
+
+# What a run keeps in its folder: its checkpoints, settings, records and the marker and lock.
+RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "train.log", "model.pt",
+             "model.safetensors", MARKER, LOCK)
+
+
+def is_run_file(path: Path) -> bool:
+    """One of the files a run keeps in its folder, which nothing else may write over."""
+    return ((path.name in RUN_FILES or re.fullmatch(r"epoch-\d+\.pt", path.name) is not None)
+            and is_run(path.parent))
 
 
 def check_writable(folder: Path) -> None:
