@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import assert_one_sentence_error, run_main
 from everyday import STYLES, write
 from PIL import Image
 
@@ -168,6 +168,27 @@ def test_globs_missing_files_and_saved_inputs(state_dict_file, tmp_path, capsys)
 
     code, out, _ = run_main(["predict", str(state_dict_file), str(tmp_path / "a.jpg")], capsys)
     assert code == 0 and out.startswith(str(tmp_path / "a.jpg") + ": ")
+
+
+def test_saving_into_the_photos_folder_never_writes_over_a_photo(state_dict_file, tmp_path,
+                                                                  capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_digit_like()).save(photos / "seven.png")
+    Image.fromarray(_digit_like()).save(photos / "eight.jpg")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    for given, out in ((str(photos), str(photos)), (str(photos / "seven.png"), "photos/.")):
+        code, out_text, err = run_main(["predict", str(state_dict_file), given,
+                                        "--save-preprocessed", out], capsys)
+        assert code == 2 and out_text == ""
+        assert_one_sentence_error(err, "would write over the input image", "seven.png",
+                                  "choose another folder")
+        assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # nothing written
+    # Beside the photos, under a name that no input has, is fine.
+    code, _, err = run_main(["predict", str(state_dict_file), str(photos / "eight.jpg"),
+                             "--save-preprocessed", str(photos)], capsys)
+    assert code == 0, err
+    assert Image.open(photos / "eight.png").size == (28, 28)
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))

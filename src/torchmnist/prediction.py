@@ -90,7 +90,8 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
 
     results: list[dict] = []
     images: list[np.ndarray] = []
-    for name, source, problem in _sources(inputs):
+    sources = _sources(inputs)
+    for name, source, problem in sources:
         if problem is None:
             try:
                 images.append(prepare(source, spec.name) if isinstance(source, str)
@@ -100,7 +101,9 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
         results.append({"file": shown(name), "error": problem} if problem
                        else {"file": shown(name)})
     if save_preprocessed is not None:
-        _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed)
+        given = [source for _, source, _ in sources if isinstance(source, str)]
+        _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed,
+                     given)
 
     by_image = iter(())  # class probabilities of each readable image, in order
     if images:
@@ -122,17 +125,36 @@ def answer(probabilities: torch.Tensor, classes: list[str], top: int) -> dict:
     return {**ranked[0], "top": ranked}
 
 
-def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike) -> None:
-    """Write the 28x28 images the model saw as PNGs named after their files."""
+def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike,
+                 given: list[str]) -> None:
+    """Write the 28x28 images the model saw as PNGs named after their files; an input image
+    in the folder is never written over (`predict photos/ --save-preprocessed photos/`)."""
     from PIL import Image
 
     folder = Path(folder)
-    rundir.make_folder(folder, "--save-preprocessed")
+    targets: list[Path] = []
     used: set[str] = set()
-    for file, image in zip(files, images, strict=True):
+    for file in files:
         name, n = Path(file).stem, 1
         while name in used:  # two inputs with the same name, from different folders
             n += 1
             name = f"{Path(file).stem}-{n}"
         used.add(name)
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(folder / f"{name}.png")
+        targets.append(folder / f"{name}.png")
+    inputs = {_identity(path) for path in given} - {None}
+    for target in targets:
+        if _identity(target) in inputs:
+            raise UsageError(f"--save-preprocessed {folder} would write over the input image "
+                             f"{shown(str(target))}; choose another folder")
+    rundir.make_folder(folder, "--save-preprocessed")
+    for target, image in zip(targets, images, strict=True):
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(target)
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The file a path names (device and inode), so that two names of one file compare equal."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
