@@ -92,6 +92,17 @@ def test_a_space_file_and_the_sweep_options_are_checked(capsys):
         assert err.count("bad.toml") <= 1, err
 
 
+def test_a_folder_that_is_not_a_sweeps_is_refused_untouched(capsys):
+    Path("project").mkdir()
+    Path("project/history.png").write_bytes(b"someone's own figure")
+    code, _, err = run_main(["sweep", "--dry-run", "--param", "lr=choice:0.01", "--trials", "1",
+                             "--run-dir", "project"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "project is not empty and is not a torchmnist sweep folder")
+    assert [p.name for p in Path("project").iterdir()] == ["history.png"]
+    assert Path("project/history.png").read_bytes() == b"someone's own figure"
+
+
 # ---- on SQLite -------------------------------------------------------------------------------
 
 FLAGS = ["--dry-run", "--epochs", "3", "--param", "lr=choice:0.00001,0.05", "--param",

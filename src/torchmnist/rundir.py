@@ -6,7 +6,8 @@ folder (a project, a home directory, someone's data) is refused before anything 
 touched. For the whole run the folder is locked with an OS lock (`fcntl.lockf` on
 `.torchmnist-lock`), so a second training or resume into it stops with one sentence naming
 the process that holds it. The OS drops the lock when that process ends, however it ends, so a
-lock left by a killed run never blocks the next one.
+lock left by a killed run never blocks the next one. A sweep's folder is made and reused on
+the same terms, marked with `.torchmnist-sweep`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from torchmnist.errors import UsageError
 
 MARKER = ".torchmnist-run"
+SWEEP_MARKER = ".torchmnist-sweep"  # the same, for a sweep's folder (sweep.py)
 LOCK = ".torchmnist-lock"
 # Every temporary file torchmnist writes starts with this, so cleaning up after a killed run
 # can never remove a file of the user's (such as their own `.notes.tmp`).
@@ -115,6 +117,19 @@ def make_folder(folder: Path, flag: str) -> None:
         reason = f"{in_the_way} is a file" if in_the_way else error.strerror or str(error)
         raise UsageError(f"cannot make the folder {folder}: {reason}; choose another {flag}"
                          ) from None
+
+
+def make_sweep_folder(folder: Path) -> None:
+    """Make a sweep's folder (its study, trial folders and results), or reuse one a sweep
+    made; any other folder with something in it is refused, touching nothing, as training
+    refuses one."""
+    if folder.is_dir() and any(folder.iterdir()) and not (
+            (folder / SWEEP_MARKER).is_file() or (folder / "study.db").is_file()):
+        raise UsageError(f"{folder} is not empty and is not a torchmnist sweep folder (it has "
+                         f"no {SWEEP_MARKER}); nothing in it was changed: choose a new or "
+                         "empty --run-dir")
+    make_folder(folder, "--run-dir")
+    (folder / SWEEP_MARKER).touch()
 
 
 def claim(folder: Path) -> RunLock:

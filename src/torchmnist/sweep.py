@@ -686,7 +686,7 @@ def _plots(sweep: Sweep, study) -> tuple[list[str], list[str]]:
 def main(options: dict[str, Any], base: dict[str, Any], argv: list[str]) -> dict[str, Any] | None:
     """The sweep command: one worker here, or `--jobs` of them, then the results."""
     sweep = build(options, base)
-    rundir.make_folder(sweep.folder, "--run-dir")
+    rundir.make_sweep_folder(sweep.folder)
     worker = options.get("worker")
     if worker is not None:  # one of the --jobs processes
         work(sweep, worker, options.get("share"))
