@@ -192,6 +192,25 @@ def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, probl
     assert all(after[name] == before[name] for name in before if name != "train.log")
 
 
+def test_metrics_nested_deeper_than_the_stack_are_named_not_a_recursion_error(capsys):
+    run = _dry_run(capsys)
+    saved = checkpoint.load(run / "last.pt")
+    deep: object = 1
+    for _ in range(5000):
+        deep = [deep]
+    saved["metrics"].append({"kind": "train", "step": 1, "x": deep})
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # for pickling it here; torchmnist runs with the default
+    try:
+        torch.save(saved, run / "last.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: its metrics hold values "
+                                   "that are not plain JSON")
+
+
 @pytest.mark.parametrize("index", [torch.tensor([5, 5]), torch.tensor([1.0, 2.0]),
                                    torch.tensor([3, 10**6]), torch.tensor([3])],
                          ids=["repeated", "fractions", "beyond", "too-few"])
