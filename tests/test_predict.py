@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,15 @@ def test_files_that_are_not_images_are_refused_in_one_sentence(content, reason, 
     path.write_bytes(content)
     with pytest.raises(ImageError, match=reason):
         prepare(path)
+
+
+def test_a_pipe_named_as_an_image_is_refused_not_read_forever(tmp_path, state_dict_file,
+                                                              capsys):
+    os.mkfifo(tmp_path / "pipe.png")  # nothing ever writes to it: reading would block
+    code, _, err = run_main(["predict", str(state_dict_file), str(tmp_path / "pipe.png")],
+                            capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "pipe.png: it is not a regular file")
 
 
 def test_a_blank_page_is_refused(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -55,8 +56,12 @@ def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> 
             if not path:
                 raise ImageError("the file is empty")
             path = io.BytesIO(path)
-        elif os.path.getsize(path) == 0:
-            raise ImageError("the file is empty")
+        else:
+            found = os.stat(path)
+            if not stat.S_ISREG(found.st_mode):  # a pipe or a device would be read forever
+                raise ImageError("it is not a regular file")
+            if found.st_size == 0:
+                raise ImageError("the file is empty")
         with warnings.catch_warnings():
             # Pillow warns from 89 million pixels on; max_pixels is the limit here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
