@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         return _test(args)
     except TorchMnistError as error:
         # In a distributed run a stop is told once, by rank 0; errors by every rank.
-        if not (error.label == "stopped" and _rank() and os.environ.get("RANK") != "0"):
+        if error.told and not (error.label == "stopped" and _rank()
+                               and os.environ.get("RANK") != "0"):
             print(f"torchmnist: {error.label}{_rank()}: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began

@@ -8,6 +8,7 @@ The CLI prints it on stderr and exits with the class's status.
 class TorchMnistError(Exception):
     exit_code = 1
     label = "error"  # the CLI prints "torchmnist: <label>: <message>"
+    told = True  # False: another process tells the user (a sweep, of its workers' stops)
 
 
 class UsageError(TorchMnistError):

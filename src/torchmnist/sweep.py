@@ -689,7 +689,11 @@ def main(options: dict[str, Any], base: dict[str, Any], argv: list[str]) -> dict
     rundir.make_sweep_folder(sweep.folder)
     worker = options.get("worker")
     if worker is not None:  # one of the --jobs processes
-        work(sweep, worker, options.get("share"))
+        try:
+            work(sweep, worker, options.get("share"))
+        except Stopped as stop:
+            stop.told = False  # the sweep that started this worker tells it, once for all
+            raise
         return None
     _say(sweep, f"sweep {sweep.study_name}: {sweep.trials} trials, {sweep.jobs} at a time, "
                 f"{sweep.direction} {sweep.metric}; {sweep.sampler} sampler, "
