@@ -93,6 +93,6 @@ def store(root: Path, entries: list[Entry], images: torch.Tensor) -> None:
             temporary = Path(f.name)
             torch.save({"key": key, "images": images.contiguous()}, f)
         os.replace(temporary, path)
-    except OSError:
+    except (OSError, RuntimeError):  # torch's zip writer reports a failed write as either
         if temporary is not None:
             temporary.unlink(missing_ok=True)
