@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -375,6 +376,19 @@ def test_a_damaged_or_unwritable_cache_is_passed_over(tmp_path, monkeypatch):
     (tmp_path / "blocked").write_text("a file where the cache folder would be")
     monkeypatch.setenv("TORCHMNIST_CACHE_DIR", str(tmp_path / "blocked"))
     assert _same(data.load_folder(root), expected)
+
+
+def test_a_full_disk_while_keeping_a_folder_leaves_no_file_behind(tmp_path, monkeypatch):
+    root = _small_folder(tmp_path / "f")
+    expected = data.load_folder(root)
+    shutil.rmtree(tmp_path / "cache")
+
+    def full(*args, **kwargs):  # what torch.save into a file object raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert _same(data.load_folder(root), expected)
+    assert list((tmp_path / "cache" / "folders").iterdir()) == []
 
 
 def test_a_folder_written_moments_ago_is_not_cached_yet(tmp_path, monkeypatch):
