@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from conftest import assert_one_sentence_error, last_json, run_main
@@ -115,6 +116,23 @@ def test_bad_config_files_exit_2_naming_the_problem(name, text, fragment, tmp_pa
     assert code == 2
     assert_one_sentence_error(err, name, fragment)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("given, fragment", [
+    ("/dev/zero", "cannot read --config /dev/zero: it is not a regular file"),
+    ("pipe.yaml", "cannot read --config pipe.yaml: it is not a regular file"),
+    ("folder.yaml", "cannot read --config folder.yaml: it is a folder"),
+    ("big.yaml", "--config big.yaml is 10,485,761 bytes, more than a settings file holds"),
+], ids=["device", "pipe", "folder", "too-big"])
+def test_a_config_that_is_no_settings_file_is_refused_without_reading_it(given, fragment,
+                                                                         tmp_path, capsys):
+    # /dev/zero was read until memory ran out (12 GB in 20 s), and a pipe waited on forever.
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "big.yaml").write_bytes(b" " * (10 * 1024 * 1024 + 1))
+    code, _, err = run_main(["train", "--config", given, "--dry-run", "--run-dir", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, fragment)
 
 
 def test_a_yaml_alias_bomb_is_refused_in_a_short_sentence(tmp_path, capsys):

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,6 +460,7 @@ def validate(config: TrainConfig) -> None:
 
 
 MAX_THREADS = 1024
+MAX_SETTINGS_BYTES = 10 * 1024 * 1024  # --config and --space files
 MAX_SEED = 2**63 - 1
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.<>]*")
 
@@ -579,6 +581,15 @@ def read_structured_file(path: Path, flag: str) -> Any:
     """What a TOML, YAML or JSON file that `flag` names holds, or one sentence saying why it
     cannot be read (the messages name the flag)."""
     try:
+        found = path.stat()
+        # A pipe would be waited on forever and /dev/zero read until memory runs out; a
+        # settings file is a few kilobytes.
+        if not stat.S_ISREG(found.st_mode):
+            what = "a folder" if stat.S_ISDIR(found.st_mode) else "not a regular file"
+            raise UsageError(f"cannot read {flag} {path}: it is {what}")
+        if found.st_size > MAX_SETTINGS_BYTES:
+            raise UsageError(f"{flag} {path} is {found.st_size:,} bytes, more than a settings "
+                             f"file holds ({MAX_SETTINGS_BYTES:,} at most)")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read {flag} {path}: "
