@@ -304,6 +304,18 @@ def test_export_never_writes_over_a_file_its_run_keeps(capsys):
     assert not [p.name for p in run.iterdir() if p.name.startswith(".torchmnist-tmp")]
 
 
+def test_export_never_replaces_a_device_or_a_pipe(capsys):
+    # Renamed over --out, the export once replaced a named pipe, and as root /dev/null would go.
+    run = _dry_run(capsys)
+    os.mkfifo("out.onnx")
+    code, _, err = run_main(["export", str(run), "--format", "safetensors", "--out", "out.onnx"],
+                            capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "--out out.onnx is not a regular file")
+    assert Path("out.onnx").is_fifo()
+    assert [p.name for p in Path().iterdir() if p.name.startswith(".torchmnist-tmp")] == []
+
+
 def test_export_takes_any_suffix_and_a_folder(weights_file, tmp_path, capsys):
     make_dataset_files(tmp_path / "data" / "MNIST" / "raw", n_train=64, n_test=300)
     code, out, err = run_main(["export", str(weights_file), "--format", "safetensors", "--out",

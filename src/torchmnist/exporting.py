@@ -67,6 +67,10 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
         out = out / default_name
     if out.exists() and out.resolve() == source.resolve():
         raise UsageError(f"exporting would overwrite {source} itself; choose --out")
+    if out.exists() and not out.is_file():
+        # The export is renamed over --out: /dev/null itself would become the file.
+        raise UsageError(f"--out {out} is not a regular file (a device or a pipe), which "
+                         "exporting would replace; choose a file name")
     if out.is_file() and rundir.is_run_file(out):
         raise UsageError(f"exporting would overwrite {out}, which its run keeps; choose "
                          "another --out")
