@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,43 @@ def test_saving_into_the_photos_folder_never_writes_over_a_photo(state_dict_file
                              "--save-preprocessed", str(photos)], capsys)
     assert code == 0, err
     assert Image.open(photos / "eight.png").size == (28, 28)
+
+
+def test_one_image_given_alone_is_one_image(state_dict_file, tmp_path):
+    Image.fromarray(_digit_like()).save(tmp_path / "x.png")
+    picture = np.array(Image.open(tmp_path / "x.png"))
+    expected = predict(state_dict_file, [str(tmp_path / "x.png")], device="cpu")
+    assert len(expected) == 1 and "error" not in expected[0]
+    # A path was read letter by letter, and an array row by row.
+    for alone in (str(tmp_path / "x.png"), tmp_path / "x.png", picture,
+                  torch.from_numpy(picture), Image.open(tmp_path / "x.png")):
+        (result,) = predict(state_dict_file, alone, device="cpu")
+        assert result["prediction"] == expected[0]["prediction"], type(alone)
+        assert result["probability"] == pytest.approx(expected[0]["probability"], abs=1e-6)
+
+
+@pytest.mark.parametrize("array, error", [
+    # Clipping these to [0, 1] made the picture white and the answer meaningless.
+    (lambda p: p.astype(np.float32), "fractional pixels must be in [0, 1], not 20 to 235 "
+                                     "(divide by 255)"),
+    (lambda p: (p / 255 - 0.1307) / 0.3081, "(not normalised ones)"),
+    (lambda p: np.full(p.shape, np.nan), "the picture holds NaN or infinite values"),
+    (lambda p: p.astype(np.int64) * 2, "whole-number pixels must be 0-255, not 40 to 470"),
+], ids=["floats-0-255", "normalised", "nan", "beyond-255"])
+def test_pixels_out_of_range_are_named_not_clipped(array, error, state_dict_file):
+    picture = _digit_like(28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN once also warned from the cast
+        (result,) = predict(state_dict_file, [array(picture)], device="cpu")
+    assert error in result["error"], result
+
+
+def test_whole_numbers_and_fractions_in_range_read_as_uint8_does(state_dict_file):
+    picture = _digit_like(28)
+    (expected,) = predict(state_dict_file, [picture], device="cpu")
+    for same in (picture.astype(np.int64), picture / 255.0):
+        (result,) = predict(state_dict_file, [same], device="cpu")
+        assert result["probability"] == pytest.approx(expected["probability"], abs=1e-6)
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))

@@ -66,6 +66,12 @@ def _sources(inputs: list) -> list[tuple[str, object, str | None]]:
     return sources
 
 
+def _is_pil(item: object) -> bool:
+    from PIL import Image
+
+    return isinstance(item, Image.Image)
+
+
 def shown(name: str) -> str:
     """A file name as it can always be printed: bytes that are not UTF-8 (a name such as
     caf\\xe9.png from another system) as backslash escapes."""
@@ -83,6 +89,8 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
     probabilities over each image and its four 1-pixel shifts."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, not {top}")
+    if isinstance(inputs, str | os.PathLike | np.ndarray | torch.Tensor) or _is_pil(inputs):
+        inputs = [inputs]  # one image, not a sequence of them (nor of a path's letters)
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
     spec = trained.spec
     target = devices.resolve_device(device)

@@ -232,8 +232,7 @@ def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
         if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
             raise ImageError(f"an array of shape {tuple(array.shape)} is not a picture: give "
                              "(H, W), (1, H, W) or (H, W, 3|4)")
-        if array.dtype != np.uint8:
-            array = np.round(np.clip(array.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)
+        array = _as_uint8(array)
         picture = Image.fromarray(array)
     else:
         picture = picture.copy()  # reduced in place below; the caller's image stays as it was
@@ -242,6 +241,31 @@ def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
         raise ImageError(f"the image is {width}x{height} pixels, more than the "
                          f"{MAX_PIXELS // 10**6} million torchmnist reads; scale it down first")
     return _as_input(_to_grey(_reduced(picture)), dataset)
+
+
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    """Pixels as 0-255: whole numbers are taken as they are, fractions scaled from [0, 1]. Any
+    other range is refused rather than clipped, which would quietly make the picture white:
+    floats of 0-255, or images already normalised with a mean and std."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ImageError(f"whole-number pixels must be 0-255, not {array.min()} to "
+                             f"{array.max()}")
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ImageError(f"an array of {array.dtype} is not a picture: give uint8 0-255 or "
+                         "floats in [0, 1]")
+    if not np.isfinite(array).all():
+        raise ImageError("the picture holds NaN or infinite values")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if low < -1e-6 or high > 1 + 1e-6:
+        hint = " (divide by 255)" if high > 1 and low >= 0 else " (not normalised ones)"
+        raise ImageError(f"fractional pixels must be in [0, 1], not {low:g} to {high:g}{hint}")
+    return np.round(np.clip(array.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def normalise(image: np.ndarray, mean: float, std: float) -> np.ndarray:
