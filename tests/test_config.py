@@ -52,6 +52,12 @@ def test_paths_and_text_numbers_from_python_are_taken_as_a_config_file_takes_the
     assert json.loads(json.dumps(made.to_dict())) == made.to_dict()  # config.json as it is
 
 
+def test_train_takes_a_config_and_says_how_to_make_one_from_a_dict():
+    with pytest.raises(UsageError, match=r"train takes a TrainConfig, not a dict; "
+                                         r"TrainConfig\(\*\*settings\) makes one"):
+        torchmnist.train({"dry_run": True})
+
+
 def test_a_changed_copy_is_checked_and_keeps_the_rest():
     fast = torchmnist.TrainConfig(recipe="fast")
     assert dataclasses.replace(fast, epochs=2).lr == 0.15

@@ -322,6 +322,9 @@ def train(config: TrainConfig, *, resumed: dict | None = None,
     (checkpoint.load_training), so that it is not read twice. `on_test(accuracy, step, epoch,
     last)` is called after each test (validation accuracy with --val-size; `last`: the run
     has trained its last step); an exception it raises ends the run there, files closed."""
+    if not isinstance(config, TrainConfig):
+        raise UsageError(f"train takes a TrainConfig, not a {type(config).__name__}; "
+                         "TrainConfig(**settings) makes one from a dict of settings")
     # ---- setup ----------------------------------------------------------------------------
     setup_start = time.perf_counter()
     run, saved_from = setup(config, resumed)
