@@ -287,6 +287,22 @@ def test_report_refuses_a_config_that_is_not_an_object(text, capsys):
     assert_one_sentence_error(err, "config.json is damaged")
 
 
+def test_report_writes_only_into_a_folder_it_may_fill(capsys):
+    run = _dry_run(capsys)
+    Path("notes").mkdir()
+    Path("notes/report.md").write_text("my own notes\n")
+    code, _, err = run_main(["report", "r", "--out", "notes", "--mistakes", "4"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "notes is not empty and holds no torchmnist report")
+    assert [p.name for p in Path("notes").iterdir()] == ["report.md"]
+    assert Path("notes/report.md").read_text() == "my own notes\n"
+    # A report's own folder is written again; a run folder takes a report beside its files.
+    for out in ("reports", "reports", str(run)):
+        code, _, err = run_main(["report", "r", "--out", out, "--mistakes", "4"], capsys)
+        assert code == 0, (out, err)
+    assert (run / "report.md").read_text().startswith("# Run report: r")
+
+
 # ---- export paths ---------------------------------------------------------------------------
 
 

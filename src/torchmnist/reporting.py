@@ -21,6 +21,8 @@ from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
 
+REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
+
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
            data_dir: str | os.PathLike | None = None, download: bool = True,
@@ -40,6 +42,8 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     # A checkpoint file: its run's curves, and the test set scored with that checkpoint.
     run_dir = chosen.parent if chosen.is_file() else chosen
     config, records = _read_run(run_dir)
+    out = Path(out) if out else run_dir / "report"
+    _check_out(out)
     trained = checkpoint.load_model(chosen if chosen.is_file() else run_dir / "last.pt")
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)
@@ -51,7 +55,6 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     confusion = np.zeros((len(spec.classes),) * 2, dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
 
-    out = Path(out) if out else run_dir / "report"
     made = not out.exists()
     rundir.make_folder(out, "--out")
     figures = {"curves": out / "curves.png", "confusion": out / "confusion.png",
@@ -75,6 +78,21 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     markdown.write_text(_markdown(run_dir, config, records, numbers, confusion, spec.classes,
                                   figures, min(mistakes, len(wrong))), encoding="utf-8")
     return {"report": str(markdown), **{k: str(v) for k, v in figures.items()}, **numbers}
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, touching nothing, a folder whose own files the report could replace: --out must
+    be new, empty, a report's folder, or a run folder (whose files have other names)."""
+    if not out.is_dir() or not any(out.iterdir()) or rundir.is_run(out):
+        return
+    try:
+        with open(out / "report.md", encoding="utf-8") as f:
+            if f.readline().startswith(REPORT_TITLE):
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    raise UsageError(f"{out} is not empty and holds no torchmnist report; nothing in it was "
+                     "changed: choose a new or empty --out")
 
 
 def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -278,7 +296,7 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
     last = epochs[-1] if epochs else {}
     dataset_name = "synthetic (dry run)" if config.get("dry_run") else numbers["dataset"]
     lines = [
-        f"# Run report: {run_dir.name}", "",
+        f"{REPORT_TITLE}{run_dir.name}", "",
         f"{config.get('recipe', '?')} recipe, {numbers['model']} model, {dataset_name}; "
         f"{_epochs_text(config, last)}, {last.get('step', 0)} steps, "
         f"{last.get('seconds', 0):.1f} s of training.", "",
