@@ -295,6 +295,36 @@ def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_
     assert all(f"(resuming s/trial-000{i})" in result.stderr for i in (0, 1)), result.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
+def test_ctrl_c_in_a_terminal_stops_a_sweep_with_workers_once(tmp_path):
+    # A terminal's Ctrl-C reaches every process of the group: the workers stop their trials
+    # themselves, and the sweep's SIGTERM to them comes on top. Workers once died of that
+    # second signal after their trial had stopped (exit -15), so their trials were not queued.
+    import optuna
+
+    flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
+             "lr=log:1e-3:0.5", "--trials", "2", "--jobs", "2", "--pruner", "none", "--run-dir",
+             "s"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("torchmnist:")] == [
+        "torchmnist: stopped: SIGINT: 2 of 2 sweep workers stopped, their trials queued "
+        "again; run the same sweep command to go on"], stderr
+    assert _torchmnist_processes_in(tmp_path) == []
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's/study.db'}")
+    states = sorted(t.state.name for t in study.get_trials(deepcopy=False))
+    assert states == ["FAIL", "FAIL", "WAITING", "WAITING"], states  # both queued again
+
+
 # ---- on PostgreSQL, two workers started apart -------------------------------------------------
 
 def _postgres_bin(name: str) -> str | None:

@@ -407,7 +407,20 @@ def trials_left(sweep: Sweep, storage) -> int:
 
 def work(sweep: Sweep, worker: int = 0, share: int | None = None, storage=None) -> None:
     """Run `share` trials (default: as many as the study still needs), stopping early once the
-    study has `sweep.trials` of them. A worker process opens the storage itself."""
+    study has `sweep.trials` of them. A worker process opens the storage itself.
+
+    Signals are caught for the whole of it, not only while a trial trains (training.train
+    catches them then): one that comes between trials, or the sweep's SIGTERM just after a
+    terminal's Ctrl-C has already stopped a trial, ends the work at the next safe point
+    instead of killing the process before its trial is queued again."""
+    with StopSignals() as stop:
+        _work(sweep, worker, share, storage, stop)
+        if stop.signum:  # between trials: none was running, none needs queueing
+            raise Stopped(f"{stop.name} between trials; run the same sweep command to go on",
+                          stop.signum)
+
+
+def _work(sweep: Sweep, worker: int, share: int | None, storage, stop: StopSignals) -> None:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -421,21 +434,28 @@ def work(sweep: Sweep, worker: int = 0, share: int | None = None, storage=None) 
     # them (other workers, other machines on the same storage).
     enough = MaxTrialsCallback(sweep.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                      TrialState.RUNNING))
+
+    def on_signal(study, trial) -> None:  # one that came as the last trial was wrapped up
+        if stop.signum:
+            study.stop()
+
     try:
-        study.optimize(lambda trial: _objective(sweep, trial, worker), n_trials=left,
-                       callbacks=[enough], catch=(TrainingError,))
-    except Stopped as stop:
-        # Ctrl-C or SIGTERM: the trial has saved its checkpoint, and Optuna has marked it
-        # failed. Queued again, as a trial whose worker died is, it goes on from that
-        # checkpoint, in its folder, when the same sweep command runs again.
+        study.optimize(lambda trial: _objective(sweep, trial, worker, stop), n_trials=left,
+                       callbacks=[enough, on_signal], catch=(TrainingError,))
+    except Stopped as halted:
+        # Ctrl-C or SIGTERM: the trial has saved its checkpoint (if it had begun), and Optuna
+        # has marked it failed. Queued again, as a trial whose worker died is, it goes on from
+        # that checkpoint, in its folder, when the same sweep command runs again.
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        stopped = next(t for t in study.get_trials(deepcopy=False)
-                       if t.number == stop.trial_number)
-        RetryHeartbeatStaleTrialCallback()(study, stopped)
-        signum = stop.exit_code - 128
-        raise Stopped(f"{signal.Signals(signum).name} during trial {stop.trial_number}, whose "
-                      "checkpoint is saved; run the same sweep command to go on from it",
+        frozen = next(t for t in study.get_trials(deepcopy=False)
+                      if t.number == halted.trial_number)
+        RetryHeartbeatStaleTrialCallback()(study, frozen)
+        signum = halted.exit_code - 128
+        state = ("whose checkpoint is saved" if getattr(halted, "began", True)
+                 else "which had not begun")
+        raise Stopped(f"{signal.Signals(signum).name} during trial {halted.trial_number}, "
+                      f"{state}; run the same sweep command to go on from it",
                       signum) from None
 
 
@@ -448,7 +468,7 @@ def _trial_folder(sweep: Sweep, trial) -> Path:
     return sweep.folder / f"trial-{(history[0] if history else trial.number):04d}"
 
 
-def _objective(sweep: Sweep, trial, worker: int) -> float:
+def _objective(sweep: Sweep, trial, worker: int, stop: StopSignals) -> float:
     optuna = _optuna()
     from torchmnist import training
 
@@ -477,12 +497,16 @@ def _objective(sweep: Sweep, trial, worker: int) -> float:
     _say(sweep, f"trial {trial.number}: {shown}" + (f" (resuming {folder})" if resumed_from
                                                     else "") + f" [worker {worker}]")
     try:
+        if stop.signum:  # it came while this trial was being set up: queued, never trained
+            halted = Stopped(f"{stop.name} before trial {trial.number} began", stop.signum)
+            halted.began = False
+            raise halted
         summary = training.train(config, resumed=resumed, on_test=report)
     except TrainingError as error:  # diverged: the trial fails, the sweep goes on
         _say(sweep, f"trial {trial.number}: {shown}: failed: {error}")
         raise
-    except Stopped as stop:
-        stop.trial_number = trial.number  # for work(), which queues it again
+    except Stopped as halted:
+        halted.trial_number = trial.number  # for work(), which queues it again
         raise
     value = summary[sweep.metric]
     for key in ("test_accuracy", "val_accuracy", "train_seconds", "target_seconds"):
@@ -556,12 +580,17 @@ def run_workers(sweep: Sweep, argv: list[str], storage) -> None:
         for w in workers:
             w.wait()
     failed = [c for c in codes if c]
-    stops = {128 + signal.SIGINT, 128 + signal.SIGTERM}
-    if failed and set(failed) <= stops:  # stopped by a signal, each saying so above
-        signum = stop.signum or failed[0] - 128
+    # A worker stopped by a signal exits 130 or 143; one that it reached before the worker
+    # could catch it (while starting) dies of it, which Popen reports as -2 or -15.
+    stops = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+    if failed and set(failed) <= stops:
+        signum = stop.signum or (failed[0] - 128 if failed[0] > 0 else -failed[0])
         raise Stopped(f"{signal.Signals(signum).name}: {len(failed)} of {len(workers)} sweep "
                       "workers stopped, their trials queued again; run the same sweep command "
                       "to go on", signum)
+    if stop.signum and not failed:  # each worker stopped between its trials
+        raise Stopped(f"{stop.name}: the sweep's workers stopped between trials; run the same "
+                      "sweep command to go on", stop.signum)
     if failed:
         error = TorchMnistError(f"{len(failed)} of {len(workers)} sweep workers failed (exit "
                                 f"{failed[0]}); their errors are above")
