@@ -125,6 +125,18 @@ def test_a_second_ctrl_c_aborts_at_once():
         stop._handle(signal.SIGINT, None)
 
 
+def test_a_signal_caught_just_before_training_began_is_acted_on():
+    # A sweep catches signals around its trials; one that came while a trial was being set
+    # up, before training installed its own handlers, once went unnoticed for the whole trial.
+    with StopSignals() as sweep:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert sweep.signum == signal.SIGTERM
+        with StopSignals() as training:
+            assert training.signum == signal.SIGTERM
+    with StopSignals() as alone:
+        assert alone.signum is None
+
+
 class _Payload:
     """Unpickling this runs code (here: it creates a file), the classic malicious pickle."""
 

@@ -36,6 +36,11 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
+                # Inside another StopSignals (a sweep's, around its trials), a signal that one
+                # caught before this began (while a trial was set up) is this one's to act on.
+                outer = getattr(self._previous[signum], "__self__", None)
+                if isinstance(outer, StopSignals) and outer.signum and self.signum is None:
+                    self.signum = outer.signum
         return self
 
     def __exit__(self, *exc_info) -> None:
