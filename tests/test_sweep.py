@@ -267,18 +267,28 @@ def _torchmnist_processes_in(folder: Path) -> list[str]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
-def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_path):
-    flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
-             "lr=log:1e-3:0.5", "--trials", "2", "--jobs", "2", "--pruner", "none", "--run-dir",
-             "s"]
+# Two workers, each with a trial long enough to be stopped once it has saved a checkpoint.
+TWO_WORKERS = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
+               "lr=log:1e-3:0.5", "--trials", "2", "--jobs", "2", "--pruner", "none",
+               "--run-dir", "s"]
+
+
+def _two_workers_training(cwd: Path) -> subprocess.Popen:
+    """A 2-worker sweep in its own process group, once both its trials have a checkpoint."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *TWO_WORKERS],
+                           cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not all((tmp_path / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)):
+    while not all((cwd / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
         time.sleep(0.05)
+    return job
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
+def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_path):
+    job = _two_workers_training(tmp_path)
     job.send_signal(signal.SIGTERM)  # to the sweep alone, as `timeout` or a scheduler sends it
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 143, stderr
@@ -289,7 +299,7 @@ def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_
     assert "Traceback" not in stderr
     assert _torchmnist_processes_in(tmp_path) == []  # no worker outlives the sweep
 
-    result = _sweep(tmp_path, *flags, "--json")
+    result = _sweep(tmp_path, *TWO_WORKERS, "--json")
     summary = _summary(result)
     assert summary["states"] == {"complete": 2, "fail": 2}, result.stderr
     assert all(f"(resuming s/trial-000{i})" in result.stderr for i in (0, 1)), result.stderr
@@ -302,17 +312,7 @@ def test_ctrl_c_in_a_terminal_stops_a_sweep_with_workers_once(tmp_path):
     # second signal after their trial had stopped (exit -15), so their trials were not queued.
     import optuna
 
-    flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
-             "lr=log:1e-3:0.5", "--trials", "2", "--jobs", "2", "--pruner", "none", "--run-dir",
-             "s"]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-        time.sleep(0.05)
+    job = _two_workers_training(tmp_path)
     os.killpg(job.pid, signal.SIGINT)
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr
