@@ -440,22 +440,20 @@ def _work(sweep: Sweep, worker: int, share: int | None, storage, stop: StopSigna
             study.stop()
 
     try:
-        study.optimize(lambda trial: _objective(sweep, trial, worker, stop), n_trials=left,
+        study.optimize(lambda trial: _objective(sweep, trial, worker), n_trials=left,
                        callbacks=[enough, on_signal], catch=(TrainingError,))
     except Stopped as halted:
-        # Ctrl-C or SIGTERM: the trial has saved its checkpoint (if it had begun), and Optuna
-        # has marked it failed. Queued again, as a trial whose worker died is, it goes on from
-        # that checkpoint, in its folder, when the same sweep command runs again.
+        # Ctrl-C or SIGTERM: the trial has saved its checkpoint, and Optuna has marked it
+        # failed. Queued again, as a trial whose worker died is, it goes on from that
+        # checkpoint, in its folder, when the same sweep command runs again.
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         frozen = next(t for t in study.get_trials(deepcopy=False)
                       if t.number == halted.trial_number)
         RetryHeartbeatStaleTrialCallback()(study, frozen)
         signum = halted.exit_code - 128
-        state = ("whose checkpoint is saved" if getattr(halted, "began", True)
-                 else "which had not begun")
         raise Stopped(f"{signal.Signals(signum).name} during trial {halted.trial_number}, "
-                      f"{state}; run the same sweep command to go on from it",
+                      "whose checkpoint is saved; run the same sweep command to go on from it",
                       signum) from None
 
 
@@ -468,7 +466,7 @@ def _trial_folder(sweep: Sweep, trial) -> Path:
     return sweep.folder / f"trial-{(history[0] if history else trial.number):04d}"
 
 
-def _objective(sweep: Sweep, trial, worker: int, stop: StopSignals) -> float:
+def _objective(sweep: Sweep, trial, worker: int) -> float:
     optuna = _optuna()
     from torchmnist import training
 
@@ -497,10 +495,8 @@ def _objective(sweep: Sweep, trial, worker: int, stop: StopSignals) -> float:
     _say(sweep, f"trial {trial.number}: {shown}" + (f" (resuming {folder})" if resumed_from
                                                     else "") + f" [worker {worker}]")
     try:
-        if stop.signum:  # it came while this trial was being set up: queued, never trained
-            halted = Stopped(f"{stop.name} before trial {trial.number} began", stop.signum)
-            halted.began = False
-            raise halted
+        # A signal that came while this trial was set up is taken over by training's own
+        # handlers (signals.StopSignals): it stops after one step, with its checkpoint.
         summary = training.train(config, resumed=resumed, on_test=report)
     except TrainingError as error:  # diverged: the trial fails, the sweep goes on
         _say(sweep, f"trial {trial.number}: {shown}: failed: {error}")
