@@ -293,7 +293,7 @@ def test_report_writes_only_into_a_folder_it_may_fill(capsys):
     Path("notes/report.md").write_text("my own notes\n")
     code, _, err = run_main(["report", "r", "--out", "notes", "--mistakes", "4"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "notes is not empty and holds no torchmnist report")
+    assert_one_sentence_error(err, "notes is not empty and is not a torchmnist report's folder")
     assert [p.name for p in Path("notes").iterdir()] == ["report.md"]
     assert Path("notes/report.md").read_text() == "my own notes\n"
     # A report's own folder is written again; a run folder takes a report beside its files.

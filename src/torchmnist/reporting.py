@@ -43,7 +43,8 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     run_dir = chosen.parent if chosen.is_file() else chosen
     config, records = _read_run(run_dir)
     out = Path(out) if out else run_dir / "report"
-    _check_out(out)
+    rundir.refuse_foreign(out, _is_report, "a torchmnist report's folder or a run folder",
+                          "--out")
     trained = checkpoint.load_model(chosen if chosen.is_file() else run_dir / "last.pt")
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)
@@ -80,19 +81,16 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     return {"report": str(markdown), **{k: str(v) for k, v in figures.items()}, **numbers}
 
 
-def _check_out(out: Path) -> None:
-    """Refuse, touching nothing, a folder whose own files the report could replace: --out must
-    be new, empty, a report's folder, or a run folder (whose files have other names)."""
-    if not out.is_dir() or not any(out.iterdir()) or rundir.is_run(out):
-        return
+def _is_report(folder: Path) -> bool:
+    """A folder a report was written into (its report.md begins with the title), or a run's,
+    whose own files have other names than a report's."""
     try:
-        with open(out / "report.md", encoding="utf-8") as f:
+        with open(folder / "report.md", encoding="utf-8") as f:
             if f.readline().startswith(REPORT_TITLE):
-                return
+                return True
     except (OSError, UnicodeDecodeError):
         pass
-    raise UsageError(f"{out} is not empty and holds no torchmnist report; nothing in it was "
-                     "changed: choose a new or empty --out")
+    return rundir.is_run(folder)
 
 
 def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:

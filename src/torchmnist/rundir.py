@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from torchmnist.errors import UsageError
@@ -54,15 +55,20 @@ def is_run_file(path: Path) -> bool:
             and is_run(path.parent))
 
 
+def refuse_foreign(folder: Path, ours: Callable[[Path], bool], what: str, flag: str) -> None:
+    """Refuse, touching nothing, a folder with something in it that is not `ours`: torchmnist
+    writes only into a new or empty folder, or one it made for the same purpose (a run's, a
+    sweep's, a report's), never over someone's own files."""
+    if folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()) and not ours(folder):
+        raise UsageError(f"{folder} is not empty and is not {what}; nothing in it was changed: "
+                         f"choose a new or empty {flag}")
+
+
 def check_writable(folder: Path) -> None:
     """Refuse, touching nothing, a folder that training must not write into."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--run-dir {folder} is a file, not a folder")
-    if (folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
-            and not is_run(folder)):
-        raise UsageError(f"{folder} is not empty and is not a torchmnist run folder (it has no "
-                         f"{MARKER}); nothing in it was changed: choose a new or empty "
-                         "--run-dir")
+    refuse_foreign(folder, is_run, f"a torchmnist run folder (it has no {MARKER})", "--run-dir")
 
 
 class RunLock:
@@ -119,15 +125,17 @@ def make_folder(folder: Path, flag: str) -> None:
                          ) from None
 
 
+def is_sweep(folder: Path) -> bool:
+    """A folder a sweep made: its marker, or (sweeps from before the marker) its study."""
+    return (folder / SWEEP_MARKER).is_file() or (folder / "study.db").is_file()
+
+
 def make_sweep_folder(folder: Path) -> None:
     """Make a sweep's folder (its study, trial folders and results), or reuse one a sweep
     made; any other folder with something in it is refused, touching nothing, as training
     refuses one."""
-    if folder.is_dir() and any(folder.iterdir()) and not (
-            (folder / SWEEP_MARKER).is_file() or (folder / "study.db").is_file()):
-        raise UsageError(f"{folder} is not empty and is not a torchmnist sweep folder (it has "
-                         f"no {SWEEP_MARKER}); nothing in it was changed: choose a new or "
-                         "empty --run-dir")
+    refuse_foreign(folder, is_sweep, f"a torchmnist sweep folder (it has no {SWEEP_MARKER})",
+                   "--run-dir")
     make_folder(folder, "--run-dir")
     (folder / SWEEP_MARKER).touch()
 
