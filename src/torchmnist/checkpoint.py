@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmnist.config import RESULT_KEYS, TrainConfig, checked
+from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
 from torchmnist.errors import TrainingError, UsageError
 from torchmnist.rundir import TEMPORARY_PREFIX
 
@@ -371,7 +371,7 @@ def _training_state_problem(saved: dict) -> str | None:
     if not isinstance(saved.get(OPTIMIZER), dict):
         return "it has no optimiser state"
     world_size = saved.get(WORLD_SIZE, 1)
-    if not (_is_whole(world_size) and world_size >= 1):
+    if not (is_number(world_size, whole=True) and world_size >= 1):
         return "its number of processes is not a whole number"
     metrics = saved.get(METRICS) or []
     if not (isinstance(metrics, list) and all(isinstance(r, dict) for r in metrics)):
@@ -387,24 +387,18 @@ def _progress_problem(progress: dict) -> str | None:
     # Keys a checkpoint lacks keep their defaults (older versions saved fewer).
     for key in ("epoch", "batch", "step", "stale_tests", "epoch_images", "window_batches"):
         value = progress.get(key, 1)
-        if not (_is_whole(value) and value >= (1 if key == "epoch" else 0)):
+        if not (is_number(value, whole=True) and value >= (1 if key == "epoch" else 0)):
             return f"has no count for {key}"
     for key in ("seconds", "best_accuracy", "target_seconds"):
         value = progress.get(key, 0.0)
         if not ((value is None and key != "seconds")
-                or (isinstance(value, int | float) and not isinstance(value, bool)
-                    and math.isfinite(value))):
+                or (is_number(value) and math.isfinite(value))):
             return f"has no number for {key}"
     for key in ("epoch_loss_sum", "epoch_correct_sum", "window_loss_sum"):
         value = progress.get(key, 0.0)
-        if not ((isinstance(value, torch.Tensor) and value.numel() == 1)
-                or (isinstance(value, int | float) and not isinstance(value, bool))):
+        if not ((isinstance(value, torch.Tensor) and value.numel() == 1) or is_number(value)):
             return f"has no number for {key}"
     return None
-
-
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:

@@ -518,6 +518,13 @@ def _shown(value: Any) -> str:
     return short.repr(value)
 
 
+def is_number(value: Any, *, whole: bool = False) -> bool:
+    """An int or a float (only an int when `whole`), never a bool: True is an int to Python,
+    but not a number in a settings file, a checkpoint or a metrics record."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and (isinstance(value, int) or not whole))
+
+
 def coerce(name: str, value: Any) -> Any:
     """A value from a config file as the field `name` takes it, or one sentence saying why not:
     text is parsed as the flag's text is; numbers, booleans and null must fit the field."""
@@ -537,10 +544,10 @@ def coerce(name: str, value: Any) -> Any:
     if isinstance(default, str) or f.metadata["type"] is str:
         if isinstance(value, str):
             return value
-        if name == "eval_interval" and isinstance(value, int) and not isinstance(value, bool):
+        if name == "eval_interval" and is_number(value, whole=True):
             return str(value)  # eval_interval = 2 means 2 epochs, as "2" does
         raise UsageError(f"{name} must be text, not {_shown(value)}")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise UsageError(f"{name} must be a number, not {_shown(value)}")
     if f.metadata["type"] is int and not float(value).is_integer():
         raise UsageError(f"{name} must be a whole number, not {_shown(value)}")

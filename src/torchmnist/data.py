@@ -66,8 +66,8 @@ class DatasetSpec:
         name, mean, std = values.get("name"), values.get("mean"), values.get("std")
         classes, fingerprint = values.get("classes"), values.get("fingerprint", "")
         background = values.get("background", 0.0)  # absent from checkpoints before it
-        numbers_ok = all(isinstance(v, int | float) and not isinstance(v, bool)
-                         and math.isfinite(v) for v in (mean, std, background))
+        numbers_ok = all(config.is_number(v) and math.isfinite(v)
+                         for v in (mean, std, background))
         if not (isinstance(name, str) and numbers_ok and std > 0 and 0 <= background <= 1
                 and isinstance(classes, list | tuple) and len(classes) >= 2
                 and all(isinstance(c, str) for c in classes) and isinstance(fingerprint, str)):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from torchmnist import checkpoint, data, devices, rundir
-from torchmnist.config import RESULT_KEYS, TrainConfig, checked
+from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
@@ -150,20 +150,15 @@ def _record_problem(record) -> str | None:
     if record.get("kind") not in ("train", "epoch"):
         return "its kind is neither train nor epoch"
     for key in ("epoch", "step"):
-        if not _is_number(record.get(key), whole=True):
+        if not is_number(record.get(key), whole=True):
             return f"it has no whole-number {key}"
     for key in ("train_loss", "seconds"):
-        if not _is_number(record.get(key)):
+        if not is_number(record.get(key)):
             return f"it has no number for {key}"
     for key in ("train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr"):
-        if record.get(key) is not None and not _is_number(record[key]):
+        if record.get(key) is not None and not is_number(record[key]):
             return f"its {key} is not a number"
     return None
-
-
-def _is_number(value, whole: bool = False) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and (isinstance(value, int) or not whole))
 
 
 def _loss_names(config: dict) -> tuple[str, str]:
