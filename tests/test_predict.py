@@ -202,6 +202,28 @@ def test_saving_into_the_photos_folder_never_writes_over_a_photo(state_dict_file
     assert Image.open(photos / "eight.png").size == (28, 28)
 
 
+def test_saving_never_writes_through_a_link_or_into_a_pipe(state_dict_file, tmp_path,
+                                                           capsys):
+    Image.fromarray(_digit_like()).save(tmp_path / "seven.png")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for kind in ("link", "pipe"):
+        out = tmp_path / kind
+        out.mkdir()
+        if kind == "link":
+            (out / "seven.png").symlink_to(victim)
+        else:
+            os.mkfifo(out / "seven.png")  # opening it to write would wait for a reader
+        code, out_text, err = run_main(["predict", str(state_dict_file),
+                                        str(tmp_path / "seven.png"), "--save-preprocessed",
+                                        str(out)], capsys)
+        assert code == 2 and out_text == ""
+        shown = "a symbolic link" if kind == "link" else "a named pipe"
+        assert_one_sentence_error(err, f"{out / 'seven.png'} is {shown}, not a plain file",
+                                  "--save-preprocessed")
+    assert victim.read_text() == "precious\n"
+
+
 def test_one_image_given_alone_is_one_image(state_dict_file, tmp_path):
     Image.fromarray(_digit_like()).save(tmp_path / "x.png")
     picture = np.array(Image.open(tmp_path / "x.png"))

@@ -87,6 +87,22 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert_one_sentence_error(err, "no run directory at nowhere")
 
 
+def test_a_report_file_that_is_a_link_is_refused_and_what_it_names_untouched(capsys):
+    """A run folder from elsewhere, its report folder included, may link a figure's name to
+    any file; the report must not draw over that file."""
+    _dry_run(capsys)
+    Path("r/report").mkdir()
+    Path("r/report/report.md").write_text("# Run report: r\n")
+    Path("mine.png").write_bytes(b"my own figure")
+    Path("r/report/curves.png").symlink_to(Path("mine.png").resolve())
+    code, out, err = run_main(["report", "r"], capsys)
+    assert code == 2 and out == ""
+    assert_one_sentence_error(err, "r/report/curves.png is a symbolic link, not a plain file",
+                              "nothing in r/report was changed", "--out")
+    assert Path("mine.png").read_bytes() == b"my own figure"
+    assert sorted(p.name for p in Path("r/report").iterdir()) == ["curves.png", "report.md"]
+
+
 @pytest.mark.mnist
 def test_report_of_a_real_run(guide_run, mnist_dir, tmp_path, capsys):
     code, out, err = run_main(["report", guide_run["run_dir"], "--out", "rep", "--data-dir",

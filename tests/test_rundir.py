@@ -3,6 +3,7 @@ checkpoint is, a run can be extended, and one folder has one writer at a time.""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
 
 from torchmnist import checkpoint, rundir
+from torchmnist.errors import UsageError
 
 
 def _listing(folder: Path) -> dict[str, bytes]:
@@ -90,9 +92,48 @@ def test_only_torchmnist_temporaries_are_cleaned_up(tmp_path, capsys):
     (tmp_path / "r" / ".notes.tmp").write_text("mine\n")
     stale = tmp_path / "r" / f"{rundir.TEMPORARY_PREFIX}last.pt.abc123"  # from a killed run
     stale.write_bytes(b"half")
+    odd = tmp_path / "r" / f"{rundir.TEMPORARY_PREFIX}folder"  # never one torchmnist makes
+    odd.mkdir()
     assert run_main(["train", "--resume", "--run-dir", "r", "--epochs", "2"], capsys)[0] == 0
     assert (tmp_path / "r" / ".notes.tmp").read_text() == "mine\n"
     assert not stale.exists()
+    assert odd.is_dir()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Each entry's type and, for plain files, contents, without opening anything else
+    (reading a named pipe would wait forever)."""
+    return {p.name: (p.lstat().st_mode, p.read_bytes() if p.is_file() and not p.is_symlink()
+                     else None) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("name", ["train.log", "metrics.jsonl", "config.json", rundir.LOCK,
+                                  rundir.MARKER, "best.pt", "epoch-002.pt"])
+def test_a_run_file_that_is_a_link_or_a_pipe_is_refused_before_anything_is_written(
+        name, tmp_path, capsys):
+    """A run folder from elsewhere whose train.log links to ~/.bashrc must not have training
+    append to that file; a named pipe must not hang the resume."""
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    victim = tmp_path / "victim.txt"
+    for kind in ("link", "pipe", "folder"):
+        run = tmp_path / kind
+        shutil.copytree(tmp_path / "r", run)
+        (run / name).unlink(missing_ok=True)
+        if kind == "link":
+            victim.write_text("precious\n")
+            (run / name).symlink_to(victim)
+        elif kind == "pipe":
+            os.mkfifo(run / name)
+        else:
+            (run / name).mkdir()
+        before = _snapshot(run)
+        code, _, err = run_main(["train", "--resume", kind, "--epochs", "3"], capsys)
+        assert code == 2, (kind, err)
+        shown = {"link": "a symbolic link", "pipe": "a named pipe", "folder": "a folder"}[kind]
+        assert_one_sentence_error(err, f"{Path(kind) / name} is {shown}, not a plain file",
+                                  "nothing in", "was changed")
+        assert _snapshot(run) == before, kind
+        assert victim.read_text() == "precious\n"
 
 
 def test_a_moved_run_resumes_where_it_is_now(tmp_path, capsys):
@@ -186,3 +227,20 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
     # can be locked again at once.
     with rundir.RunLock(tmp_path / "r"):
         pass
+
+
+def test_the_lock_is_never_taken_through_a_link_or_a_pipe(tmp_path):
+    """Even a link or a pipe that appears after the folder's checks: the lock would truncate
+    the linked file to write its PID there."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for kind in ("link", "pipe"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        if kind == "link":
+            (folder / rundir.LOCK).symlink_to(victim)
+        else:
+            os.mkfifo(folder / rundir.LOCK)
+        with pytest.raises(UsageError, match=f"cannot lock {folder}"):
+            rundir.RunLock(folder).acquire()
+    assert victim.read_text() == "precious\n"

@@ -103,6 +103,20 @@ def test_a_folder_that_is_not_a_sweeps_is_refused_untouched(capsys):
     assert Path("project/history.png").read_bytes() == b"someone's own figure"
 
 
+def test_a_sweep_file_that_is_a_link_is_refused_untouched(capsys):
+    Path("s").mkdir()
+    Path("s/.torchmnist-sweep").touch()
+    Path("mine.png").write_bytes(b"my own figure")
+    Path("s/history.png").symlink_to(Path("mine.png").resolve())
+    code, _, err = run_main(["sweep", "--dry-run", "--param", "lr=choice:0.01", "--trials", "1",
+                             "--run-dir", "s"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "s/history.png is a symbolic link, not a plain file",
+                              "nothing in s was changed")
+    assert sorted(p.name for p in Path("s").iterdir()) == [".torchmnist-sweep", "history.png"]
+    assert Path("mine.png").read_bytes() == b"my own figure"
+
+
 # ---- on SQLite -------------------------------------------------------------------------------
 
 FLAGS = ["--dry-run", "--epochs", "3", "--param", "lr=choice:0.00001,0.05", "--param",

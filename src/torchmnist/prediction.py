@@ -154,6 +154,8 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
         if _identity(target) in inputs:
             raise UsageError(f"--save-preprocessed {folder} would write over the input image "
                              f"{shown(str(target))}; choose another folder")
+    rundir.refuse_special(folder, {target.name for target in targets}.__contains__,
+                          "--save-preprocessed")
     rundir.make_folder(folder, "--save-preprocessed")
     for target, image in zip(targets, images, strict=True):
         Image.fromarray(np.round(image * 255).astype(np.uint8)).save(target)

@@ -22,6 +22,7 @@ from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
 
 REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
+FIGURES = ("curves", "confusion", "mistakes")  # each written as NAME.png beside report.md
 
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -45,6 +46,8 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     out = Path(out) if out else run_dir / "report"
     rundir.refuse_foreign(out, _is_report, "a torchmnist report's folder or a run folder",
                           "--out")
+    rundir.refuse_special(out, {"report.md", *(f"{name}.png" for name in FIGURES)}.__contains__,
+                          "--out")
     trained = checkpoint.load_model(chosen if chosen.is_file() else run_dir / "last.pt")
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)
@@ -58,8 +61,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
 
     made = not out.exists()
     rundir.make_folder(out, "--out")
-    figures = {"curves": out / "curves.png", "confusion": out / "confusion.png",
-               "mistakes": out / "mistakes.png"}
+    figures = {name: out / f"{name}.png" for name in FIGURES}
     try:
         _plot_curves(records, config, figures["curves"])
         _plot_confusion(confusion, spec.classes, figures["confusion"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,10 +50,14 @@ RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "train.log", 
              "model.safetensors", MARKER, LOCK)
 
 
+def is_run_name(name: str) -> bool:
+    """The name of one of the files a run keeps in its folder."""
+    return name in RUN_FILES or re.fullmatch(r"epoch-\d+\.pt", name) is not None
+
+
 def is_run_file(path: Path) -> bool:
     """One of the files a run keeps in its folder, which nothing else may write over."""
-    return ((path.name in RUN_FILES or re.fullmatch(r"epoch-\d+\.pt", path.name) is not None)
-            and is_run(path.parent))
+    return is_run_name(path.name) and is_run(path.parent)
 
 
 def refuse_foreign(folder: Path, ours: Callable[[Path], bool], what: str, flag: str) -> None:
@@ -64,11 +69,37 @@ def refuse_foreign(folder: Path, ours: Callable[[Path], bool], what: str, flag: 
                          f"choose a new or empty {flag}")
 
 
+def refuse_special(folder: Path, writes: Callable[[str], bool], flag: str) -> None:
+    """Refuse, touching nothing, a folder where a name torchmnist `writes` is not a plain file.
+    A symbolic link would carry the writes to wherever it points (a run folder from elsewhere
+    with `train.log -> ~/.bashrc`), a named pipe would hang the command, and a folder or a
+    device would fail it halfway through."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if writes(entry.name) and not entry.is_file(follow_symlinks=False):
+            raise UsageError(f"{folder / entry.name} is {_kind(entry)}, not a plain file; "
+                             f"nothing in {folder} was changed: remove it or choose another "
+                             f"{flag}")
+
+
+def _kind(entry: os.DirEntry) -> str:
+    mode = entry.stat(follow_symlinks=False).st_mode
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device"
+
+
 def check_writable(folder: Path) -> None:
     """Refuse, touching nothing, a folder that training must not write into."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--run-dir {folder} is a file, not a folder")
     refuse_foreign(folder, is_run, f"a torchmnist run folder (it has no {MARKER})", "--run-dir")
+    refuse_special(folder, is_run_name, "--run-dir")
 
 
 class RunLock:
@@ -83,7 +114,17 @@ class RunLock:
             import fcntl
         except ImportError:  # not on Windows: there the folder is not locked
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # Never through a link nor waiting on a pipe, should one appear after the checks.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o644)
+        except OSError as error:
+            raise UsageError(f"cannot lock {self.path.parent} ({self.path.name}: "
+                             f"{error.strerror or error}); choose another --run-dir") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"cannot lock {self.path.parent}: {self.path.name} is not a plain "
+                             "file; choose another --run-dir")
         try:
             # A POSIX record lock, not flock: it belongs to this process alone, so DataLoader
             # workers (forked children, which may outlive a killed trainer by seconds) never
@@ -125,6 +166,12 @@ def make_folder(folder: Path, flag: str) -> None:
                          ) from None
 
 
+# What a sweep writes into its folder (its trials' run folders are checked as runs).
+SWEEP_FILES = (SWEEP_MARKER, "study.db", "study.db-journal", "study.db-wal", "study.db-shm",
+               "study.lock", "best.toml", "best.json", "best.yaml", "history.png",
+               "importances.png")
+
+
 def is_sweep(folder: Path) -> bool:
     """A folder a sweep made: its marker, or (sweeps from before the marker) its study."""
     return (folder / SWEEP_MARKER).is_file() or (folder / "study.db").is_file()
@@ -136,6 +183,7 @@ def make_sweep_folder(folder: Path) -> None:
     refuses one."""
     refuse_foreign(folder, is_sweep, f"a torchmnist sweep folder (it has no {SWEEP_MARKER})",
                    "--run-dir")
+    refuse_special(folder, SWEEP_FILES.__contains__, "--run-dir")
     make_folder(folder, "--run-dir")
     (folder / SWEEP_MARKER).touch()
 
@@ -162,4 +210,5 @@ def claim(folder: Path) -> RunLock:
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete half-written temporary files that a killed torchmnist process left behind."""
     for tmp in folder.glob(TEMPORARY_PREFIX + "*"):
-        tmp.unlink(missing_ok=True)
+        if not tmp.is_dir() or tmp.is_symlink():  # torchmnist never makes such a folder
+            tmp.unlink(missing_ok=True)
