@@ -162,6 +162,10 @@ def _set(*keys_and_value):
     return change
 
 
+def _sparse_weight(saved):
+    saved["model"]["conv1.weight"] = saved["model"]["conv1.weight"].to_sparse()
+
+
 @pytest.mark.parametrize("change, problem", [
     (_set("progress", "epoch", "x"), "its progress has no count for epoch"),
     (_set("progress", "step", 1.5), "its progress has no count for step"),
@@ -175,10 +179,13 @@ def _set(*keys_and_value):
     (_set("ranks", [5]), "a process's progress or random generator states are missing"),
     # Found only once the batches are known: a dry run's epoch has 16.
     (_set("progress", "batch", 10**6), "it is at batch 1000000 of an epoch of 16 batches"),
+    # torch.load rebuilds a sparse tensor, which a convolution then fails on deep in ATen.
+    (_sparse_weight, "conv1.weight is not a dense tensor of real numbers"),
 ], ids=["epoch-text", "step-fraction", "seconds-none", "sum-text", "optimizer-text",
         "metrics-numbers", "metrics-tensor", "world-text", "ranks-number", "ranks-number-list",
-        "batch-beyond-epoch"])
-def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, problem, capsys):
+        "batch-beyond-epoch", "sparse-weight"])
+def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, problem, capsys,
+                                                                     recwarn):
     run = _dry_run(capsys)
     saved = checkpoint.load(run / "last.pt")
     change(saved)
@@ -187,9 +194,26 @@ def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, probl
     code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: " + problem)
+    assert [str(w.message) for w in recwarn] == []  # torch's own notes would reach stderr
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert after.keys() == before.keys()
     assert all(after[name] == before[name] for name in before if name != "train.log")
+
+
+def test_an_optimiser_state_of_the_wrong_shape_is_named_before_training(capsys):
+    """load_state_dict takes a momentum buffer of any shape; the first step then failed."""
+    run = _dry_run(capsys)
+    saved = checkpoint.load(run / "last.pt")
+    saved["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    torch.save(saved, run / "last.pt")
+    before = checkpoint.load(run / "last.pt")
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "r/last.pt does not fit the 'guide' model and its optimiser: "
+                              "the optimiser's momentum_buffer has shape (3,) where its weight "
+                              "has shape (10, 1, 5, 5)")
+    assert torch.equal(checkpoint.load(run / "last.pt")["model"]["conv1.weight"],
+                       before["model"]["conv1.weight"])
 
 
 def test_metrics_nested_deeper_than_the_stack_are_named_not_a_recursion_error(capsys):

@@ -77,6 +77,7 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
     try:
         model.load_state_dict(saved[MODEL])
         optimizer.load_state_dict(saved[OPTIMIZER])
+        _check_optimizer_state(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(saved[SCHEDULER])
         if saved.get(SCALER):
@@ -88,6 +89,20 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path} does not fit the {saved[CONFIG].get('model')!r} model and "
                          f"its optimiser: {detail}") from None
+
+
+def _check_optimizer_state(optimizer) -> None:
+    """load_state_dict checks the parameter groups but not the tensors kept per weight (a
+    momentum buffer, Adam's moments): one of another shape would fail the first step."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:  # Adam's step, say
+                continue
+            if value.layout != torch.strided:
+                raise ValueError(f"the optimiser's {key} is not a dense tensor ({value.layout})")
+            if value.shape != param.shape:
+                raise ValueError(f"the optimiser's {key} has shape {tuple(value.shape)} where "
+                                 f"its weight has shape {tuple(param.shape)}")
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -182,6 +197,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
             # torch warns about any pickle protocol but 2, then fails or loads on its own merit:
             # the outcome is what the user is told, not the warning.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # Likewise its note on checking a sparse tensor, which no torchmnist model holds.
+            warnings.filterwarnings("ignore", message="Validating sparse tensor")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only=True stopped the unpickler. It names the GLOBAL it refused when the file
@@ -308,6 +325,10 @@ def _checked_tensors(state_dict: Any, path: str | os.PathLike) -> dict[str, torc
         raise UsageError(f"{path} is a damaged checkpoint: its weights are not a mapping of "
                          "names to tensors")
     for name, tensor in state_dict.items():
+        # torch.load also rebuilds sparse, quantised and complex tensors, which no layer takes.
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_complex():
+            raise UsageError(f"{path} is a damaged checkpoint: {name} is not a dense tensor of "
+                             f"real numbers ({tensor.layout}, {tensor.dtype})")
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise UsageError(f"{path} holds NaN or infinite values in {name}; weights like "
                              "these give no usable predictions")
