@@ -181,9 +181,22 @@ def _sparse_weight(saved):
     (_set("progress", "batch", 10**6), "it is at batch 1000000 of an epoch of 16 batches"),
     # torch.load rebuilds a sparse tensor, which a convolution then fails on deep in ATen.
     (_sparse_weight, "conv1.weight is not a dense tensor of real numbers"),
+    (_set("rng", "python", "x"), "its random generator states do not load (state with "
+                                 "version x passed to Random.setstate()"),
+    (_set("rng", "numpy", [1, 2]), "its random generator states do not load"),
+    (_set("rng", "torch", torch.zeros(3, dtype=torch.uint8)),
+     "its random generator states do not load (Expected a CPUGeneratorImplState of size"),
+    (_set("rng", "cuda", "x"), "its random generator states do not load (the CUDA states are "
+                               "not byte tensors)"),
+    (lambda saved: saved["rng"].pop("python"), "its random generator states do not load "
+                                                "(no 'python' state)"),
+    (_set("optimizer", "state", 0, "junk"), "its optimiser's per-weight states are not "
+                                            "mappings"),
+    (_set("optimizer", "param_groups", [5]), "its optimiser's parameter groups are damaged"),
 ], ids=["epoch-text", "step-fraction", "seconds-none", "sum-text", "optimizer-text",
         "metrics-numbers", "metrics-tensor", "world-text", "ranks-number", "ranks-number-list",
-        "batch-beyond-epoch", "sparse-weight"])
+        "batch-beyond-epoch", "sparse-weight", "rng-python", "rng-numpy", "rng-torch",
+        "rng-cuda", "rng-missing", "optimizer-state-text", "optimizer-groups-numbers"])
 def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, problem, capsys,
                                                                      recwarn):
     run = _dry_run(capsys)
@@ -200,20 +213,53 @@ def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, probl
     assert all(after[name] == before[name] for name in before if name != "train.log")
 
 
-def test_an_optimiser_state_of_the_wrong_shape_is_named_before_training(capsys):
-    """load_state_dict takes a momentum buffer of any shape; the first step then failed."""
+@pytest.mark.parametrize("change, problem", [
+    (_set("optimizer", "state", 0, "momentum_buffer", torch.zeros(3)),
+     "the optimiser's momentum_buffer has shape (3,) where its weight has shape (10, 1, 5, 5)"),
+    (_set("optimizer", "state", 0, "momentum_buffer", torch.zeros(10, 1, 5, 5).to_sparse()),
+     "the optimiser's momentum_buffer is not a dense tensor (torch.sparse_coo)"),
+    (_set("optimizer", "param_groups", 0, "lr", "x"), "the optimiser's lr is 'x', not a finite "
+                                                      "number"),
+    (_set("optimizer", "param_groups", 0, "momentum", float("nan")),
+     "the optimiser's momentum is nan, not a finite number"),
+    (_set("optimizer", "param_groups", 0, "nesterov", 3), "the optimiser's nesterov is 3, not "
+                                                          "true or false"),
+], ids=["buffer-shape", "buffer-sparse", "lr-text", "momentum-nan", "nesterov-number"])
+def test_optimiser_values_that_would_fail_the_first_step_are_named(change, problem, capsys):
+    """load_state_dict takes a momentum buffer of any shape and a setting of any type; the
+    first step then failed with a traceback."""
     run = _dry_run(capsys)
     saved = checkpoint.load(run / "last.pt")
-    saved["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    change(saved)
     torch.save(saved, run / "last.pt")
-    before = checkpoint.load(run / "last.pt")
+    before = (run / "last.pt").read_bytes()
     code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "r/last.pt does not fit the 'guide' model and its optimiser: "
-                              "the optimiser's momentum_buffer has shape (3,) where its weight "
-                              "has shape (10, 1, 5, 5)")
-    assert torch.equal(checkpoint.load(run / "last.pt")["model"]["conv1.weight"],
-                       before["model"]["conv1.weight"])
+                              + problem)
+    assert (run / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("settings", [
+    {"recipe": "guide"}, {"recipe": "official"}, {"recipe": "fast"}, {"recipe": "best"},
+    {"optimizer": "adam", "scheduler": "onecycle"}, {"optimizer": "adamw", "scheduler": "step"},
+], ids=["guide", "official", "fast", "best", "adam-onecycle", "adamw-step"])
+def test_every_optimisers_saved_state_passes_its_own_check(settings):
+    """The kinds compared are those each optimiser and schedule really save."""
+    from torchmnist.training import build_optimizer, build_scheduler
+
+    config = cfg.TrainConfig(**settings)
+    model = models.build(config.model)
+    optimizer = build_optimizer(config, model)
+    build_scheduler(config, optimizer, 10)
+    model(torch.zeros(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    again = build_optimizer(config, models.build(config.model))
+    build_scheduler(config, again, 10)
+    checkpoint._check_hyperparameters(again.param_groups, saved["param_groups"])
+    again.load_state_dict(saved)
+    checkpoint._check_optimizer_state(again)
 
 
 def test_metrics_nested_deeper_than_the_stack_are_named_not_a_recursion_error(capsys):

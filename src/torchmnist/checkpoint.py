@@ -76,6 +76,7 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
 
     try:
         model.load_state_dict(saved[MODEL])
+        _check_hyperparameters(optimizer.param_groups, saved[OPTIMIZER]["param_groups"])
         optimizer.load_state_dict(saved[OPTIMIZER])
         _check_optimizer_state(optimizer)
         if scheduler is not None:
@@ -89,6 +90,34 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path} does not fit the {saved[CONFIG].get('model')!r} model and "
                          f"its optimiser: {detail}") from None
+
+
+def _check_hyperparameters(fresh: list[dict], saved: list[dict]) -> None:
+    """Each saved setting of a parameter group (lr, momentum, betas, nesterov...) of the kind
+    the fresh optimiser's has: load_state_dict takes any value, and the first step would fail
+    on, say, an lr of 'x'."""
+    for mine, theirs in zip(fresh, saved, strict=False):  # torch itself names a count mismatch
+        for key, value in theirs.items():
+            if key != "params" and key in mine and _kind(value) != _kind(mine[key]):
+                raise ValueError(f"the optimiser's {key} is {_short(value)}, not "
+                                 f"{_kind(mine[key])}")
+
+
+def _kind(value: Any) -> str:
+    if value is None or isinstance(value, bool):  # foreach, fused: None means "let torch pick"
+        return "true or false"
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()  # a rate kept on the device
+    if is_number(value) and math.isfinite(value):
+        return "a finite number"
+    if isinstance(value, list | tuple) and all(_kind(v) == "a finite number" for v in value):
+        return f"{len(value)} finite numbers"
+    return "text" if isinstance(value, str) else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_optimizer_state(optimizer) -> None:
@@ -380,6 +409,8 @@ def _training_state_problem(saved: dict) -> str | None:
     """What is wrong with the parts of a checkpoint only a resume reads, or None. Checked here,
     before anything is written, so that a damaged or crafted file is named in one sentence
     and never half-rewrites the run folder (metrics.jsonl is rebuilt from it)."""
+    from torchmnist import devices
+
     if not isinstance(saved.get(RANKS) or [], list):
         return "its per-process states are not a list"
     for own in [saved, *(saved.get(RANKS) or [])]:
@@ -389,8 +420,12 @@ def _training_state_problem(saved: dict) -> str | None:
         problem = _progress_problem(own[PROGRESS])
         if problem:
             return f"its progress {problem}"
-    if not isinstance(saved.get(OPTIMIZER), dict):
-        return "it has no optimiser state"
+        problem = devices.rng_state_problem(own[RNG])
+        if problem:
+            return f"its random generator states do not load ({problem})"
+    problem = _optimizer_problem(saved.get(OPTIMIZER))
+    if problem:
+        return problem
     world_size = saved.get(WORLD_SIZE, 1)
     if not (is_number(world_size, whole=True) and world_size >= 1):
         return "its number of processes is not a whole number"
@@ -401,6 +436,20 @@ def _training_state_problem(saved: dict) -> str | None:
         json.dumps(metrics, allow_nan=False)  # as metrics.jsonl is written
     except (TypeError, ValueError, RecursionError):
         return "its metrics hold values that are not plain JSON"
+    return None
+
+
+def _optimizer_problem(state: Any) -> str | None:
+    # The layout torch's Optimizer.state_dict() has; its values are checked once the optimiser
+    # they are for exists (restore).
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        return "it has no optimiser state"
+    if not all(isinstance(per_weight, dict) for per_weight in state["state"].values()):
+        return "its optimiser's per-weight states are not mappings"
+    if not all(isinstance(group, dict) and isinstance(group.get("params"), list)
+               for group in state["param_groups"]):
+        return "its optimiser's parameter groups are damaged"
     return None
 
 

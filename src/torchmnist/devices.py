@@ -99,6 +99,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_state_problem(state: dict) -> str | None:
+    """What keeps `set_rng_state` from taking a saved state, or None. Tried for real on the
+    CPU generators, whose states are put back afterwards, so that every damage torch, numpy
+    or random would refuse is found (a CUDA state is only checked for its type here)."""
+    current = rng_state()
+    try:
+        set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    except KeyError as error:
+        return f"no {error.args[0]!r} state"
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    finally:
+        set_rng_state(current)
+    cuda = state.get("cuda", [])
+    if not (isinstance(cuda, list | tuple) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+        return "the CUDA states are not byte tensors"
+    return None
+
+
 def _as_tuple(value):
     # random.setstate wants the nested tuples back that a round trip may have made into lists.
     if isinstance(value, list | tuple):
