@@ -240,6 +240,36 @@ def test_optimiser_values_that_would_fail_the_first_step_are_named(change, probl
     assert (run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("change, problem", [
+    (_set("scheduler", "x"), "the schedule's state is 'x', not a mapping"),
+    (_set("scheduler", "total_steps", "x"), "the schedule's total_steps is 'x', not a finite "
+                                            "number"),
+    (_set("scheduler", "_schedule_phases", "x"), "the schedule's _schedule_phases is 'x', not "
+                                                 "a list of 2"),
+    (_set("scheduler", "_last_lr", ["x"]), "the schedule's _last_lr is ['x'], not 1 finite "
+                                           "number"),
+    (_set("ema", "module.conv1.weight", torch.zeros(3)), "size mismatch for module.conv1.weight"),
+    (_set("ema", "n_averaged", torch.tensor(-5)), "the weight average's count of updates is "
+                                                  "negative"),
+], ids=["schedule-text", "total-steps-text", "phases-text", "last-lr-text", "ema-shape",
+        "ema-count-negative"])
+def test_a_damaged_schedule_or_weight_average_is_named_before_training(change, problem, capsys):
+    """OneCycleLR.load_state_dict takes any values, and the first step then failed with a
+    TypeError (exit 1)."""
+    assert run_main(["train", "--dry-run", "--run-dir", "r", "--epochs", "2", "--keep", "2",
+                     "--scheduler", "onecycle", "--ema", "0.99"], capsys)[0] == 0
+    saved = checkpoint.load("r/epoch-001.pt")
+    change(saved)
+    torch.save(saved, "r/epoch-001.pt")
+    before = {p.name: p.read_bytes() for p in Path("r").iterdir() if p.is_file()}
+    code, _, err = run_main(["train", "--resume", "r/epoch-001.pt", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "r/epoch-001.pt does not fit the 'guide' model and its "
+                              "optimiser: " + problem)
+    after = {p.name: p.read_bytes() for p in Path("r").iterdir() if p.is_file()}
+    assert after == before
+
+
 @pytest.mark.parametrize("settings", [
     {"recipe": "guide"}, {"recipe": "official"}, {"recipe": "fast"}, {"recipe": "best"},
     {"optimizer": "adam", "scheduler": "onecycle"}, {"optimizer": "adamw", "scheduler": "step"},
@@ -251,15 +281,20 @@ def test_every_optimisers_saved_state_passes_its_own_check(settings):
     config = cfg.TrainConfig(**settings)
     model = models.build(config.model)
     optimizer = build_optimizer(config, model)
-    build_scheduler(config, optimizer, 10)
+    schedule = build_scheduler(config, optimizer, 10)
     model(torch.zeros(2, 1, 28, 28)).sum().backward()
     optimizer.step()
+    if schedule is not None:
+        schedule.step()
     saved = optimizer.state_dict()
     again = build_optimizer(config, models.build(config.model))
-    build_scheduler(config, again, 10)
+    fresh_schedule = build_scheduler(config, again, 10)
     checkpoint._check_hyperparameters(again.param_groups, saved["param_groups"])
     again.load_state_dict(saved)
     checkpoint._check_optimizer_state(again)
+    if schedule is not None:
+        assert checkpoint._mismatch(schedule.state_dict(), fresh_schedule.state_dict(),
+                                    "the schedule's") is None
 
 
 def test_metrics_nested_deeper_than_the_stack_are_named_not_a_recursion_error(capsys):

@@ -80,14 +80,22 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
         optimizer.load_state_dict(saved[OPTIMIZER])
         _check_optimizer_state(optimizer)
         if scheduler is not None:
+            problem = _mismatch(saved[SCHEDULER], scheduler.state_dict(), "the schedule's")
+            if problem:
+                raise ValueError(problem)
             scheduler.load_state_dict(saved[SCHEDULER])
         if saved.get(SCALER):
             scaler.load_state_dict(saved[SCALER])
         if ema is not None:
             ema.load_state_dict(saved[EMA])
+            if int(ema.n_averaged) < 0:  # 0 means "copy the weights at the next update"
+                raise ValueError("the weight average's count of updates is negative")
         devices.set_rng_state(saved[RNG])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+        # load_state_dict's own report is a heading ("Error(s) in loading state_dict for
+        # AveragedModel:") over the lines that say what is wrong: show the first of those.
+        detail = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         raise UsageError(f"{path} does not fit the {saved[CONFIG].get('model')!r} model and "
                          f"its optimiser: {detail}") from None
 
@@ -97,10 +105,34 @@ def _check_hyperparameters(fresh: list[dict], saved: list[dict]) -> None:
     the fresh optimiser's has: load_state_dict takes any value, and the first step would fail
     on, say, an lr of 'x'."""
     for mine, theirs in zip(fresh, saved, strict=False):  # torch itself names a count mismatch
-        for key, value in theirs.items():
-            if key != "params" and key in mine and _kind(value) != _kind(mine[key]):
-                raise ValueError(f"the optimiser's {key} is {_short(value)}, not "
-                                 f"{_kind(mine[key])}")
+        problem = _mismatch({k: v for k, v in theirs.items() if k != "params"}, mine,
+                            "the optimiser's")
+        if problem:
+            raise ValueError(problem)
+
+
+def _mismatch(saved: Any, fresh: Any, name: str) -> str | None:
+    """Where `saved` is not of the kind `fresh` is, looking into mappings and lists, or None.
+    Only keys both have are compared: another torch version may save a few more or fewer."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{name} state is {_short(saved)}, not a mapping"
+        for key in [k for k in saved if k in fresh]:
+            problem = _mismatch(saved[key], fresh[key], f"{name} {key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(fresh, list | tuple) and not _are_numbers(fresh):
+        if not (isinstance(saved, list | tuple) and len(saved) == len(fresh)):
+            return f"{name} is {_short(saved)}, not a list of {len(fresh)}"
+        for i, (theirs, mine) in enumerate(zip(saved, fresh, strict=True)):
+            problem = _mismatch(theirs, mine, f"{name}[{i}]")
+            if problem:
+                return problem
+        return None
+    if _kind(saved) != _kind(fresh):
+        return f"{name} is {_short(saved)}, not {_kind(fresh)}"
+    return None
 
 
 def _kind(value: Any) -> str:
@@ -110,9 +142,13 @@ def _kind(value: Any) -> str:
         value = value.item()  # a rate kept on the device
     if is_number(value) and math.isfinite(value):
         return "a finite number"
-    if isinstance(value, list | tuple) and all(_kind(v) == "a finite number" for v in value):
-        return f"{len(value)} finite numbers"
+    if _are_numbers(value):
+        return f"{len(value)} finite number{'' if len(value) == 1 else 's'}"
     return "text" if isinstance(value, str) else type(value).__name__
+
+
+def _are_numbers(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(_kind(v) == "a finite number" for v in value)
 
 
 def _short(value: Any) -> str:
