@@ -3,6 +3,7 @@ checkpoint is, a run can be extended, and one folder has one writer at a time.""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -244,3 +245,45 @@ def test_the_lock_is_never_taken_through_a_link_or_a_pipe(tmp_path):
         with pytest.raises(UsageError, match=f"cannot lock {folder}"):
             rundir.RunLock(folder).acquire()
     assert victim.read_text() == "precious\n"
+
+
+def test_a_log_that_cannot_be_written_is_named_and_the_checkpoints_kept(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A full disk while appending to train.log: one sentence naming the file, not a bare
+    "No space left on device"."""
+    from torchmnist import runlog
+
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    kept = _listing(tmp_path / "r")
+
+    def full_disk(path, *args, **kwargs):  # /dev/full: every write fails with ENOSPC
+        return open("/dev/full" if Path(path).name == "train.log" else path, *args, **kwargs)
+
+    monkeypatch.setattr(runlog, "open", full_disk, raising=False)
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "could not write /dev/full (No space left on device",
+                              "the checkpoints saved so far are unchanged")
+    now = _listing(tmp_path / "r")
+    assert {name: now[name] for name in ("last.pt", "best.pt", "metrics.jsonl")} == \
+        {name: kept[name] for name in ("last.pt", "best.pt", "metrics.jsonl")}
+
+
+def test_the_files_a_resume_rewrites_are_replaced_whole_or_not_at_all(tmp_path, capsys,
+                                                                      monkeypatch):
+    """config.json and metrics.jsonl are rewritten when a run resumes: a disk that fails the
+    write must leave them as they were, not truncated."""
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    kept = _listing(tmp_path / "r")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "could not write r/config.json (No space left on device",
+                              "unchanged")
+    now = _listing(tmp_path / "r")
+    assert {k: v for k, v in now.items() if k != "train.log"} == \
+        {k: v for k, v in kept.items() if k != "train.log"}

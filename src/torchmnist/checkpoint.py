@@ -30,8 +30,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -42,8 +40,8 @@ import torch
 from torch import nn
 
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
-from torchmnist.errors import TrainingError, UsageError
-from torchmnist.rundir import TEMPORARY_PREFIX
+from torchmnist.errors import UsageError
+from torchmnist.rundir import write_atomically
 
 FORMAT_VERSION = 1
 # The keys of a training checkpoint, one constant each: `training_payload` builds the dict,
@@ -171,12 +169,12 @@ def _check_optimizer_state(optimizer) -> None:
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write a training checkpoint atomically (see `_write_atomically`)."""
+    """Write a training checkpoint atomically (see `rundir.write_atomically`)."""
     from torchmnist import __version__
 
     payload = {"format_version": FORMAT_VERSION, "torchmnist_version": __version__,
                "torch_version": str(torch.__version__), **payload}
-    _write_atomically(Path(path), lambda f: torch.save(payload, f))
+    write_atomically(Path(path), lambda f: torch.save(payload, f))
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
@@ -188,63 +186,9 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
     if path.suffix == ".safetensors":
         from safetensors.torch import save as to_safetensors
 
-        _write_atomically(path, lambda f: f.write(to_safetensors(tensors, metadata=metadata)))
+        write_atomically(path, lambda f: f.write(to_safetensors(tensors, metadata=metadata)))
     else:
-        _write_atomically(path, lambda f: torch.save(tensors, f))
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write so that a crash at any instant leaves either the old file or the new one.
-
-    The bytes go to a temporary file in the same directory, are flushed to disk, and only then
-    renamed over `path` (a rename within one file system is atomic). A failure (disk full, no
-    permission) removes the temporary file and leaves `path` as it was.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
-        reason = (error.strerror if isinstance(error, OSError) and error.strerror
-                  else (str(error).strip().splitlines() or ["unknown error"])[-1])
-        free = shutil.disk_usage(path.parent).free
-        raise TrainingError(f"could not write {path} ({reason}; {_size(free)} free in "
-                            f"{path.parent}); the previous file there, if any, is unchanged"
-                            ) from None
-    _fsync_dir(path.parent)
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, and harmless to skip.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        write_atomically(path, lambda f: torch.save(tensors, f))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

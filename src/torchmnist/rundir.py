@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from torchmnist.errors import UsageError
+from torchmnist.errors import TrainingError, UsageError
 
 MARKER = ".torchmnist-run"
 SWEEP_MARKER = ".torchmnist-sweep"  # the same, for a sweep's folder (sweep.py)
@@ -205,6 +208,68 @@ def claim(folder: Path) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write so that a crash at any instant leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk, and only then
+    renamed over `path` (a rename within one file system is atomic). A failure (disk full, no
+    permission) removes the temporary file and leaves `path` as it was.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise cannot_write(path, error, "the previous file there, if any, is unchanged"
+                           ) from None
+    _fsync_dir(path.parent)
+
+
+def cannot_write(path: Path, error: BaseException, kept: str) -> TrainingError:
+    """The one sentence for a write that failed: the file, why, the space left where it was
+    going, and what is still as it was (`kept`)."""
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else (str(error).strip().splitlines() or ["unknown error"])[-1])
+    try:
+        free = f"; {_size(shutil.disk_usage(path.parent).free)} free in {path.parent}"
+    except OSError:
+        free = ""
+    return TrainingError(f"could not write {path} ({reason}{free}); {kept}")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, and harmless to skip.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from torchmnist import rundir
 from torchmnist.errors import UsageError
 
 # metrics.jsonl record (kind, key) -> TensorBoard scalar tag
@@ -56,10 +57,11 @@ class RunLog:
             return
         self._log = open(run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
         # metrics.jsonl is rewritten from the history a checkpoint carries, so records written
-        # after that checkpoint by an interrupted run do not appear twice after a resume.
-        with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
-            for record in self.history:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+        # after that checkpoint by an interrupted run do not appear twice after a resume. It is
+        # replaced whole: a full disk leaves the old file, not half of the new one.
+        text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in self.history)
+        rundir.write_atomically(run_dir / "metrics.jsonl",
+                                lambda f: f.write(text.encode("utf-8")))
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._writer = None  # a TensorBoard SummaryWriter, with --tensorboard
 
@@ -69,22 +71,28 @@ class RunLog:
             self._bar.write(line)
         elif not self.quiet:
             print(line, file=sys.stderr if self.to_stderr else sys.stdout, flush=True)
-        self._log.write(line + "\n")
-        self._log.flush()
+        self._append(self._log, line)
+
+    @staticmethod
+    def _append(file, line: str) -> None:
+        try:
+            file.write(line + "\n")
+            file.flush()
+        except OSError as error:  # a full disk: say which file, not just "No space left"
+            raise rundir.cannot_write(Path(file.name), error, "the checkpoints saved so far "
+                                      "are unchanged") from None
 
     def step_line(self, line: str, postfix: str) -> None:
         """A per-interval training line: the bar's postfix on a terminal, a plain line else."""
         if self._bar is not None:
             self._bar.set_postfix_str(postfix, refresh=False)
-            self._log.write(line + "\n")
-            self._log.flush()
+            self._append(self._log, line)
         else:
             self.print(line)
 
     def metric(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
-        self._metrics.flush()
+        self._append(self._metrics, json.dumps(record, allow_nan=False))
         if self._writer is not None:
             for key, value in record.items():
                 tag = _TENSORBOARD_TAGS.get((record["kind"], key))
