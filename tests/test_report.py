@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +103,22 @@ def test_a_report_file_that_is_a_link_is_refused_and_what_it_names_untouched(cap
                               "nothing in r/report was changed", "--out")
     assert Path("mine.png").read_bytes() == b"my own figure"
     assert sorted(p.name for p in Path("r/report").iterdir()) == ["curves.png", "report.md"]
+
+
+def test_a_report_made_again_on_a_failing_disk_leaves_the_old_one_whole(capsys, monkeypatch):
+    _dry_run(capsys)
+    assert run_main(["report", "r"], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in Path("r/report").iterdir()}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, out, err = run_main(["report", "r"], capsys)
+    assert code == 1 and out == ""
+    assert_one_sentence_error(err, "could not write r/report/curves.png (No space left on "
+                              "device", "the previous file there, if any, is unchanged")
+    assert {p.name: p.read_bytes() for p in Path("r/report").iterdir()} == before
 
 
 @pytest.mark.mnist

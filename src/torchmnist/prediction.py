@@ -158,7 +158,8 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
                           "--save-preprocessed")
     rundir.make_folder(folder, "--save-preprocessed")
     for target, image in zip(targets, images, strict=True):
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(target)
+        picture = Image.fromarray(np.round(image * 255).astype(np.uint8))
+        rundir.write_atomically(target, lambda f, picture=picture: picture.save(f, format="PNG"))
 
 
 def _identity(path: str | os.PathLike) -> tuple[int, int] | None:

@@ -63,12 +63,12 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     rundir.make_folder(out, "--out")
     figures = {name: out / f"{name}.png" for name in FIGURES}
     try:
-        _plot_curves(records, config, figures["curves"])
-        _plot_confusion(confusion, spec.classes, figures["confusion"])
+        _save(_curves(records, config), figures["curves"])
+        _save(_confusion(confusion, spec.classes), figures["confusion"])
         wrong = np.nonzero(predictions != labels)[0]
         wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")]
-        _plot_mistakes(digits.test.images.numpy(), labels, predictions, probabilities,
-                       wrong[:mistakes], spec.classes, figures["mistakes"])
+        _save(_mistakes(digits.test.images.numpy(), labels, predictions, probabilities,
+                        wrong[:mistakes], spec.classes), figures["mistakes"])
     except BaseException:
         if made:  # leave no half-made report folder behind
             shutil.rmtree(out, ignore_errors=True)
@@ -78,8 +78,9 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                "correct": int((predictions == labels).sum()), "total": len(labels),
                "misclassified": len(wrong), "model": trained.name, "dataset": spec.name}
     markdown = out / "report.md"
-    markdown.write_text(_markdown(run_dir, config, records, numbers, confusion, spec.classes,
-                                  figures, min(mistakes, len(wrong))), encoding="utf-8")
+    text = _markdown(run_dir, config, records, numbers, confusion, spec.classes, figures,
+                     min(mistakes, len(wrong)))
+    rundir.write_atomically(markdown, lambda f: f.write(text.encode("utf-8")))
     return {"report": str(markdown), **{k: str(v) for k, v in figures.items()}, **numbers}
 
 
@@ -171,8 +172,10 @@ def _loss_names(config: dict) -> tuple[str, str]:
     return trained, "negative log-likelihood"
 
 
-def _plot_curves(records: list[dict], config: dict, path: Path) -> None:
-    _curves(records, config).savefig(path, dpi=110)
+def _save(figure, path: Path) -> None:
+    # Whole or not at all, as every file torchmnist writes: a report made again over an
+    # older one never leaves half a picture.
+    rundir.write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=110))
 
 
 def _curves(records: list[dict], config: dict):
@@ -234,7 +237,7 @@ def _curves(records: list[dict], config: dict):
     return figure
 
 
-def _plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
+def _confusion(confusion: np.ndarray, classes: tuple[str, ...]):
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
@@ -252,12 +255,11 @@ def _plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], path: Path)
                          if max(map(len, classes)) > 2 else "center", fontsize=8)
     axes.set_yticklabels(classes, fontsize=8)
     figure.colorbar(image, ax=axes, shrink=0.8)
-    figure.savefig(path, dpi=110)
+    return figure
 
 
-def _plot_mistakes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                   probabilities: np.ndarray, chosen: np.ndarray, classes: tuple[str, ...],
-                   path: Path) -> None:
+def _mistakes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+              probabilities: np.ndarray, chosen: np.ndarray, classes: tuple[str, ...]):
     from matplotlib.figure import Figure
 
     columns = 8
@@ -275,7 +277,7 @@ def _plot_mistakes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
         axes.set_title(f"#{index}: true {classes[labels[index]]}\npredicted "
                        f"{classes[predictions[index]]} "
                        f"{100 * probabilities[index, predictions[index]]:.0f}%", fontsize=7)
-    figure.savefig(path, dpi=110)
+    return figure
 
 
 def _epochs_text(config: dict, last: dict) -> str:

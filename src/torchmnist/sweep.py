@@ -667,7 +667,8 @@ def write_best(sweep: Sweep, params: dict[str, Any]) -> Path:
         # On a CPU the sums of a step depend on how many threads share them.
         head += (f"# its trial ran with {max(1, _cores() // sweep.jobs)} torch thread(s): pass "
                  "--threads with that number to reproduce its score exactly\n")
-    path.write_text((head if sweep.best_format != "json" else "") + text, encoding="utf-8")
+    text = (head if sweep.best_format != "json" else "") + text
+    rundir.write_atomically(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 
@@ -700,7 +701,8 @@ def _plots(sweep: Sweep, study) -> tuple[list[str], list[str]]:
             figure.set_size_inches(8, 5)
             figure.tight_layout()
             path = sweep.folder / f"{name}.png"
-            figure.savefig(path, dpi=100)
+            rundir.write_atomically(
+                path, lambda f, figure=figure: figure.savefig(f, format="png", dpi=100))
             plt.close(figure)
             written.append(str(path))
         except (ValueError, RuntimeError) as error:  # e.g. importances of fewer than 2 trials
