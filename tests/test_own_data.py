@@ -125,8 +125,27 @@ def test_own_data_that_cannot_work_is_refused_in_one_sentence(train, fragment):
 def test_labels_beyond_the_named_classes_are_refused():
     (train_x, train_y), test = _bars(100, 40)
     own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=["a", "b", "c"])
-    with pytest.raises(torchmnist.UsageError, match="labels must run from 0 to 2 for 3 classes"):
+    with pytest.raises(torchmnist.UsageError, match="the training labels must run from 0 to 2 "
+                                                    "for 3 classes"):
         _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+
+
+def test_a_test_class_the_training_labels_lack_is_refused():
+    """As the test folder of an image folder dataset may not have a class the training folder
+    lacks: the model could never predict it, and its images would only lower the score."""
+    (train_x, train_y), (test_x, test_y) = _bars(100, 40)
+    train_y = train_y % 2
+    assert int(test_y.max()) >= 2
+    own = torchmnist.OwnData(train=(train_x, train_y), test=(test_x, test_y))
+    with pytest.raises(torchmnist.UsageError) as caught:
+        _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+    assert str(caught.value).startswith("the test labels must run from 0 to 1 for 2 classes, "
+                                        "not 0 to ")
+    assert "OwnData(classes=...)" in str(caught.value)
+    # Naming the classes says the training labels need not reach them all.
+    named = torchmnist.OwnData(train=(train_x, train_y), test=(test_x, test_y),
+                               classes=[str(k) for k in range(int(test_y.max()) + 1)])
+    assert _train(torchmnist.TrainConfig(dataset=named, epochs=1))["test_accuracy"] >= 0
 
 
 def test_dark_ink_on_white_paper_is_augmented_over_white(tmp_path, monkeypatch):

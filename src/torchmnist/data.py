@@ -417,16 +417,21 @@ def from_own(own: OwnData, dataset: str) -> DigitData:
     if not len(train) or not len(test):
         raise UsageError(f"the {'training' if not len(train) else 'test'} data is empty")
     classes = own.classes or getattr(own.train, "classes", None)
-    top = int(max(train.labels.max(), test.labels.max()))
-    if classes is None:
-        classes = [str(k) for k in range(max(top + 1, 2))]
+    counted = classes is None
+    if counted:  # as an image folder's classes are its training folders
+        classes = [str(k) for k in range(max(int(train.labels.max()) + 1, 2))]
     classes = tuple(str(c) for c in classes)
     if len(classes) < 2:
         raise UsageError("own data needs at least two classes")
-    low = int(min(train.labels.min(), test.labels.min()))
-    if low < 0 or top >= len(classes):
-        raise UsageError(f"labels must run from 0 to {len(classes) - 1} for {len(classes)} "
-                         f"classes, not {low} to {top}")
+    for split, what in ((train, "training"), (test, "test")):
+        low, top = int(split.labels.min()), int(split.labels.max())
+        if low < 0 or top >= len(classes):
+            # A test label that no training label reaches is a class the model never learns.
+            raise UsageError(f"the {what} labels must run from 0 to {len(classes) - 1} for "
+                             f"{len(classes)} classes, not {low} to {top}" + (
+                                 " (the classes are counted from the training labels; name "
+                                 "them all with OwnData(classes=...))"
+                                 if counted and what == "test" else ""))
     spec = _own_spec(dataset, train, test, classes)
     return DigitData(spec, train, test, source="data given from Python")
 
