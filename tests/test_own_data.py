@@ -130,6 +130,18 @@ def test_labels_beyond_the_named_classes_are_refused():
         _train(torchmnist.TrainConfig(dataset=own, epochs=1))
 
 
+def test_any_name_makes_a_run_folder_inside_runs():
+    """The name given to own data becomes part of the run folder's name: one of 300 letters
+    ended in OSError "File name too long", and one with slashes must not leave runs/."""
+    (train_x, train_y), test = _bars(100, 40)
+    for name in ("ü" * 300, "../../escape"):
+        own = torchmnist.OwnData(train=(train_x, train_y), test=test, name=name)
+        result = _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+        folder = Path(result["run_dir"])
+        assert folder.parent == Path("runs") and folder.is_dir()
+        assert len(folder.name.encode()) <= 255
+
+
 def test_a_test_class_the_training_labels_lack_is_refused():
     """As the test folder of an image folder dataset may not have a class the training folder
     lacks: the model could never predict it, and its images would only lower the score."""

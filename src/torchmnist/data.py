@@ -321,7 +321,8 @@ def short_name(dataset: str) -> str:
         dataset = Path(dataset[len(FOLDER_PREFIX):]).name or "folder"
     elif dataset.startswith(OWN_PREFIX):
         dataset = dataset[len(OWN_PREFIX):]
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset) or "data"
+    # At most 48 characters: a file name holds 255 bytes, and a letter may take 4 of them.
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset)[:48] or "data"
 
 
 def _own_spec(name: str, train: Split, test: Split, classes: tuple[str, ...]) -> DatasetSpec:
