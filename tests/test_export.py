@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,22 @@ def test_a_failed_parity_check_exits_1_and_keeps_the_old_file(tmp_path, small_da
     assert_one_sentence_error(err, "does not match PyTorch", "largest absolute difference",
                               "exceeds 0.0001", "was not written")
     assert out.read_bytes() == b"the file users already have"
-    assert not list(tmp_path.glob(".*partial*"))
+    assert not list(tmp_path.glob(".torchmnist-tmp.*"))
+
+
+def test_an_export_writes_under_a_temporary_name_of_its_own(tmp_path, small_data):
+    """Two exports to one --out (make -j) must not write into the same temporary file; the
+    export once used one fixed name beside --out, and would write over and remove a file of
+    that name."""
+    source = _state_dict(tmp_path, "guide")
+    other = tmp_path / ".torchmnist-tmp.model.onnx.onnx"  # the name every export once used
+    other.write_bytes(b"another export's half-written file")
+    exporting.export(source, "onnx", tmp_path / "model.onnx", data_dir=small_data)
+    assert other.read_bytes() == b"another export's half-written file"
+    assert [p.name for p in tmp_path.glob(".torchmnist-tmp.*")] == [other.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_missing_export_packages_are_named(tmp_path, small_data, capsys, monkeypatch):

@@ -91,11 +91,11 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
         expected = network(x).numpy()
 
     rundir.make_folder(out.parent, "--out")
-    # Written under a temporary name that ends as the format's files do (whatever --out ends
-    # with), checked, and only then renamed to --out.
-    partial = out.with_name(f"{rundir.TEMPORARY_PREFIX}{out.name}{FORMATS[format]}")
-    try:  # first, whether the folder takes a file at all (the exporters would say it worse)
-        partial.touch()
+    # Written under a temporary name of its own that ends as the format's files do (whatever
+    # --out ends with), checked, and only then renamed to --out. Making it first also asks
+    # whether the folder takes a file at all (the exporters would say it worse).
+    try:
+        partial = rundir.temporary_beside(out, FORMATS[format])
     except OSError as error:
         raise UsageError(f"cannot write into {out.parent}: {error.strerror or error}; choose "
                          "another --out") from None

@@ -217,19 +217,31 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     renamed over `path` (a rename within one file system is atomic). A failure (disk full, no
     permission) removes the temporary file and leaves `path` as it was.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", dir=path.parent)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
+        tmp = temporary_beside(path)
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise cannot_write(path, error, "the previous file there, if any, is unchanged"
                            ) from None
     _fsync_dir(path.parent)
+
+
+def temporary_beside(path: Path, suffix: str = "") -> Path:
+    """A new empty file in `path`'s folder to write `path` into and rename, under a name no
+    other process has (two writers of one file never share it), starting as torchmnist's
+    temporaries do, with the permissions open() would give it (mkstemp gives 0600)."""
+    fd, name = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=suffix,
+                                dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
 
 
 def cannot_write(path: Path, error: BaseException, kept: str) -> TrainingError:
