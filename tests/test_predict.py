@@ -174,7 +174,7 @@ def test_globs_missing_files_and_saved_inputs(state_dict_file, tmp_path, capsys)
     assert [Path(r["file"]).name for r in results] == ["a.jpg", "b.jpg", "missing.png"]
     assert results[2]["error"] == "no such file or directory"
     saved = sorted(p.name for p in Path("seen").iterdir())
-    assert saved == ["a.png", "b.png"]
+    assert saved == [".torchmnist-preprocessed", "a.png", "b.png"]
     assert Image.open("seen/a.png").size == (28, 28)
 
     code, out, _ = run_main(["predict", str(state_dict_file), str(tmp_path / "a.jpg")], capsys)
@@ -195,11 +195,19 @@ def test_saving_into_the_photos_folder_never_writes_over_a_photo(state_dict_file
         assert_one_sentence_error(err, "would write over the input image", "seven.png",
                                   "choose another folder")
         assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # nothing written
-    # Beside the photos, under a name that no input has, is fine.
+    # Nor beside them, under a name that no input has: photos/eight.png may be a photo too.
     code, _, err = run_main(["predict", str(state_dict_file), str(photos / "eight.jpg"),
                              "--save-preprocessed", str(photos)], capsys)
-    assert code == 0, err
-    assert Image.open(photos / "eight.png").size == (28, 28)
+    assert code == 2
+    assert_one_sentence_error(err, f"{photos} is not empty and is not a folder of images "
+                              "torchmnist saved", "choose a new or empty --save-preprocessed")
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    # A folder it made itself takes more images, and the same ones again.
+    for _ in range(2):
+        code, _, err = run_main(["predict", str(state_dict_file), str(photos / "eight.jpg"),
+                                 "--save-preprocessed", "seen"], capsys)
+        assert code == 0, err
+    assert Image.open("seen/eight.png").size == (28, 28)
 
 
 def test_saving_never_writes_through_a_link_or_into_a_pipe(state_dict_file, tmp_path,
@@ -210,6 +218,7 @@ def test_saving_never_writes_through_a_link_or_into_a_pipe(state_dict_file, tmp_
     for kind in ("link", "pipe"):
         out = tmp_path / kind
         out.mkdir()
+        (out / ".torchmnist-preprocessed").touch()  # a folder claiming to be one it made
         if kind == "link":
             (out / "seven.png").symlink_to(victim)
         else:

@@ -135,8 +135,9 @@ def answer(probabilities: torch.Tensor, classes: list[str], top: int) -> dict:
 
 def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike,
                  given: list[str]) -> None:
-    """Write the 28x28 images the model saw as PNGs named after their files; an input image
-    in the folder is never written over (`predict photos/ --save-preprocessed photos/`)."""
+    """Write the 28x28 images the model saw as PNGs named after their files, into a new or
+    empty folder or one this wrote before (marked with `.torchmnist-preprocessed`), as every
+    folder torchmnist fills; an input image in it is never written over."""
     from PIL import Image
 
     folder = Path(folder)
@@ -154,9 +155,13 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
         if _identity(target) in inputs:
             raise UsageError(f"--save-preprocessed {folder} would write over the input image "
                              f"{shown(str(target))}; choose another folder")
+    rundir.refuse_foreign(folder, lambda f: (f / rundir.PREPROCESSED_MARKER).is_file(),
+                          f"a folder of images torchmnist saved (it has no "
+                          f"{rundir.PREPROCESSED_MARKER})", "--save-preprocessed")
     rundir.refuse_special(folder, {target.name for target in targets}.__contains__,
                           "--save-preprocessed")
     rundir.make_folder(folder, "--save-preprocessed")
+    (folder / rundir.PREPROCESSED_MARKER).touch()
     for target, image in zip(targets, images, strict=True):
         picture = Image.fromarray(np.round(image * 255).astype(np.uint8))
         rundir.write_atomically(target, lambda f, picture=picture: picture.save(f, format="PNG"))

@@ -7,7 +7,8 @@ touched. For the whole run the folder is locked with an OS lock (`fcntl.lockf` o
 `.torchmnist-lock`), so a second training or resume into it stops with one sentence naming
 the process that holds it. The OS drops the lock when that process ends, however it ends, so a
 lock left by a killed run never blocks the next one. A sweep's folder is made and reused on
-the same terms, marked with `.torchmnist-sweep`.
+the same terms, marked with `.torchmnist-sweep`, and so is the folder `predict
+--save-preprocessed` writes images into, marked with `.torchmnist-preprocessed`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchmnist.errors import TrainingError, UsageError
 
 MARKER = ".torchmnist-run"
 SWEEP_MARKER = ".torchmnist-sweep"  # the same, for a sweep's folder (sweep.py)
+PREPROCESSED_MARKER = ".torchmnist-preprocessed"  # predict --save-preprocessed's folder
 LOCK = ".torchmnist-lock"
 # Every temporary file torchmnist writes starts with this, so cleaning up after a killed run
 # can never remove a file of the user's (such as their own `.notes.tmp`).
