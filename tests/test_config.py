@@ -40,6 +40,10 @@ def test_a_dry_run_is_one_epoch_in_python_too():
     ({"seed": 1.5}, "seed must be a whole number, not 1.5"),
     ({"batch_size": None}, "batch_size must be a number, not None"),
     ({"nesterov": "yes"}, "nesterov must be true or false, not 'yes'"),
+    # Checked here, where nothing runs: training once forked until memory ran out, and the
+    # kernel killed other processes to make room.
+    ({"loader": "dataloader", "num_workers": 100_000}, "--num-workers must be at most 64, not "
+                                                       "100000"),
 ])
 def test_a_config_is_checked_when_it_is_made(values, sentence):
     with pytest.raises(UsageError, match=sentence.replace("(", r"\(")):
