@@ -158,6 +158,25 @@ def test_resuming_a_copy_leaves_the_original_alone(tmp_path, capsys):
     assert _listing(tmp_path / "a") == original
 
 
+def test_resuming_into_the_folder_of_another_run_is_refused(tmp_path, capsys):
+    """--resume A --run-dir B once continued A in B, replacing B's own checkpoints and records
+    without a word."""
+    assert run_main(["train", "--dry-run", "--run-dir", "a"], capsys)[0] == 0
+    assert run_main(["train", "--dry-run", "--run-dir", "b", "--seed", "5"], capsys)[0] == 0
+    before = _listing(tmp_path / "b")
+    code, _, err = run_main(["train", "--resume", "a", "--run-dir", "b", "--epochs", "2"],
+                            capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "b holds a run of its own (b/last.pt), which continuing "
+                              "a/last.pt there would replace")
+    assert _listing(tmp_path / "b") == before
+    # Its own folder, however it is spelled, and a new one are fine.
+    for run_dir, epochs in (("./a/", "2"), ("c", "3")):
+        code, _, err = run_main(["train", "--resume", "a/last.pt", "--run-dir", run_dir,
+                                 "--epochs", epochs], capsys)
+        assert code == 0, err
+
+
 def test_resuming_from_another_folder_writes_nothing_there(tmp_path):
     run = tmp_path / "project" / "runs" / "a"
     assert run_subprocess(["train", "--dry-run", "--run-dir", str(run)],

@@ -553,6 +553,10 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         # A resumed run goes on in the folder that holds its checkpoint, wherever that folder
         # has been moved or copied to, unless --run-dir names another.
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
+        if (run_dir / "last.pt").exists() and not _same_folder(run_dir, resume_path.parent):
+            raise UsageError(f"{run_dir} holds a run of its own ({run_dir / 'last.pt'}), which "
+                             f"continuing {resume_path} there would replace; choose a new or "
+                             "empty --run-dir, or resume that run itself")
         checkpoint.restore(saved, resume_path, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, ema=ema)
         progress.load_state_dict(saved[checkpoint.PROGRESS])
@@ -587,6 +591,13 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         for change in changes:
             log.print(f"  resume: {change}")
     return run, resume_path
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _absolute_dataset(config: TrainConfig) -> TrainConfig:
