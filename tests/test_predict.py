@@ -15,6 +15,7 @@ from everyday import STYLES, write
 from PIL import Image
 
 from torchmnist import data, models
+from torchmnist.errors import UsageError
 from torchmnist.prediction import predict
 from torchmnist.preprocess import ImageError, as_stored, ink_map, prepare, read_grey, to_28x28
 
@@ -231,6 +232,23 @@ def test_saving_never_writes_through_a_link_or_into_a_pipe(state_dict_file, tmp_
         assert_one_sentence_error(err, f"{out / 'seven.png'} is {shown}, not a plain file",
                                   "--save-preprocessed")
     assert victim.read_text() == "precious\n"
+
+
+def test_what_is_not_a_picture_is_named_not_a_traceback(state_dict_file):
+    # Given alone, 5 and None were iterated over: TypeError "'int' object is not iterable".
+    for given, what in ((5, "int"), (None, "None")):
+        with pytest.raises(UsageError, match=f"predict takes an image or a list of them .*, not "
+                                             f"{what}$"):
+            predict(state_dict_file, given, device="cpu")
+    # In a list, each is that input's error: once "an array of shape () is not a picture".
+    results = predict(state_dict_file, [5, None, "missing.png"], device="cpu")
+    assert [r["error"] for r in results] == [
+        "int is not a picture: give a path, a PIL image, an array or a tensor",
+        "None is not a picture: give a path, a PIL image, an array or a tensor",
+        "no such file or directory"]
+    # Generators are taken as lists are.
+    assert predict(state_dict_file, (f for f in ["missing.png"]), device="cpu")[0]["error"] \
+        == "no such file or directory"
 
 
 def test_one_image_given_alone_is_one_image(state_dict_file, tmp_path):

@@ -59,10 +59,14 @@ def _sources(inputs: list) -> list[tuple[str, object, str | None]]:
     for index, item in enumerate(inputs):
         if isinstance(item, str | os.PathLike):
             sources += [(file, file, problem) for file, problem in expand([os.fspath(item)])]
-        else:
+        elif isinstance(item, np.ndarray | torch.Tensor | list | tuple) or _is_pil(item):
             if isinstance(item, torch.Tensor):
                 item = item.detach().cpu().numpy()
             sources.append((f"<input {index}>", item, None))
+        else:  # a number or None, which numpy would make an array of no shape
+            what = "None" if item is None else type(item).__name__
+            sources.append((f"<input {index}>", item, f"{what} is not a picture: give a path, "
+                            "a PIL image, an array or a tensor"))
     return sources
 
 
@@ -91,6 +95,12 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
         raise UsageError(f"--top must be at least 1, not {top}")
     if isinstance(inputs, str | os.PathLike | np.ndarray | torch.Tensor) or _is_pil(inputs):
         inputs = [inputs]  # one image, not a sequence of them (nor of a path's letters)
+    try:
+        inputs = list(inputs)
+    except TypeError:
+        what = "None" if inputs is None else type(inputs).__name__
+        raise UsageError(f"predict takes an image or a list of them (paths, folders, globs, PIL "
+                         f"images, arrays or tensors), not {what}") from None
     trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
     spec = trained.spec
     target = devices.resolve_device(device)
