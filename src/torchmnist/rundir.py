@@ -85,12 +85,12 @@ def refuse_special(folder: Path, writes: Callable[[str], bool], flag: str) -> No
         return
     for entry in entries:
         if writes(entry.name) and not entry.is_file(follow_symlinks=False):
-            raise UsageError(f"{folder / entry.name} is {_kind(entry)}, not a plain file; "
+            raise UsageError(f"{folder / entry.name} is {_what_is(entry)}, not a plain file; "
                              f"nothing in {folder} was changed: remove it or choose another "
                              f"{flag}")
 
 
-def _kind(entry: os.DirEntry) -> str:
+def _what_is(entry: os.DirEntry) -> str:
     mode = entry.stat(follow_symlinks=False).st_mode
     for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
                        (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
