@@ -56,6 +56,21 @@ def test_paths_and_text_numbers_from_python_are_taken_as_a_config_file_takes_the
     assert json.loads(json.dumps(made.to_dict())) == made.to_dict()  # config.json as it is
 
 
+def test_a_home_folder_in_a_config_file_is_the_users_home(tmp_path, capsys, monkeypatch):
+    """No shell expands "~" in a config file: run_dir = "~/runs/a" made a folder named "~" in
+    the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "c.toml").write_text('run_dir = "~/runs/a"\ndry_run = true\n')
+    code, _, err = run_main(["train", "--config", "c.toml"], capsys)
+    assert code == 0, err
+    assert rundir.is_run(tmp_path / "home" / "runs" / "a")
+    assert not (tmp_path / "~").exists()
+    config_made = torchmnist.TrainConfig(data_dir="~/data", init_from="~/w.pt", resume="~/r")
+    assert (config_made.data_dir, config_made.init_from, config_made.resume) == (
+        str(tmp_path / "home" / "data"), str(tmp_path / "home" / "w.pt"),
+        str(tmp_path / "home" / "r"))
+
+
 def test_train_takes_a_config_and_says_how_to_make_one_from_a_dict():
     with pytest.raises(UsageError, match=r"train takes a TrainConfig, not a dict; "
                                          r"TrainConfig\(\*\*settings\) makes one"):

@@ -256,6 +256,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, os.PathLike):  # run_dir=Path("runs/a")
                 value = os.fspath(value)
+            if f.name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
+                value = os.path.expanduser(value)  # in a config file no shell expands "~/runs"
             setattr(self, f.name, coerce(f.name, value))
         validate(self)
 
@@ -465,6 +467,7 @@ def validate(config: TrainConfig) -> None:
 
 
 MAX_THREADS = 1024
+PATH_FIELDS = ("run_dir", "data_dir", "resume", "init_from")  # "~" is the home folder in each
 MAX_WORKERS = 64  # DataLoader processes; the guide uses 4, and MNIST never needs more than a few
 MAX_SETTINGS_BYTES = 10 * 1024 * 1024  # --config and --space files
 MAX_SEED = 2**63 - 1
