@@ -116,6 +116,14 @@ def test_train_with_a_config_file_and_a_flag(tmp_path, capsys):
     assert last_json(out)["recipe"] == "fast"
 
 
+def test_a_yaml_key_may_override_one_merged_in(tmp_path):
+    """Not a repeat: YAML's `<<` merges a mapping in, and the keys beside it win."""
+    text = "quick: &q {lr: 0.1, momentum: 0.5}\nrun:\n  <<: *q\n  lr: 0.2\n"
+    (tmp_path / "m.yaml").write_text(text)
+    assert config.read_structured_file(tmp_path / "m.yaml", "--config")["run"] == {
+        "lr": 0.2, "momentum": 0.5}
+
+
 def test_a_runs_own_config_json_reproduces_it_in_a_new_folder(tmp_path, capsys):
     assert run_main(["train", "--dry-run", "--recipe", "fast", "--run-dir", "a"], capsys)[0] == 0
     assert rundir.is_run(tmp_path / "a")
@@ -134,6 +142,10 @@ def test_a_runs_own_config_json_reproduces_it_in_a_new_folder(tmp_path, capsys):
     ("c.toml", "lr = [\n", "is not valid TOML"),
     ("c.json", "[1, 2]", "must hold a table of settings, not a list"),
     ("c.ini", "lr=1", "must end in .toml, .yaml, .yml or .json"),
+    # TOML refuses a repeated key; JSON and YAML kept the last one without a word.
+    ("c.toml", "lr = 0.1\nlr = 0.2\n", "is not valid TOML: Cannot overwrite a value"),
+    ("c.json", '{"lr": 0.1, "lr": 0.2}', "is not valid JSON: 'lr' is given twice"),
+    ("c.yaml", "lr: 0.1\nlr: 0.2\n", "is not valid YAML: 'lr' is given twice"),
 ])
 def test_bad_config_files_exit_2_naming_the_problem(name, text, fragment, tmp_path, capsys):
     (tmp_path / name).write_text(text)

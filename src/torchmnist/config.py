@@ -632,12 +632,44 @@ def _parse_config(path: Path, text: str, flag: str) -> Any:
             except ImportError:
                 raise UsageError(f"a YAML {flag} needs PyYAML; install it with: pip install "
                                  "pyyaml (or use TOML or JSON)") from None
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_unique_keys_yaml_loader(yaml))  # a SafeLoader
         if suffix == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - each parser has its own error class
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"{flag} {path} is not valid {suffix[1:].upper()}: {first}") from None
     raise UsageError(f"{flag} {path}: the name must end in .toml, .yaml, .yml or .json")
+
+
+# TOML refuses a key given twice; JSON and YAML parsers keep the last one without a word, so
+# that of two `lr` lines the one further down would silently win. They are refused alike.
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"{key!r} is given twice")
+        values[key] = value
+    return values
+
+
+def _unique_keys_yaml_loader(yaml):
+    """PyYAML's SafeLoader (no Python objects, no code), refusing a key given twice in one
+    mapping; a key that overrides one merged in with `<<` is not a repeat."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
