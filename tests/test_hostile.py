@@ -81,6 +81,38 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped(weights_file, tmp_path)
         assert "caf\\xe9.png" in result.stdout.replace("\\\\", "\\")
 
 
+def test_a_file_name_made_to_drive_the_terminal_is_printed_escaped(weights_file, tmp_path):
+    """A newline in a name split one result over two lines, and an escape sequence in one
+    reached the terminal (here, one that clears the screen), in results and errors alike."""
+    for name in ("two\nlines.png", "clear\x1b[2J.png"):
+        Image.fromarray(_ring()).save(tmp_path / name)
+    (tmp_path / "bad\x1b[31m.png").write_bytes(b"not an image")
+    for flags in ([], ["--json"]):
+        result = subprocess.run([sys.executable, "-m", "torchmnist", "predict",
+                                 str(weights_file), str(tmp_path), *flags], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 2
+        assert "\x1b" not in result.stdout + result.stderr
+        # One line an image: results on stdout, and without --json errors on stderr.
+        lines = result.stdout.splitlines() + ([] if flags else result.stderr.splitlines())
+        assert len(lines) == 3, lines
+        names = [json.loads(line)["file"] for line in lines] if flags else lines
+        for shown in ("bad\\x1b[31m.png", "clear\\x1b[2J.png", "two\\nlines.png"):
+            assert sum(shown in name for name in names) == 1, (shown, names)
+    # An error sentence that names such a file: the image folder's damaged image, say.
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.fromarray(_ring()).save(tmp_path / "data" / split / label / "x.png")
+    (tmp_path / "data" / "train" / "a" / "bad\x1b[2J.png").write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-m", "torchmnist", "train", "--dataset",
+                             "folder:data", "--run-dir", "r"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "\x1b" not in result.stderr
+    assert_one_sentence_error(result.stderr, "bad\\x1b[2J.png: not an image file")
+
+
 # ---- strict JSON and finite numbers -------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from torchmnist import config as cfg
-from torchmnist.errors import TorchMnistError
+from torchmnist.errors import TorchMnistError, printable
 
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
 
@@ -486,12 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         # In a distributed run a stop is told once, by rank 0; errors by every rank.
         if error.told and not (error.label == "stopped" and _rank()
                                and os.environ.get("RANK") != "0"):
-            print(f"torchmnist: {error.label}{_rank()}: {error}", file=sys.stderr)
+            print(f"torchmnist: {error.label}{_rank()}: {printable(str(error))}",
+                  file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         print("torchmnist: interrupted", file=sys.stderr)
         return 130
     except OSError as error:  # e.g. the run directory cannot be written: disk full, permissions
         where = f": {error.filename}" if error.filename else ""
-        print(f"torchmnist: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"torchmnist: error: {printable(f'{error.strerror or error}{where}')}",
+              file=sys.stderr)
         return 1

@@ -21,3 +21,12 @@ class TrainingError(TorchMnistError):
     """Training cannot go on (a diverged loss, a checkpoint that cannot be written): exit 1."""
 
     exit_code = 1
+
+
+def printable(text: str) -> str:
+    """`text` as one line that cannot drive a terminal: in a file name, bytes that are not
+    UTF-8 (caf\\xe9.png from another system), a newline, a tab or an escape sequence (a name
+    made to recolour or clear the screen) are shown as backslash escapes."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

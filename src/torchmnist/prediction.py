@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from torchmnist import checkpoint, devices, rundir
-from torchmnist.errors import UsageError
+from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture
 
@@ -76,12 +76,6 @@ def _is_pil(item: object) -> bool:
     return isinstance(item, Image.Image)
 
 
-def shown(name: str) -> str:
-    """A file name as it can always be printed: bytes that are not UTF-8 (a name such as
-    caf\\xe9.png from another system) as backslash escapes."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
             model: str | None = None, dataset: str | None = None, device: str = "auto",
             save_preprocessed: str | os.PathLike | None = None,
@@ -116,8 +110,8 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
                               else prepare_picture(source, spec.name))
             except ImageError as error:
                 problem = str(error)
-        results.append({"file": shown(name), "error": problem} if problem
-                       else {"file": shown(name)})
+        results.append({"file": printable(name), "error": problem} if problem
+                       else {"file": printable(name)})
     if save_preprocessed is not None:
         given = [source for _, source, _ in sources if isinstance(source, str)]
         _save_images([r["file"] for r in results if "error" not in r], images, save_preprocessed,
@@ -164,7 +158,7 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
     for target in targets:
         if _identity(target) in inputs:
             raise UsageError(f"--save-preprocessed {folder} would write over the input image "
-                             f"{shown(str(target))}; choose another folder")
+                             f"{printable(str(target))}; choose another folder")
     rundir.refuse_foreign(folder, lambda f: (f / rundir.PREPROCESSED_MARKER).is_file(),
                           f"a folder of images torchmnist saved (it has no "
                           f"{rundir.PREPROCESSED_MARKER})", "--save-preprocessed")
