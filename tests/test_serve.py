@@ -117,6 +117,15 @@ def _huge() -> bytes:
     return _png(Image.new("L", (2100, 2100), 255))  # 4.4 million pixels, over the cap of 4
 
 
+def _nested_parts(depth: int) -> bytes:
+    """A multipart body whose one part is a multipart, whose one part is..., `depth` deep."""
+    body = b"x"
+    for level in reversed(range(depth)):
+        body = (f"--b{level}\r\nContent-Type: multipart/mixed; boundary=b{level + 1}\r\n\r\n"
+                .encode() + body + f"\r\n--b{level}--\r\n".encode())
+    return body
+
+
 @pytest.mark.parametrize(("send", "status", "fragment"), [
     (dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
      "the content type 'text/plain' is not one this server reads"),
@@ -141,9 +150,13 @@ def _huge() -> bytes:
      400, "the JSON nests too deeply to read"),
     (dict(files={"other": ("a.txt", b"", "text/plain")}), 400, "the uploaded file is empty"),
     (dict(files={"text": (None, "no file")}), 422, "has no file"),
+    # 130 KB; the email parser recursed into every part and answered 500.
+    (dict(content=_nested_parts(2000), headers={"content-type": "multipart/form-data; "
+                                                                "boundary=b0"}),
+     400, "the multipart body nests its parts too deeply to read"),
 ], ids=["content-type", "empty", "not-an-image", "truncated", "too-large", "too-large-chunked",
         "bomb", "huge", "bad-base64", "json-without-image", "bad-json", "deep-json",
-        "empty-upload", "no-file"])
+        "empty-upload", "no-file", "deep-multipart"])
 def test_a_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(client, send, status,
                                                                         fragment):
     response = client.post("/api/predict", **send)

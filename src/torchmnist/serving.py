@@ -247,8 +247,11 @@ def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
     from email.parser import BytesParser
     from email.policy import HTTP
 
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    try:
+        message = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    except RecursionError:  # the parser recurses into each part: 200 KB can nest 3,000 deep
+        raise BadInput(400, "the multipart body nests its parts too deeply to read") from None
     if not message.is_multipart():
         raise BadInput(400, "the multipart body cannot be read (no parts, or a bad boundary)")
     for part in message.iter_parts():
