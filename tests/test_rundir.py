@@ -177,6 +177,18 @@ def test_resuming_into_the_folder_of_another_run_is_refused(tmp_path, capsys):
         assert code == 0, err
 
 
+def test_going_back_to_an_earlier_checkpoint_says_what_it_replaces(tmp_path, capsys):
+    assert run_main(["train", "--dry-run", "--run-dir", "r", "--epochs", "2", "--keep", "2"],
+                    capsys)[0] == 0
+    code, out, err = run_main(["train", "--resume", "r/epoch-001.pt", "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert "resume: r/last.pt and metrics.jsonl go on from this checkpoint; what they held " \
+           "after it is replaced" in out
+    code, out, err = run_main(["train", "--resume", "r", "--epochs", "3"], capsys)
+    assert code == 0, err
+    assert "resuming from r/last.pt" in out and "is replaced" not in out
+
+
 def test_resuming_from_another_folder_writes_nothing_there(tmp_path):
     run = tmp_path / "project" / "runs" / "a"
     assert run_subprocess(["train", "--dry-run", "--run-dir", str(run)],

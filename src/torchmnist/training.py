@@ -553,7 +553,7 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
         # A resumed run goes on in the folder that holds its checkpoint, wherever that folder
         # has been moved or copied to, unless --run-dir names another.
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
-        if (run_dir / "last.pt").exists() and not _same_folder(run_dir, resume_path.parent):
+        if (run_dir / "last.pt").exists() and not _same_place(run_dir, resume_path.parent):
             raise UsageError(f"{run_dir} holds a run of its own ({run_dir / 'last.pt'}), which "
                              f"continuing {resume_path} there would replace; choose a new or "
                              "empty --run-dir, or resume that run itself")
@@ -588,12 +588,19 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     if saved is not None:
         log.print(f"resuming from {resume_path} at epoch {progress.epoch}, batch "
                   f"{progress.batch} (step {progress.step})")
+        last = run_dir / "last.pt"
+        if last.exists() and not _same_place(last, resume_path):
+            # Going back to an earlier checkpoint (best.pt, epoch-002.pt) is allowed: say what
+            # it costs, since nothing else would.
+            log.print(f"  resume: {last} and metrics.jsonl go on from this checkpoint; what "
+                      "they held after it is replaced")
         for change in changes:
             log.print(f"  resume: {change}")
     return run, resume_path
 
 
-def _same_folder(a: Path, b: Path) -> bool:
+def _same_place(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder, however each is spelled."""
     try:
         return a.samefile(b)
     except OSError:
