@@ -430,7 +430,7 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--threads must be at most {MAX_THREADS}, not {config.threads}")
     if config.num_workers > MAX_WORKERS:
         # Each worker is a process of its own, about 60 MB (measured with 8 workers on MNIST):
-        # 100,000 of them filled 24 GB and the kernel killed processes that were not ours.
+        # 100,000 of them filled 24 GB of memory, and other processes were killed.
         raise UsageError(f"--num-workers must be at most {MAX_WORKERS}, not "
                          f"{config.num_workers} (each worker is a process of its own)")
     if not 0 <= config.seed <= MAX_SEED:

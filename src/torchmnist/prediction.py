@@ -161,9 +161,8 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
                              f"{printable(str(target))}; choose another folder")
     rundir.refuse_foreign(folder, lambda f: (f / rundir.PREPROCESSED_MARKER).is_file(),
                           f"a folder of images torchmnist saved (it has no "
-                          f"{rundir.PREPROCESSED_MARKER})", "--save-preprocessed")
-    rundir.refuse_special(folder, {target.name for target in targets}.__contains__,
-                          "--save-preprocessed")
+                          f"{rundir.PREPROCESSED_MARKER})", "--save-preprocessed",
+                          writes={target.name for target in targets}.__contains__)
     rundir.make_folder(folder, "--save-preprocessed")
     (folder / rundir.PREPROCESSED_MARKER).touch()
     for target, image in zip(targets, images, strict=True):

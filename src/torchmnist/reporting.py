@@ -44,10 +44,9 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     run_dir = chosen.parent if chosen.is_file() else chosen
     config, records = _read_run(run_dir)
     out = Path(out) if out else run_dir / "report"
+    written = {"report.md", *(f"{name}.png" for name in FIGURES)}
     rundir.refuse_foreign(out, _is_report, "a torchmnist report's folder or a run folder",
-                          "--out")
-    rundir.refuse_special(out, {"report.md", *(f"{name}.png" for name in FIGURES)}.__contains__,
-                          "--out")
+                          "--out", writes=written.__contains__)
     trained = checkpoint.load_model(chosen if chosen.is_file() else run_dir / "last.pt")
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)

@@ -65,20 +65,17 @@ def is_run_file(path: Path) -> bool:
     return is_run_name(path.name) and is_run(path.parent)
 
 
-def refuse_foreign(folder: Path, ours: Callable[[Path], bool], what: str, flag: str) -> None:
-    """Refuse, touching nothing, a folder with something in it that is not `ours`: torchmnist
-    writes only into a new or empty folder, or one it made for the same purpose (a run's, a
-    sweep's, a report's), never over someone's own files."""
+def refuse_foreign(folder: Path, ours: Callable[[Path], bool], what: str, flag: str,
+                   writes: Callable[[str], bool]) -> None:
+    """Refuse, touching nothing, a folder torchmnist may not fill: one with something in it
+    that is not `ours` (torchmnist writes only into a new or empty folder, or one it made for
+    the same purpose: a run's, a sweep's, a report's, never over someone's own files), or one
+    where a name it `writes` is not a plain file. A symbolic link there would carry the writes
+    to wherever it points (a run folder from elsewhere with `train.log -> ~/.bashrc`), a named
+    pipe would hang the command, and a folder or a device would fail it halfway through."""
     if folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()) and not ours(folder):
         raise UsageError(f"{folder} is not empty and is not {what}; nothing in it was changed: "
                          f"choose a new or empty {flag}")
-
-
-def refuse_special(folder: Path, writes: Callable[[str], bool], flag: str) -> None:
-    """Refuse, touching nothing, a folder where a name torchmnist `writes` is not a plain file.
-    A symbolic link would carry the writes to wherever it points (a run folder from elsewhere
-    with `train.log -> ~/.bashrc`), a named pipe would hang the command, and a folder or a
-    device would fail it halfway through."""
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
@@ -103,8 +100,8 @@ def check_writable(folder: Path) -> None:
     """Refuse, touching nothing, a folder that training must not write into."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--run-dir {folder} is a file, not a folder")
-    refuse_foreign(folder, is_run, f"a torchmnist run folder (it has no {MARKER})", "--run-dir")
-    refuse_special(folder, is_run_name, "--run-dir")
+    refuse_foreign(folder, is_run, f"a torchmnist run folder (it has no {MARKER})", "--run-dir",
+                   writes=is_run_name)
 
 
 class RunLock:
@@ -187,8 +184,7 @@ def make_sweep_folder(folder: Path) -> None:
     made; any other folder with something in it is refused, touching nothing, as training
     refuses one."""
     refuse_foreign(folder, is_sweep, f"a torchmnist sweep folder (it has no {SWEEP_MARKER})",
-                   "--run-dir")
-    refuse_special(folder, SWEEP_FILES.__contains__, "--run-dir")
+                   "--run-dir", writes=SWEEP_FILES.__contains__)
     make_folder(folder, "--run-dir")
     (folder / SWEEP_MARKER).touch()
 
