@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from torchmnist import rundir
+from torchmnist.errors import TrainingError
 
 FORMAT = 1  # raised when what an entry holds changes
 UNSETTLED_NS = 2_000_000_000  # files changed this recently (2 s) may still be being written
@@ -84,15 +86,10 @@ def store(root: Path, entries: list[Entry], images: torch.Tensor) -> None:
     if where is None:
         return
     path, key = where
-    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written beside the entry and renamed over it: a reader never sees half a file.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", suffix=".pt",
-                                         delete=False) as f:
-            temporary = Path(f.name)
-            torch.save({"key": key, "images": images.contiguous()}, f)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError):  # torch's zip writer reports a failed write as either
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
+        rundir.write_atomically(
+            path, lambda f: torch.save({"key": key, "images": images.contiguous()}, f))
+    except (OSError, TrainingError):  # a folder that cannot be made, a write that failed
+        pass
