@@ -318,3 +318,21 @@ def test_the_files_a_resume_rewrites_are_replaced_whole_or_not_at_all(tmp_path, 
     now = _listing(tmp_path / "r")
     assert {k: v for k, v in now.items() if k != "train.log"} == \
         {k: v for k, v in kept.items() if k != "train.log"}
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, ValueError("the writer's own error")],
+                         ids=["ctrl-c", "writer-error"])
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(stop, tmp_path):
+    """A second Ctrl-C while a checkpoint is written, or an error of the writer's own (PIL,
+    matplotlib), ends the write: the old file stays, and so does nothing half-written."""
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"the old weights")
+
+    def write(f):
+        f.write(b"half of the new")
+        raise stop
+
+    with pytest.raises((KeyboardInterrupt, ValueError)):
+        rundir.write_atomically(target, write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    assert target.read_bytes() == b"the old weights"

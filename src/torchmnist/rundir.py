@@ -223,11 +223,15 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise cannot_write(path, error, "the previous file there, if any, is unchanged"
                            ) from None
+    finally:
+        # Whatever stopped the write (a full disk, a writer's own error, a second Ctrl-C),
+        # its half-written file goes with it.
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
