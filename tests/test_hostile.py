@@ -164,6 +164,30 @@ def test_a_checkpoint_with_a_crafted_config_is_refused(config, capsys):
         assert "damaged checkpoint" in err or "no config" in err
 
 
+@pytest.mark.parametrize("classes, problem", [
+    (list("0123456789"[:3]) + ["\x1b[31m3\x1b[0m\nfake line"] + list("456789"),
+     r"the class name '\x1b[31m3\x1b[0m\nfake line' holds control characters"),
+    (list("0123356789"), "two classes are named '3'"),
+    (list("012345678") + [""], "a class has an empty name"),
+], ids=["terminal-escapes", "twice", "empty"])
+def test_class_names_a_checkpoint_cannot_print_are_refused(classes, problem, tmp_path, capsys):
+    """predict, test and the report print the class names a checkpoint stores: a crafted one
+    must not drive the terminal, fake a line of output, or give two classes one name."""
+    run = _dry_run(capsys)
+    saved = checkpoint.load(run / "last.pt")
+    saved["dataset_spec"]["classes"] = classes
+    torch.save(saved, tmp_path / "crafted.pt")
+    Image.fromarray(_ring()).save(tmp_path / "x.png")
+    before = sorted(tmp_path.rglob("*"))
+    for command in (["predict", "crafted.pt", "x.png"], ["test", "crafted.pt", "--no-download"],
+                    ["export", "crafted.pt", "--format", "safetensors"]):
+        code, out, err = run_main(command, capsys)
+        assert code == 2, command
+        assert_one_sentence_error(err, f"crafted.pt is a damaged checkpoint: {problem}")
+        assert out == ""
+    assert sorted(tmp_path.rglob("*")) == before  # no export was written
+
+
 @pytest.mark.parametrize("key, value, problem", [
     ("lr", "abc", "lr must be a number, not 'abc'"),
     ("seed", 1.5, "seed must be a whole number, not 1.5"),

@@ -130,6 +130,20 @@ def test_labels_beyond_the_named_classes_are_refused():
         _train(torchmnist.TrainConfig(dataset=own, epochs=1))
 
 
+@pytest.mark.parametrize(("classes", "fragment"), [
+    (["a", "a", "c", "d"], "two classes are named 'a'"),
+    (["a", " ", "c", "d"], "a class has an empty name"),
+    (["a", "\x1b[2J", "c", "d"], r"the class name '\x1b[2J' holds control characters"),
+    (["a", "b" * 256, "c", "d"], "a class name is 256 characters, more than 255"),
+], ids=["twice", "blank", "terminal-escape", "too-long"])
+def test_class_names_that_cannot_be_told_apart_or_printed_are_refused(classes, fragment):
+    (train_x, train_y), test = _bars(100, 40)
+    own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=classes)
+    with pytest.raises(torchmnist.UsageError) as caught:
+        _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+    assert f"the classes of the own data cannot be used: {fragment}" in str(caught.value)
+
+
 def test_any_name_makes_a_run_folder_inside_runs():
     """The name given to own data becomes part of the run folder's name: one of 300 letters
     ended in OSError "File name too long", and one with slashes must not leave runs/."""
@@ -292,6 +306,7 @@ def test_fine_tuning_from_mnist_shapes_onto_a_folder_with_fewer_classes(tmp_path
     ("a test class the training lacks", "has a class folder 'nine' that the training images"),
     ("a damaged image", "cannot use"),
     ("no images", "holds no images"),
+    ("a class folder named with a newline", r"the class name 'b\nfake' holds control "),
 ])
 def test_an_image_folder_that_cannot_work_is_refused_in_one_sentence(layout, fragment,
                                                                      tmp_path, capsys):
@@ -312,6 +327,8 @@ def test_an_image_folder_that_cannot_work_is_refused_in_one_sentence(layout, fra
         (root / "train" / "b").rmdir()
     elif layout == "a test class the training lacks":
         (root / "test" / "nine").mkdir()
+    elif layout == "a class folder named with a newline":  # would print as a second line
+        (root / "train" / "b").rename(root / "train" / "b\nfake")
     elif layout == "a damaged image":
         (root / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     code, _, err = run_main(["train", "--dataset", f"folder:{root}", "--epochs", "1",

@@ -72,9 +72,30 @@ class DatasetSpec:
                 and isinstance(classes, list | tuple) and len(classes) >= 2
                 and all(isinstance(c, str) for c in classes) and isinstance(fingerprint, str)):
             raise ValueError("the dataset description is damaged")
+        problem = class_names_problem(classes)
+        if problem:
+            raise ValueError(problem)
         builtin = DATASETS.get(name)
         return cls(name, builtin.folder if builtin else "", float(mean), float(std),
                    tuple(classes), fingerprint, float(background))
+
+
+MAX_CLASS_NAME = 255  # characters: the longest file name, as a class folder's name
+
+
+def class_names_problem(classes: tuple[str, ...] | list[str]) -> str | None:
+    """What is wrong with a dataset's class names, or None. Each is printed by predict, test
+    and the report: it must be a line of printable text (no terminal escapes, no newline that
+    would fake another line of output), and tell its class apart from the others."""
+    for name in classes:
+        if not name.strip():
+            return "a class has an empty name"
+        if len(name) > MAX_CLASS_NAME:
+            return f"a class name is {len(name):,} characters, more than {MAX_CLASS_NAME}"
+        if not name.isprintable():  # repr() shows such characters escaped
+            return f"the class name {name!r} holds control characters"
+    twice = next((name for name in classes if classes.count(name) > 1), None)
+    return None if twice is None else f"two classes are named {twice!r}"
 
 
 DATASETS = {
@@ -424,6 +445,9 @@ def from_own(own: OwnData, dataset: str) -> DigitData:
     classes = tuple(str(c) for c in classes)
     if len(classes) < 2:
         raise UsageError("own data needs at least two classes")
+    problem = class_names_problem(classes)
+    if problem:
+        raise UsageError(f"the classes of the own data cannot be used: {problem}")
     for split, what in ((train, "training"), (test, "test")):
         low, top = int(split.labels.min()), int(split.labels.max())
         if low < 0 or top >= len(classes):
@@ -445,6 +469,9 @@ def _read_image_folder(root: Path, classes: tuple[str, ...] | None = None,
 
     found = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()
                          and not d.name.startswith(".")))
+    problem = class_names_problem(found)
+    if problem:  # a folder name that would print as terminal escapes or a second line
+        raise UsageError(f"the class folders of {root} cannot be used: {problem}; rename it")
     if classes is None:
         classes = found
         if len(classes) < 2:
