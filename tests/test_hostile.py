@@ -4,11 +4,13 @@ oversized data. Each ends in one sentence (or one line per file) and leaves noth
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,49 @@ def test_weights_that_are_not_finite_are_refused_naming_the_tensor(tmp_path, cap
 def _dry_run(capsys, run_dir="r"):
     assert run_main(["train", "--dry-run", "--run-dir", run_dir], capsys)[0] == 0
     return Path(run_dir)
+
+
+def _rezipped(source: Path, target: Path, compression: int, change=None) -> None:
+    """`source`'s archive written again entry by entry, with `compression`; `change` may
+    rewrite the bytes of the whole new archive."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", compression) as new:
+        for entry in old.infolist():
+            new.writestr(entry.filename, old.read(entry.filename))
+    if change is not None:
+        target.write_bytes(change(target.read_bytes()))
+
+
+def _claim_larger(archive: bytes) -> bytes:
+    """The central directory says the first tensor's entry holds 2 GB (as an archive whose
+    entries share their bytes does, added up); the bytes themselves are unchanged."""
+    name = next(n for n in zipfile.ZipFile(io.BytesIO(archive)).namelist()
+                if n.endswith("/data/0")).encode()
+    at = archive.rindex(name) - 46  # the directory's record of it: 46 bytes, then the name
+    assert archive[at:at + 4] == b"PK\x01\x02"
+    claim = (2**31 - 1).to_bytes(4, "little")  # its compressed and uncompressed sizes
+    return archive[:at + 20] + claim + claim + archive[at + 28:]
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    (lambda src, dst: _rezipped(src, dst, zipfile.ZIP_DEFLATED), "compressed entries, which "
+     "torch.save never writes (and which could unpack to any size); it is not loaded"),
+    (lambda src, dst: _rezipped(src, dst, zipfile.ZIP_STORED, _claim_larger),
+     "entries claim 2,147,"),
+], ids=["deflated", "sizes-beyond-the-file"])
+def test_a_checkpoint_that_unpacks_beyond_its_own_size_is_refused_unread(make, problem,
+                                                                        weights_file, tmp_path,
+                                                                        capsys):
+    """torch.load reads deflated entries and entries that share bytes: a 2 MB file of one
+    deflated 2 GB tensor took 2.7 GB to load. torch.save never writes either."""
+    make(weights_file, tmp_path / "bomb.pt")
+    for command in (["test", "bomb.pt", "--no-download"], ["predict", "bomb.pt", "x.png"],
+                    ["export", "bomb.pt", "--format", "safetensors"]):
+        code, out, err = run_main(command, capsys)
+        assert code == 2, command
+        assert_one_sentence_error(err, f"bomb.pt is a zip archive with {problem}"
+                                  if "compressed" in problem else f"bomb.pt is a zip archive "
+                                  f"whose {problem}")
+        assert out == ""
 
 
 @pytest.mark.parametrize("config", [None, [1, 2]], ids=["no-config", "config-list"])

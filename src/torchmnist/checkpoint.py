@@ -253,11 +253,13 @@ def _check_torch_save_format(path: Path) -> None:
     if start.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
+                entries = archive.infolist()
         except (zipfile.BadZipFile, OSError, ValueError):
             # Most often a checkpoint cut short: the archive's directory is written last.
             raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
                              "its zip archive has no complete directory") from None
+        names = [entry.filename for entry in entries]
+        _check_stored_sizes(path, entries)
         # torch.save's archive is one folder holding data.pkl (the pickle) and data/ (tensors);
         # TorchScript's (torch.jit.save, `torchmnist export --format torchscript`) adds code/.
         if any(re.fullmatch(r"[^/]+/code/.+", name) for name in names):
@@ -276,6 +278,25 @@ def _check_torch_save_format(path: Path) -> None:
     elif not start.startswith(_LEGACY_MAGIC_TEXT):
         raise UsageError(f"{path} is not a readable checkpoint: it is neither a file that "
                          "torch.save writes nor safetensors")
+
+
+def _check_stored_sizes(path: Path, entries: list[zipfile.ZipInfo]) -> None:
+    """Refuse an archive that unpacks to more bytes than it holds, before torch reads it.
+
+    torch.save stores every entry as it is, so its tensors can never be larger than the file.
+    torch.load also reads compressed entries, and entries that share their bytes: a 2 MB file
+    of one deflated tensor took 2.7 GB of memory to load, and one 20 MB would take all this
+    machine has. Such a file is refused without reading its entries.
+    """
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+        raise UsageError(f"{path} is a zip archive with compressed entries, which torch.save "
+                         "never writes (and which could unpack to any size); it is not "
+                         "loaded")
+    claimed, size = sum(entry.file_size for entry in entries), path.stat().st_size
+    if claimed > size:
+        raise UsageError(f"{path} is a zip archive whose entries claim {claimed:,} bytes, more "
+                         f"than its own {size:,}: not one that torch.save writes; it is not "
+                         "loaded")
 
 
 def _looks_like_safetensors(path: Path) -> bool:
