@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ def test_every_model_exports_in_every_format_and_passes_parity(name, fmt, tmp_pa
     assert result["same_predictions"] == 1.0
     assert Path(result["file"]) == source.with_name(name + exporting.FORMATS[fmt])
     assert Path(result["file"]).is_file()
-    assert not list(tmp_path.glob(".*partial*"))
+    assert not list(tmp_path.glob(".torchmnist-tmp.*"))  # the file it was written under
 
 
 def test_onnx_has_a_dynamic_batch_and_carries_its_input_contract(tmp_path, small_data):
@@ -209,3 +211,29 @@ def test_a_trained_model_runs_in_onnxruntime_without_torch_in_the_process(guide_
         assert abs(a["probability"] - b["probability"]) < 1e-4
     assert np.mean([r["prediction"] == int(test.labels[i])
                     for i, r in enumerate(onnx_results)]) >= 0.85
+
+
+def test_sigterm_during_an_export_leaves_neither_the_file_nor_its_temporary(tmp_path,
+                                                                           small_data):
+    """SIGTERM's default action ended the process on the spot, with the ONNX file it was
+    writing left beside --out as .torchmnist-tmp.*."""
+    source = _state_dict(tmp_path, "guide")
+    out = tmp_path / "exported"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "export", str(source),
+                                "--format", "onnx", "--out", str(out / "m.onnx"),
+                                "--data-dir", str(small_data)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".torchmnist-tmp.*")):  # the export is under way
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.005)
+    # Held still while the signal is sent, so that the export cannot finish first.
+    process.send_signal(signal.SIGSTOP)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "torchmnist: terminated (SIGTERM)"
+    assert list(out.iterdir()) == []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from torchmnist import config as cfg
+from torchmnist import signals
 from torchmnist.errors import TorchMnistError, printable
 
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
@@ -475,13 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             raw = list(sys.argv[1:] if argv is None else argv)
             return _sweep(explicit, raw[raw.index("sweep") + 1:])
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "report":
-            return _report(args)
-        return _test(args)
+        commands = {"predict": _predict, "export": _export, "report": _report, "test": _test}
+        with signals.terminate_cleanly():
+            return commands[args.command](args)
     except TorchMnistError as error:
         # In a distributed run a stop is told once, by rank 0; errors by every rank.
         if error.told and not (error.label == "stopped" and _rank()

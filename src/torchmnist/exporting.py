@@ -124,7 +124,7 @@ def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLi
                               f"{TOLERANCE:g}; {out} was not written")
         os.replace(partial, out)
     finally:
-        partial.unlink(missing_ok=True)
+        rundir.drop_temporary(partial)
     return {"file": str(out), "format": format, "model": trained.name, "dataset": spec.name,
             "parity_images": len(x), "max_abs_diff": difference, "same_predictions": agree,
             "tolerance": TOLERANCE, "bytes": out.stat().st_size}

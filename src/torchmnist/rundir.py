@@ -223,15 +223,14 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        tmp = None
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
         raise cannot_write(path, error, "the previous file there, if any, is unchanged"
                            ) from None
     finally:
         # Whatever stopped the write (a full disk, a writer's own error, a second Ctrl-C),
-        # its half-written file goes with it.
+        # its half-written file goes with it. (After the rename there is nothing to remove.)
         if tmp is not None:
-            tmp.unlink(missing_ok=True)
+            drop_temporary(tmp)
     _fsync_dir(path.parent)
 
 
@@ -241,9 +240,30 @@ def temporary_beside(path: Path, suffix: str = "") -> Path:
     temporaries do, with the permissions open() would give it (mkstemp gives 0600)."""
     fd, name = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=suffix,
                                 dir=path.parent)
+    _OWN_TEMPORARIES.add(Path(name))
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+# The temporary files this process has made and not yet renamed or removed, for a SIGTERM to
+# remove on its way out (signals.terminate_cleanly).
+_OWN_TEMPORARIES: set[Path] = set()
+
+
+def drop_temporary(tmp: Path) -> None:
+    """Remove a temporary file from temporary_beside, if a rename has not taken it."""
+    tmp.unlink(missing_ok=True)
+    _OWN_TEMPORARIES.discard(tmp)  # after: a signal between the two finds nothing to remove
+
+
+def remove_own_temporaries() -> None:
+    """Remove every temporary file this process is still writing (a signal's last act)."""
+    for tmp in list(_OWN_TEMPORARIES):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def cannot_write(path: Path, error: BaseException, kept: str) -> TrainingError:

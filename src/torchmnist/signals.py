@@ -3,13 +3,21 @@
 The first signal only raises a flag; the training loop looks at it after each step, writes a
 checkpoint and exits with 128 + the signal's number. A second Ctrl-C aborts at once (the last
 checkpoint on disk stays valid, because checkpoints are written atomically).
+
+Commands with nothing to save (test, predict, export, report) stop at once, as they would
+without torchmnist, but first remove the half-written file they may be writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 
+from torchmnist import rundir
 from torchmnist.errors import TorchMnistError
 
 
@@ -55,3 +63,27 @@ class StopSignals:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """While inside, SIGTERM removes the temporary files this process is writing (an export
+    under way) before it ends the process with 143, where the signal's default action would
+    leave them behind. The exit is immediate, as the default's is: an exception raised from
+    the handler could land inside an import or an exporter that takes it for an error."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame) -> None:
+        rundir.remove_own_temporaries()
+        sys.stdout.flush()
+        print("torchmnist: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
