@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import assert_one_sentence_error, last_json, run_main
 
@@ -54,6 +55,19 @@ def test_paths_and_text_numbers_from_python_are_taken_as_a_config_file_takes_the
     made = torchmnist.TrainConfig(run_dir=tmp_path / "run", data_dir=tmp_path, epochs="2")
     assert (made.run_dir, made.data_dir, made.epochs) == (str(tmp_path / "run"), str(tmp_path), 2)
     assert json.loads(json.dumps(made.to_dict())) == made.to_dict()  # config.json as it is
+
+
+def test_numpy_numbers_from_python_are_taken_as_python_numbers():
+    """A sweep written with np.arange or np.logspace gives numpy scalars: epochs=np.int64(3)
+    was refused as "epochs must be a number", and a float32 lr was kept as numpy's own type."""
+    made = torchmnist.TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), momentum=np.array(0.8),
+                                  nesterov=np.bool_(True))
+    assert (made.epochs, made.lr, made.momentum, made.nesterov) == (3, 0.5, 0.8, True)
+    assert [type(v) for v in (made.epochs, made.lr, made.momentum, made.nesterov)] == \
+        [int, float, float, bool]
+    assert json.loads(json.dumps(made.to_dict())) == made.to_dict()
+    with pytest.raises(UsageError, match=r"epochs must be a number, not array\(\[3\]\)"):
+        torchmnist.TrainConfig(epochs=np.array([3]))  # an array is not one number
 
 
 def test_a_home_folder_in_a_config_file_is_the_users_home(tmp_path, capsys, monkeypatch):

@@ -256,6 +256,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, os.PathLike):  # run_dir=Path("runs/a")
                 value = os.fspath(value)
+            if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+                value = value.item()  # epochs=np.int64(3), as np.arange and alike give them
             if f.name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
                 value = os.path.expanduser(value)  # in a config file no shell expands "~/runs"
             setattr(self, f.name, coerce(f.name, value))
