@@ -71,6 +71,20 @@ def test_predict_takes_pictures_in_memory_as_it_takes_files(trained, tmp_path):
         assert result["probability"] == pytest.approx(from_file["probability"], abs=1e-3)
     bad = torchmnist.predict(trained["run_dir"], [np.zeros((2, 3, 4, 5))], device="cpu")[0]
     assert "is not a picture" in bad["error"]
+    # Rows of uneven lengths: numpy's ValueError ended the whole call.
+    ragged, good = torchmnist.predict(trained["run_dir"], [[[0] * 28, [0] * 3], picture],
+                                      device="cpu")
+    assert ragged["error"].startswith("a list whose rows differ in length is not a picture")
+    assert good["prediction"] == from_file["prediction"]
+
+
+def test_test_labels_beyond_the_models_classes_are_named_with_the_range_they_need(trained):
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    for labels, given in (([0, 1, 2, 10], "0 to 10"), ([0, -1, 2, 1], "-1 to 2")):
+        with pytest.raises(torchmnist.UsageError) as caught:
+            torchmnist.evaluate(trained["run_dir"], test=(images, torch.tensor(labels)))
+        assert str(caught.value) == ("the test labels must run from 0 to 9 for the model's 10 "
+                                     f"classes, not {given}")
 
 
 def test_commands_take_a_run_folder_and_find_its_data(tmp_path, capsys):

@@ -107,10 +107,12 @@ def test_data(trained: checkpoint.Trained, data_dir: str | os.PathLike | None = 
                            classes=trained.spec.classes)
         if config.get("dry_run"):  # the sample of your data that the dry run tested on
             digits = data.subset(digits, config.get("seed", 1))
-    top = int(digits.test.labels.max()) if len(digits.test) else -1
-    if top >= len(trained.spec.classes) or (len(digits.test) and digits.test.labels.min() < 0):
-        raise UsageError(f"the test labels run to {top}, but the model knows "
-                         f"{len(trained.spec.classes)} classes")
+    if len(digits.test):
+        low, top, classes = (int(digits.test.labels.min()), int(digits.test.labels.max()),
+                             len(trained.spec.classes))
+        if low < 0 or top >= classes:
+            raise UsageError(f"the test labels must run from 0 to {classes - 1} for the model's "
+                             f"{classes} classes, not {low} to {top}")
     return dataclasses.replace(digits, spec=trained.spec)
 
 

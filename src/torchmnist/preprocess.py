@@ -226,7 +226,11 @@ def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
     from PIL import Image
 
     if not isinstance(picture, Image.Image):
-        array = np.asarray(picture)
+        try:
+            array = np.asarray(picture)
+        except ValueError:  # nested lists of uneven lengths
+            raise ImageError("a list whose rows differ in length is not a picture: give (H, W), "
+                             "(1, H, W) or (H, W, 3|4)") from None
         if array.ndim == 3 and array.shape[0] == 1:
             array = array[0]
         if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
