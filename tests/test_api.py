@@ -127,3 +127,26 @@ def test_training_and_test_report_the_same_accuracy_and_loss(tmp_path, capsys):
     assert tested["test_accuracy"] == trained["test_accuracy"]  # the same images right
     # The loss to float precision: training tests in channels-last order, `test` in NCHW.
     assert tested["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("call", "sentence"), [
+    (lambda run: torchmnist.predict(run, [_ring()], top="3"), "--top must be a whole number, "
+                                                              "not '3'"),
+    (lambda run: torchmnist.predict(run, [_ring()], batch_size=0), "--batch-size must be at "
+                                                                   "least 1, not 0"),
+    (lambda run: torchmnist.evaluate(run, batch_size=2.5), "--batch-size must be a whole "
+                                                           "number, not 2.5"),
+    (lambda run: torchmnist.load(run, device="gpu"), "--device must be auto, cpu, cuda, cuda:N "
+                                                     "or mps, not 'gpu'"),
+    (lambda run: torchmnist.predict(run, [_ring()], device="cuda:99"), "--device cuda:99 was "
+                                                                       "asked for but "),
+], ids=["top-text", "batch-zero", "batch-fraction", "device-gpu", "device-cuda-99"])
+def test_api_arguments_are_checked_as_their_flags_are(call, sentence, trained):
+    """These were a TypeError from a comparison, torch's "split_size can only be 0", and
+    torch.device's list of every device type it knows."""
+    with pytest.raises(torchmnist.UsageError) as caught:
+        call(trained["run_dir"])
+    assert str(caught.value).startswith(sentence)
+    # A numpy count and a torch.device are taken as they are meant.
+    assert len(torchmnist.predict(trained["run_dir"], [_ring()], top=np.int64(2))[0]["top"]) == 2
+    assert isinstance(torchmnist.load(trained["run_dir"], device=torch.device("cpu")), nn.Module)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import reprlib
@@ -534,6 +535,16 @@ def is_number(value: Any, *, whole: bool = False) -> bool:
     but not a number in a settings file, a checkpoint or a metrics record."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and (isinstance(value, int) or not whole))
+
+
+def count(flag: str, value: Any) -> int:
+    """A count given to an API call (--top, --batch-size): a whole number of at least 1, as
+    the command line's flag takes it, or one sentence."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UsageError(f"{flag} must be a whole number, not {_shown(value)}")
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1, not {value}")
+    return int(value)
 
 
 def coerce(name: str, value: Any) -> Any:

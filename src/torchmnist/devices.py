@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -53,15 +54,23 @@ def _accelerator() -> torch.device | None:
     return None
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn --device auto|cpu|cuda|mps into a torch.device, or explain why it is unavailable."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """Turn --device auto|cpu|cuda|mps into a torch.device, or explain why it is unavailable.
+    From Python, `cuda:N` and a torch.device are taken too."""
+    name = str(name)
     if name == "auto":
         return _accelerator() or torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available on this machine; "
-                         "use --device cpu or --device auto")
+    index = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not (index or name == "mps"):
+        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
+    if index and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} was asked for but CUDA is not available on this "
+                         "machine; use --device cpu or --device auto")
+    if index and index.group(1) and int(index.group(1)) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name} was asked for but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), from cuda:0")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps was asked for but MPS is not available on this machine; "
                          "use --device cpu or --device auto")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchmnist import checkpoint, data, devices
+from torchmnist import config as cfg
 from torchmnist.augment import TTA_SHIFTS, shift
 from torchmnist.errors import UsageError
 
@@ -129,8 +130,7 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     test images of your own instead: (images, labels) or a Dataset, as data.OwnData takes
     them.
     """
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
+    batch_size = cfg.count("--batch-size", batch_size)
     if exit_threshold is not None and not 0 < exit_threshold <= 1:
         raise UsageError(f"--exit-threshold must be above 0 and at most 1, not {exit_threshold}")
     target = devices.resolve_device(device)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from torchmnist import checkpoint, devices, rundir
+from torchmnist import config as cfg
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture
@@ -105,8 +106,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
     patterns (as on the command line), or pictures in memory: PIL images, NumPy arrays or
     tensors (`preprocess.prepare_picture`), whose "file" is "<input N>". `tta` averages the
     probabilities over each image and its four 1-pixel shifts."""
-    if top < 1:
-        raise UsageError(f"--top must be at least 1, not {top}")
+    top, batch_size = cfg.count("--top", top), cfg.count("--batch-size", batch_size)
     if isinstance(inputs, str | os.PathLike | np.ndarray | torch.Tensor) or _is_pil(inputs):
         inputs = [inputs]  # one image, not a sequence of them (nor of a path's letters)
     try:
