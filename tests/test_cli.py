@@ -160,6 +160,8 @@ def test_the_python_api_checks_what_the_command_line_parses(capsys):
         torchmnist.evaluate("r", exit_threshold=1.5)
     with pytest.raises(UsageError, match="--mistakes must not be negative, not -1"):
         torchmnist.report("r", mistakes=-1)
+    with pytest.raises(UsageError, match="--mistakes must be a whole number, not 2.5"):
+        torchmnist.report("r", mistakes=2.5)  # was a TypeError from slicing
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

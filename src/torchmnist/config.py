@@ -537,13 +537,14 @@ def is_number(value: Any, *, whole: bool = False) -> bool:
             and (isinstance(value, int) or not whole))
 
 
-def count(flag: str, value: Any) -> int:
-    """A count given to an API call (--top, --batch-size): a whole number of at least 1, as
-    the command line's flag takes it, or one sentence."""
+def count(flag: str, value: Any, least: int = 1) -> int:
+    """A count given to an API call (--top, --batch-size): a whole number of at least `least`,
+    as the command line's flag takes it, or one sentence."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise UsageError(f"{flag} must be a whole number, not {_shown(value)}")
-    if value < 1:
-        raise UsageError(f"{flag} must be at least 1, not {value}")
+    if value < least:
+        raise UsageError(f"{flag} must not be negative, not {value}" if least == 0
+                         else f"{flag} must be at least {least}, not {value}")
     return int(value)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from torchmnist import checkpoint, data, devices, rundir
+from torchmnist import config as cfg
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import probabilities as class_probabilities
@@ -37,8 +38,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     except ImportError:
         raise UsageError("torchmnist report needs matplotlib; install it with: pip install "
                          "'torchmnist[report]'") from None
-    if mistakes < 0:
-        raise UsageError(f"--mistakes must not be negative, not {mistakes}")
+    mistakes = cfg.count("--mistakes", mistakes, least=0)
     chosen = Path(run_dir)
     # A checkpoint file: its run's curves, and the test set scored with that checkpoint.
     run_dir = chosen.parent if chosen.is_file() else chosen
