@@ -83,6 +83,10 @@ def test_predict_answers_as_predict_json_does_for_each_way_of_sending(client, mo
                     b'form-data; name="image"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
                     + base64.encodebytes(png) + b"\r\n--b--\r\n",
                     headers={"content-type": 'multipart/form-data; boundary="b"'}),
+        # Lines ending in a bare LF, as some hand-made clients send them.
+        client.post("/api/predict", content=b'--b\nContent-Disposition: form-data; name="image"; '
+                    b'filename="one.png"\n\n' + png + b"\n--b--\n",
+                    headers={"content-type": "multipart/form-data; boundary=b"}),
         client.post("/api/predict", json={"image": base64.b64encode(png).decode()}),
         client.post("/api/predict", json={
             "image": "data:image/png;base64," + base64.b64encode(png).decode()}),

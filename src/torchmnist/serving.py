@@ -264,9 +264,10 @@ def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
     if not boundary:
         raise BadInput(400, "the multipart body cannot be read: its content type gives no "
                             "boundary")
-    # Each part follows a line "--boundary" and runs to the CRLF before the next; the last
-    # such line is "--boundary--". Whatever comes before the first is a preamble, ignored.
-    pieces = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))[1:]
+    # Each part follows a line "--boundary" and runs to the line break before the next; the
+    # last such line is "--boundary--". Whatever comes before the first is a preamble, ignored.
+    # Lines end in CRLF, as HTTP's do; a bare LF, which some hand-made clients send, is taken.
+    pieces = (b"\n" + body).split(b"\n--" + boundary.encode("latin-1"))[1:]
     if not pieces:
         raise BadInput(400, "the multipart body cannot be read: its boundary never appears")
     parts = list(itertools.takewhile(lambda piece: not piece.startswith(b"--"), pieces))
@@ -274,9 +275,9 @@ def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
         raise BadInput(400, f"the multipart body has {len(parts):,} parts, more than the "
                             f"{MAX_PARTS} this server reads: send the image alone")
     for part in parts:
-        _, _, part = part.partition(b"\r\n")  # the rest of the boundary's line
-        head, _, content = (b"", b"", part[2:]) if part.startswith(b"\r\n") \
-            else part.partition(b"\r\n\r\n")
+        part = part.partition(b"\n")[2]  # after the rest of the boundary's line
+        part = part[:-1] if part.endswith(b"\r") else part  # the CR of the next one's CRLF
+        head, content = _head_and_content(part)
         if len(head) > MAX_PART_HEADERS:
             raise BadInput(400, f"a part of the multipart body has {len(head):,} bytes of "
                                 f"headers, more than the {MAX_PART_HEADERS:,} this server reads")
@@ -289,6 +290,17 @@ def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
                 raise BadInput(400, "the uploaded file is empty")
             return filename or "<upload>", data
     raise BadInput(422, 'the multipart body has no file: send it in a field named "image"')
+
+
+def _head_and_content(part: bytes) -> tuple[bytes, bytes]:
+    """A part's header lines and its content, which the first empty line separates."""
+    ends = [at for at in (part.find(b"\r\n\r\n"), part.find(b"\n\n")) if at >= 0]
+    if part.startswith((b"\r\n", b"\n")):  # no headers at all
+        return b"", part[2:] if part.startswith(b"\r\n") else part[1:]
+    if not ends:
+        return part, b""
+    at = min(ends)
+    return part[:at], part[at + (4 if part.startswith(b"\r\n\r\n", at) else 2):]
 
 
 def _transfer_decoded(content: bytes, encoding: str) -> bytes:
