@@ -482,7 +482,8 @@ def _explained_errors(run: Run):
     except RuntimeError as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if run.config.detect_anomaly and "returned nan values" in first:
-            raise TrainingError(f"training diverged at step {run.progress.step + 1}: {first}; "
+            raise TrainingError(f"training diverged at step {run.progress.step + 1}: "
+                                f"{first.rstrip('.')}; "
                                 "the last checkpoint written, if any, holds the state before "
                                 "that") from None
         if run.config.deterministic and "deterministic implementation" in first:
