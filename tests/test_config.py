@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -206,6 +208,39 @@ def test_version_names_torchmnist_and_torch(capsys):
     assert stopped.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"torchmnist {torchmnist.__version__} (torch ")
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"],
+                                  ["predict", "--help"]], ids=" ".join)
+def test_version_and_help_answer_without_importing_torch(args):
+    """`import torchmnist` imported torch (about 1.7 s) for every command, --version and
+    --help included; the calls that need it are now imported when first used."""
+    script = ("import sys\n"
+              "from torchmnist import cli\n"
+              "try:\n"
+              f"    cli.main({args!r})\n"
+              "except SystemExit as stop:\n"
+              "    assert stop.code == 0, stop.code\n"
+              "print('torch' in sys.modules, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
+    assert done.stdout  # the version or the help was printed
+
+
+def test_the_package_gives_its_calls_when_they_are_first_used():
+    script = ("import sys, torchmnist\n"
+              "before = 'torch' in sys.modules\n"
+              "from torchmnist import predict, train\n"
+              "print(before, 'torch' in sys.modules, train is torchmnist.train,\n"
+              "      sorted(set(torchmnist.__all__) - set(dir(torchmnist))))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False True True []"
+    with pytest.raises(AttributeError, match="module 'torchmnist' has no attribute 'trian'"):
+        torchmnist.trian  # noqa: B018
 
 
 def test_the_best_recipe_chooses_on_a_validation_split():

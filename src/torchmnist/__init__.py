@@ -11,24 +11,37 @@
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
+
 from torchmnist.config import TrainConfig  # noqa: E402
 from torchmnist.errors import TorchMnistError, TrainingError, UsageError  # noqa: E402
 
-__all__ = ["TrainConfig", "TorchMnistError", "TrainingError", "UsageError", "__version__"]
+# The calls that need torch are imported when first used, not with the package: importing
+# torch takes about 1.7 s, which `torchmnist --version` and `--help` need not wait for, and
+# without torch `torchmnist.preprocess` (NumPy and Pillow only) still works, for a program
+# that runs an exported ONNX model with onnxruntime.
+_LAZY = {
+    "OwnData": ("torchmnist.data", "OwnData"),
+    "evaluate": ("torchmnist.evaluation", "evaluate"),
+    "export": ("torchmnist.exporting", "export"),
+    "load": ("torchmnist.checkpoint", "load_network"),
+    "predict": ("torchmnist.prediction", "predict"),
+    "report": ("torchmnist.reporting", "report"),
+    "train": ("torchmnist.training", "train"),
+}
 
-try:
-    import torch  # noqa: F401
-except ImportError:
-    # Without torch, `torchmnist.preprocess` (NumPy and Pillow only) still works: a program that
-    # runs an exported ONNX model with onnxruntime prepares its images with it.
-    pass
-else:
-    from torchmnist.checkpoint import load_network as load  # noqa: E402
-    from torchmnist.data import OwnData  # noqa: E402
-    from torchmnist.evaluation import evaluate  # noqa: E402
-    from torchmnist.exporting import export  # noqa: E402
-    from torchmnist.prediction import predict  # noqa: E402
-    from torchmnist.reporting import report  # noqa: E402
-    from torchmnist.training import train  # noqa: E402
+__all__ = ["TrainConfig", "TorchMnistError", "TrainingError", "UsageError", "__version__",
+           *_LAZY]
 
-    __all__ += ["OwnData", "evaluate", "export", "load", "predict", "report", "train"]
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'torchmnist' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
