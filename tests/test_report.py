@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_one_sentence_error, read_metrics, run_main
 from PIL import Image
+
+from torchmnist import checkpoint
 
 
 def _dry_run(capsys, *flags, run_dir="r"):
@@ -77,6 +80,26 @@ def test_report_curves_fit_the_run(capsys):
                               capsys)
     assert code == 0, err
     assert json.loads(out)["total"] == 512 and Path("best-report/curves.png").is_file()
+
+
+def test_class_names_with_tex_and_markdown_marks_are_shown_as_written(capsys):
+    """Class folders such as "$1", "$5" (bank notes) or "a|b": matplotlib read "$...$" as TeX
+    and ended the report in a parse error with a traceback, and report.md's tables split at
+    "|" and GitHub's markdown read "$...$" as math."""
+    _dry_run(capsys)
+    saved = checkpoint.load("r/last.pt")
+    names = ["$1", "$\\frac{$", "a|b", "*x*", "4", "5", "6", "7", "8", "<b>9"]
+    saved["dataset_spec"]["classes"] = names
+    torch.save(saved, "r/last.pt")
+    code, _, err = run_main(["report", "r", "--json"], capsys)
+    assert code == 0, err
+    text = Path("r/report/report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| class |"))
+    assert row == ("| class | \\$1 | \\$\\\\frac{\\$ | a\\|b | \\*x\\* | 4 | 5 | 6 | 7 | 8 | "
+                   "\\<b\\>9 |")
+    assert len(row.split(" | ")) == 11  # one cell a class, after the heading
+    for figure in ("confusion", "mistakes"):
+        assert Path(f"r/report/{figure}.png").stat().st_size > 0
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -250,9 +251,10 @@ def _confusion(confusion: np.ndarray, classes: tuple[str, ...]):
                       color="white" if count > confusion.max() ** 0.5 * 3 else "black")
     axes.set(xticks=range(len(classes)), yticks=range(len(classes)),
              xlabel="predicted", ylabel="true", title="confusion matrix (test set, log colour)")
-    axes.set_xticklabels(classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right"
+    names = [_plain(name) for name in classes]
+    axes.set_xticklabels(names, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right"
                          if max(map(len, classes)) > 2 else "center", fontsize=8)
-    axes.set_yticklabels(classes, fontsize=8)
+    axes.set_yticklabels(names, fontsize=8)
     figure.colorbar(image, ax=axes, shrink=0.8)
     return figure
 
@@ -273,10 +275,25 @@ def _mistakes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
         grid[0].text(0, 0.5, "no mistakes", fontsize=10)
     for axes, index in zip(grid, chosen, strict=False):
         axes.imshow(images[index], cmap="gray", vmin=0, vmax=255)
-        axes.set_title(f"#{index}: true {classes[labels[index]]}\npredicted "
-                       f"{classes[predictions[index]]} "
+        axes.set_title(f"#{index}: true {_plain(classes[labels[index]])}\npredicted "
+                       f"{_plain(classes[predictions[index]])} "
                        f"{100 * probabilities[index, predictions[index]]:.0f}%", fontsize=7)
     return figure
+
+
+def _plain(text: str) -> str:
+    """A class name as matplotlib should draw it: as written. Between two $ it reads TeX, and
+    a name such as "$5" beside another ends in a parse error or in the wrong text."""
+    return text.replace("$", r"\$")
+
+
+_MARKDOWN_MARKS = re.compile(r"([\\`*_\[\]<>|$~])")
+
+
+def _md(text: str) -> str:
+    """Text as itself in report.md: a | in a class or folder name would split a table cell,
+    $ start GitHub's math, * and _ emphasis, < an HTML tag."""
+    return _MARKDOWN_MARKS.sub(r"\\\1", text)
 
 
 def _epochs_text(config: dict, last: dict) -> str:
@@ -292,8 +309,9 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
     last = epochs[-1] if epochs else {}
     dataset_name = "synthetic (dry run)" if config.get("dry_run") else numbers["dataset"]
     lines = [
-        f"{REPORT_TITLE}{run_dir.name}", "",
-        f"{config.get('recipe', '?')} recipe, {numbers['model']} model, {dataset_name}; "
+        f"{REPORT_TITLE}{_md(run_dir.name)}", "",
+        f"{config.get('recipe', '?')} recipe, {_md(numbers['model'])} model, "
+        f"{_md(dataset_name)}; "
         f"{_epochs_text(config, last)}, {last.get('step', 0)} steps, "
         f"{last.get('seconds', 0):.1f} s of training.", "",
         "| | |", "|---|---|",
@@ -324,12 +342,12 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
     pairs = sorted(((off[i, j], i, j) for i in range(len(classes)) for j in range(len(classes))
                     if off[i, j]), reverse=True)[:5]
     lines += ["", "## Confusion matrix", "", f"![confusion matrix]({figures['confusion'].name})",
-              "", "| class | " + " | ".join(classes) + " |",
+              "", "| class | " + " | ".join(map(_md, classes)) + " |",
               "|---|" + "---|" * len(classes),
               "| accuracy | " + " | ".join(f"{100 * a:.1f}%" for a in per_class) + " |", ""]
     if pairs:
         lines.append("Most frequent confusions: " + "; ".join(
-            f"{classes[i]} read as {classes[j]} ({n}×)" for n, i, j in pairs) + ".")
+            f"{_md(classes[i])} read as {_md(classes[j])} ({n}×)" for n, i, j in pairs) + ".")
     lines += ["", "## Mistakes", "",
               f"The {shown} most confident mistakes (of {numbers['misclassified']}), each with "
               "its test-set index, true class and prediction:", "",
@@ -339,6 +357,7 @@ def _markdown(run_dir: Path, config: dict, records: list[dict], numbers: dict,
     defaults = TrainConfig().to_dict()
     for key, value in config.items():
         if key in (*RESULT_KEYS, "epochs") and value != defaults.get(key):
-            lines.append(f"| `{key}` | `{json.dumps(value, allow_nan=False)}` |")
+            shown_value = json.dumps(value, allow_nan=False).replace("|", "\\|")
+            lines.append(f"| `{key}` | `{shown_value}` |")  # (a | would end the cell)
     lines += ["", "The whole resolved configuration is `config.json` in the run directory.", ""]
     return "\n".join(lines)
