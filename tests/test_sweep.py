@@ -85,6 +85,9 @@ def test_a_space_file_and_the_sweep_options_are_checked(capsys):
         (["--space", "space.toml", "--param", "lr=log:1e-2:1"], "--param lr is given more "
                                                                  "than once"),
         (["--space", "space.toml", "--lr", "-1"], "--lr must be positive"),
+        # The name heads best.toml as a comment: a newline would start a line of settings.
+        (["--space", "space.toml", "--study-name", "mine\nlr = 100"],
+         "--study-name must be one line of printable text, not 'mine\\nlr = 100'"),
     ]:
         code, _, err = run_main(["sweep", "--dry-run", "--run-dir", "s", *args], capsys)
         assert code == 2, args

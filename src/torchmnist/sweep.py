@@ -223,6 +223,9 @@ def build(options: dict[str, Any], base: dict[str, Any]) -> Sweep:
         "sweep-%Y%m%d-%H%M%S"))
     storage = options.get("storage") or f"sqlite:///{(folder / 'study.db').resolve()}"
     name = options.get("study_name") or re.sub(r"[^\w.-]", "-", folder.resolve().name)
+    if not name.strip() or not name.isprintable():
+        # It heads best.toml as a comment, where a newline would start a line of settings.
+        raise UsageError(f"--study-name must be one line of printable text, not {name!r}")
     return Sweep(space, base, folder, storage, name, trials=trials, jobs=jobs,
                  objective=objective, sampler=options.get("sampler", "tpe"),
                  pruner=options.get("pruner", "median"),
