@@ -336,3 +336,20 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(stop, tmp_pat
         rundir.write_atomically(target, write)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
     assert target.read_bytes() == b"the old weights"
+
+
+def test_a_bare_resume_continues_the_newest_run_and_passes_over_what_is_no_checkpoint(capsys):
+    code, _, err = run_main(["train", "--resume", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "--resume found no checkpoint: there is no runs/*/last.pt")
+    for name in ("older", "newer"):
+        assert run_main(["train", "--dry-run", "--run-dir", f"runs/{name}"], capsys)[0] == 0
+    Path("runs/pipe").mkdir()
+    os.mkfifo("runs/pipe/last.pt")  # no checkpoint (it was picked, being newest, and failed)
+    for name, when in (("older", 1_000), ("newer", 2_000), ("pipe", 3_000)):
+        os.utime(f"runs/{name}/last.pt", (when, when))  # (a file system's clock may be coarse)
+    older = Path("runs/older/last.pt").read_bytes()
+    code, out, err = run_main(["train", "--resume", "--epochs", "2", "--json"], capsys)
+    assert code == 0, err
+    assert last_json(out)["run_dir"] == "runs/newer"
+    assert Path("runs/older/last.pt").read_bytes() == older

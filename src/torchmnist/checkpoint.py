@@ -381,7 +381,11 @@ def find_resume(resume: str, run_dir: str | None, runs_dir: str = "runs") -> Pat
         return path / "last.pt" if path.is_dir() else path
     if run_dir is not None:
         return Path(run_dir) / "last.pt"
-    candidates = sorted(Path(runs_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    # Plain files only: a pipe or folder named last.pt is no run's checkpoint. Of two written
+    # in the same tick of a coarse file-system clock, the later name (runs are named by their
+    # date and time) is taken, not whichever the folder listing gives last.
+    candidates = sorted((p for p in Path(runs_dir).glob("*/last.pt") if p.is_file()),
+                        key=lambda p: (p.stat().st_mtime_ns, p.parent.name))
     if not candidates:
         raise UsageError(f"--resume found no checkpoint: there is no {runs_dir}/*/last.pt here; "
                          "pass --resume PATH or --run-dir DIR")
