@@ -47,10 +47,24 @@ def test_a_dry_run_is_one_epoch_in_python_too():
     # kernel killed other processes to make room.
     ({"loader": "dataloader", "num_workers": 100_000}, "--num-workers must be at most 64, not "
                                                        "100000"),
+    # `--resume "$CKPT"` with CKPT unset started a fresh run, and `--init-from ""` trained from
+    # scratch, without a word.
+    ({"resume": ""}, "--resume was given an empty path: name a checkpoint or a run folder (or "
+                     "give --resume alone"),
+    ({"init_from": " "}, "--init-from was given an empty path"),
 ])
 def test_a_config_is_checked_when_it_is_made(values, sentence):
     with pytest.raises(UsageError, match=sentence.replace("(", r"\(")):
         torchmnist.TrainConfig(**values)
+
+
+def test_an_empty_resume_or_init_path_saved_by_an_older_run_still_means_none():
+    """They were taken as unset before they were refused; a checkpoint that saved one must
+    still resume and test."""
+    saved = config.checked({"init_from": "", "resume": " ", "lr": 0.1})
+    assert saved == {"init_from": None, "resume": None, "lr": 0.1}
+    made = torchmnist.TrainConfig(**{**saved, "resume": "r"})
+    assert (made.init_from, made.resume) == (None, "r")
 
 
 def test_paths_and_text_numbers_from_python_are_taken_as_a_config_file_takes_them(tmp_path):

@@ -436,6 +436,12 @@ def validate(config: TrainConfig) -> None:
         # 100,000 of them filled 24 GB of memory, and other processes were killed.
         raise UsageError(f"--num-workers must be at most {MAX_WORKERS}, not "
                          f"{config.num_workers} (each worker is a process of its own)")
+    for name in ("resume", "init_from"):
+        # `--resume "$CKPT"` with CKPT unset would otherwise start a fresh run without a word.
+        if isinstance(getattr(config, name), str) and not getattr(config, name).strip():
+            raise UsageError(f"--{_flag(name)} was given an empty path: name a checkpoint or a "
+                             "run folder" + (" (or give --resume alone to continue the newest "
+                                             "run)" if name == "resume" else ""))
     if not 0 <= config.seed <= MAX_SEED:
         # The seed goes to torch, numpy and SeedSequence, whose common range this is.
         raise UsageError(f"--seed must be from 0 to 2**63 - 1, not {config.seed}")
@@ -582,7 +588,11 @@ def checked(values: dict[str, Any]) -> dict[str, Any]:
     damaged or crafted value is named at once rather than failing wherever it is first used.
     Keys that are not settings are kept as they are."""
     known = set(field_names())
-    return {key: coerce(key, value) if key in known else value for key, value in values.items()}
+    values = {key: coerce(key, value) if key in known else value for key, value in values.items()}
+    for key in ("resume", "init_from"):  # an empty path, which meant none before it was refused
+        if isinstance(values.get(key), str) and not values[key].strip():
+            values[key] = None
+    return values
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
