@@ -55,6 +55,26 @@ def test_a_bad_argument_does_not_stop_the_others(weights_file, tmp_path, capsys)
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["test", ""], ["predict", "", "x.png"],
+                                     ["export", "", "--format", "safetensors"], ["report", ""],
+                                     ["serve", ""]], ids=lambda c: c[0])
+def test_an_empty_checkpoint_path_is_named_not_taken_as_the_current_folder(command, capsys):
+    """Path("") is "."; `torchmnist test "$RUN"` with RUN unset looked for ./last.pt."""
+    code, out, err = run_main(command, capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "path is empty: name a ")
+    assert out == ""
+
+
+def test_an_empty_image_argument_is_an_error_of_its_own(weights_file, tmp_path, capsys):
+    """`predict CKPT "$IMAGE"` with IMAGE unset predicted every image in the current folder."""
+    Image.fromarray(_ring()).save(tmp_path / "elsewhere.png")
+    code, out, _ = run_main(["predict", str(weights_file), "", "--json"], capsys)
+    assert code == 2
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"file": "", "error": "an empty name: give a file, a folder or a pattern"}]
+
+
 def test_a_directory_scan_takes_image_files_only(weights_file, tmp_path, capsys):
     folder = tmp_path / "digits"
     folder.mkdir()

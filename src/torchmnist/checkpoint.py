@@ -509,6 +509,8 @@ class Trained:
 
 def file_in(path: str | os.PathLike) -> Path:
     """A checkpoint file as given, or, for a run folder, its last.pt."""
+    if not os.fspath(path).strip():  # Path("") is the current folder, a surprise here
+        raise UsageError("the checkpoint path is empty: name a checkpoint or a run folder")
     path = Path(path)
     return path / "last.pt" if path.is_dir() else path
 

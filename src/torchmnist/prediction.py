@@ -41,6 +41,8 @@ def expand(inputs: list[str]) -> list[tuple[str, str | None]]:
 
 
 def _expand_one(item: str) -> list[tuple[str, str | None]]:
+    if not item.strip():  # Path("") would be the current folder, every image in it
+        return [(item, "an empty name: give a file, a folder or a pattern")]
     path = Path(item)
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES

@@ -40,6 +40,9 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
         raise UsageError("torchmnist report needs matplotlib; install it with: pip install "
                          "'torchmnist[report]'") from None
     mistakes = cfg.count("--mistakes", mistakes, least=0)
+    if not os.fspath(run_dir).strip():  # Path("") is the current folder
+        raise UsageError("the run folder path is empty: name a run folder, or a checkpoint in "
+                         "one")
     chosen = Path(run_dir)
     # A checkpoint file: its run's curves, and the test set scored with that checkpoint.
     run_dir = chosen.parent if chosen.is_file() else chosen
