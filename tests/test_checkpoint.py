@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_one_sentence_error, read_metrics, run_main
 
-from torchmnist import checkpoint, models
+from torchmnist import checkpoint, exporting, models
 
 
 def _test(path, capsys, *flags):
@@ -55,6 +55,12 @@ def _torch_save(path, **options):
     # What `torchmnist export --format torchscript` writes is a program, not a checkpoint.
     ("model.torchscript.pt", lambda p: _zip(p, ["m/data.pkl", "m/code/__torch__/m.py"]),
      "is a TorchScript program"),
+    # torch.jit.save itself, which deflates its code: named as a program, not as a zip bomb.
+    ("model.ts", lambda p: exporting._write_torchscript(models.GuideNet().eval(),
+                                                        torch.zeros(2, 1, 28, 28), p, {}),
+     "is a TorchScript program"),
+    ("compressed.npz", lambda p: np.savez_compressed(p, a=np.zeros(9)),
+     "is a zip archive, but not one that torch.save writes"),
     ("model.onnx", lambda p: p.write_bytes(b"\x08\x08\x12\x07pytorch"), "is an ONNX model"),
     # torch.save itself, with protocols its safe loader cannot read: in both of its formats.
     ("legacy-p1.pt", lambda p: _torch_save(p, _use_new_zipfile_serialization=False,
@@ -65,7 +71,8 @@ def _torch_save(path, **options):
      "written by torch.save with a pickle protocol that torch cannot load"),
     ("zip-p4.pt", lambda p: _torch_save(p, pickle_protocol=4),
      "written by torch.save with a pickle protocol that torch cannot load"),
-], ids=["npz", "torchscript", "onnx", "legacy-p1", "legacy-p4", "zip-p4"])
+], ids=["npz", "torchscript", "torch-jit-save", "npz-compressed", "onnx", "legacy-p1",
+        "legacy-p4", "zip-p4"])
 def test_files_that_are_not_checkpoints_are_named(tmp_path, name, write, fragment, capsys):
     path = tmp_path / name
     write(path)

@@ -259,7 +259,6 @@ def _check_torch_save_format(path: Path) -> None:
             raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
                              "its zip archive has no complete directory") from None
         names = [entry.filename for entry in entries]
-        _check_stored_sizes(path, entries)
         # torch.save's archive is one folder holding data.pkl (the pickle) and data/ (tensors);
         # TorchScript's (torch.jit.save, `torchmnist export --format torchscript`) adds code/.
         if any(re.fullmatch(r"[^/]+/code/.+", name) for name in names):
@@ -269,6 +268,7 @@ def _check_torch_save_format(path: Path) -> None:
         if not any(re.fullmatch(r"[^/]+/data\.pkl", name) for name in names):
             raise UsageError(f"{path} is a zip archive, but not one that torch.save writes "
                              "(it holds no data.pkl)")
+        _check_stored_sizes(path, entries)  # (TorchScript, named above, deflates its code)
     elif start.startswith(b"\x80"):
         if _LEGACY_MAGIC not in start:
             raise UsageError(f"{path} is a Python pickle, but not one that torch.save writes")
