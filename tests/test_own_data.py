@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -420,6 +421,15 @@ def test_a_damaged_or_unwritable_cache_is_passed_over(tmp_path, monkeypatch):
     for entry in (tmp_path / "cache" / "folders").glob("*.pt"):
         entry.write_bytes(b"PK\x03\x04 not a zip")
     decoded = _reads(monkeypatch)
+    assert _same(data.load_folder(root), expected) and len(decoded) == 12
+    # An entry rewritten with deflated tensors (as a zip bomb is) is never unpacked.
+    for entry in (tmp_path / "cache" / "folders").glob("*.pt"):
+        with zipfile.ZipFile(entry) as old:
+            files = {name: old.read(name) for name in old.namelist()}
+        with zipfile.ZipFile(entry, "w", zipfile.ZIP_DEFLATED) as new:
+            for name, content in files.items():
+                new.writestr(name, content)
+    decoded.clear()
     assert _same(data.load_folder(root), expected) and len(decoded) == 12
     (tmp_path / "blocked").write_text("a file where the cache folder would be")
     monkeypatch.setenv("TORCHMNIST_CACHE_DIR", str(tmp_path / "blocked"))

@@ -64,8 +64,12 @@ def load(root: Path, entries: list[Entry]) -> torch.Tensor | None:
     if where is None or not where[0].is_file():
         return None
     path, key = where
+    from torchmnist import checkpoint
+
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # checkpoint.load, not torch.load: the cache folder may be shared (TORCHMNIST_CACHE_DIR),
+        # and an entry that unpacks to more than it holds is refused unread.
+        saved = checkpoint.load(path)
     except Exception:  # noqa: BLE001 - a damaged entry is as good as none
         return None
     images = saved.get("images") if isinstance(saved, dict) else None
