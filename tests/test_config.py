@@ -58,6 +58,17 @@ def test_a_config_is_checked_when_it_is_made(values, sentence):
         torchmnist.TrainConfig(**values)
 
 
+@pytest.mark.parametrize("name", ["run_dir", "data_dir", "resume", "init_from"])
+def test_a_path_named_in_another_encoding_is_refused_and_shown_escaped(name):
+    """A folder named in Latin-1 reaches Python as "runs/x\udcff"; train.log's first line
+    ended the run in UnicodeEncodeError, with a traceback."""
+    with pytest.raises(UsageError) as caught:
+        torchmnist.TrainConfig(**{name: "runs/x\udcff"})
+    assert str(caught.value) == (f"--{name.replace('_', '-')} runs/x\\xff is not valid UTF-8, "
+                                 "so it cannot be written to train.log and config.json; "
+                                 "rename it")
+
+
 def test_an_empty_resume_or_init_path_saved_by_an_older_run_still_means_none():
     """They were taken as unset before they were refused; a checkpoint that saved one must
     still resume and test."""
