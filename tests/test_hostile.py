@@ -113,6 +113,26 @@ def test_a_double_star_glob_searches_every_depth_without_following_links(weights
                                                "error": "no files match this pattern"}
 
 
+def test_a_run_folder_renamed_in_another_encoding_is_tested_reported_and_exported(capsys):
+    """A run folder moved to a Latin-1 name: report ended in UnicodeEncodeError (report.md is
+    UTF-8), and the safetensors export failed its parity check, as safetensors opens files by
+    UTF-8 names only."""
+    _dry_run(capsys)
+    run = os.fsdecode(b"run\xff")  # "run\udcff"
+    os.rename("r", run)
+    code, out, err = run_main(["test", run], capsys)
+    assert code == 0, err
+    assert out.startswith("run\\xff: guide model on mnist test set")
+    code, out, err = run_main(["report", run], capsys)
+    assert code == 0, err
+    assert out.startswith("wrote run\\xff/report/report.md")
+    assert Path(run, "report", "report.md").read_text().startswith("# Run report: run\\\\xff")
+    code, out, err = run_main(["export", run, "--format", "safetensors", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["same_predictions"] == 1.0
+    assert Path(run, "last.safetensors").is_file()
+
+
 def test_a_file_name_that_is_not_utf8_is_printed_escaped(weights_file, tmp_path):
     name = os.fsdecode(b"caf\xe9.png")
     Image.fromarray(_ring()).save(tmp_path / name)

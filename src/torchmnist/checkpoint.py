@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
-from torchmnist.errors import UsageError
+from torchmnist.errors import UsageError, is_utf8, printable
 from torchmnist.rundir import write_atomically
 
 FORMAT_VERSION = 1
@@ -309,12 +309,15 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     try:
-        return load_file(path)
+        # safetensors opens files by UTF-8 names only: a folder named in another encoding is
+        # read here and handed over as bytes (for one small model, a copy that costs nothing).
+        return load_file(path) if is_utf8(str(path)) else load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as error:
-        raise UsageError(f"{path} is not a readable safetensors file: {error}") from None
+        raise UsageError(f"{printable(str(path))} is not a readable safetensors file: "
+                         f"{error}") from None
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -569,11 +572,15 @@ def _safetensors_spec(path: Path) -> Any:
     text under DATASET_SPEC), or None."""
     if not (path.suffix == ".safetensors" or _looks_like_safetensors(path)):
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(DATASET_SPEC)
+        # The header itself (8 bytes of length, then JSON), which safetensors' safe_open would
+        # read, but only from a file with a UTF-8 name.
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length < path.stat().st_size:
+                return {}
+            header = json.loads(f.read(length))
+        text = (header.get("__metadata__") or {}).get(DATASET_SPEC)
         return json.loads(text) if text is not None else None
     except Exception:  # noqa: BLE001 - unreadable metadata: a damaged spec, said by the caller
         return {}

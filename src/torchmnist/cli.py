@@ -415,8 +415,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace, result: dict, sentence: str) -> None:
-    """The result as one JSON line with --json, else as a sentence."""
-    print(json.dumps(result, allow_nan=False) if args.json else sentence)
+    """The result as one JSON line with --json, else as a sentence (its paths escaped as
+    every name torchmnist prints is: a folder in another encoding, a newline)."""
+    print(json.dumps(result, allow_nan=False) if args.json else printable(sentence))
 
 
 def _report(args: argparse.Namespace) -> int:

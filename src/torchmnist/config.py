@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from torchmnist.errors import UsageError, printable
+from torchmnist.errors import UsageError, is_utf8, printable
 
 RECIPE_NAMES = ("guide", "official", "fast", "fast-gpu", "best")  # the keys of RECIPES
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # besides folder:PATH and own data
@@ -438,7 +438,7 @@ def validate(config: TrainConfig) -> None:
                          f"{config.num_workers} (each worker is a process of its own)")
     for name in PATH_FIELDS:
         value = getattr(config, name)
-        if isinstance(value, str) and not _utf8(value):
+        if isinstance(value, str) and not is_utf8(value):
             raise UsageError(f"--{_flag(name)} {printable(value)} is not valid UTF-8, so it "
                              "cannot be written to train.log and config.json; rename it")
     for name in ("resume", "init_from"):
@@ -546,16 +546,6 @@ def is_number(value: Any, *, whole: bool = False) -> bool:
     but not a number in a settings file, a checkpoint or a metrics record."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and (isinstance(value, int) or not whole))
-
-
-def _utf8(text: str) -> bool:
-    """Whether text is valid UTF-8: a file name of another encoding reaches Python with its
-    bytes kept as lone surrogates ("\udcff"), which no UTF-8 file can hold."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def count(flag: str, value: Any, least: int = 1) -> int:

@@ -30,3 +30,13 @@ def printable(text: str) -> str:
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
                    for c in text)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether text can be written as UTF-8: a file name in another encoding reaches Python
+    with its bytes kept as lone surrogates ("caf\\udce9.png"), which no UTF-8 file holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -19,7 +19,7 @@ import numpy as np
 from torchmnist import checkpoint, data, devices, rundir
 from torchmnist import config as cfg
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
-from torchmnist.errors import UsageError
+from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
 
@@ -295,8 +295,9 @@ _MARKDOWN_MARKS = re.compile(r"([\\`*_\[\]<>|$~])")
 
 def _md(text: str) -> str:
     """Text as itself in report.md: a | in a class or folder name would split a table cell,
-    $ start GitHub's math, * and _ emphasis, < an HTML tag."""
-    return _MARKDOWN_MARKS.sub(r"\\\1", text)
+    $ start GitHub's math, * and _ emphasis, < an HTML tag; a folder named in another encoding
+    than UTF-8 is shown escaped (the file is UTF-8)."""
+    return _MARKDOWN_MARKS.sub(r"\\\1", printable(text))
 
 
 def _epochs_text(config: dict, last: dict) -> str:
