@@ -199,6 +199,18 @@ def test_a_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(client, 
     assert good.status_code == 200 and good.json()["class"] == "0"
 
 
+def test_a_checkpoint_in_a_folder_named_in_another_encoding_is_described(model_run, tmp_path):
+    """/api/model answered 500: the checkpoint's path, a lone surrogate for the byte, could not
+    be written as JSON."""
+    folder = tmp_path / os.fsdecode(b"run\xff")
+    folder.mkdir()
+    shutil.copy(model_run / "last.pt", folder / "last.pt")
+    with TestClient(serving.create_app(folder, device="cpu")) as c:
+        answer = c.get("/api/model")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["checkpoint"].endswith("run\\xff/last.pt")
+
+
 # ---- the real server -------------------------------------------------------------------------
 
 def _free_port() -> int:

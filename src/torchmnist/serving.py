@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from torchmnist import checkpoint, devices
-from torchmnist.errors import UsageError
+from torchmnist.errors import UsageError, printable
 from torchmnist.prediction import answer
 from torchmnist.preprocess import ImageError, normalise, prepare_bytes
 
@@ -325,7 +325,8 @@ def _about(path: Path, trained, network) -> dict[str, Any]:
             "classes": list(trained.spec.classes),
             "test_accuracy": tested[-1] if tested else None,
             "parameters": sum(p.numel() for p in network.parameters()),
-            "checkpoint": str(path), "torchmnist_version": __version__}
+            "checkpoint": printable(str(path)),  # (a folder named in another encoding)
+            "torchmnist_version": __version__}
 
 
 def run(app, host: str, port: int) -> None:
