@@ -65,7 +65,6 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
-
 @contextlib.contextmanager
 def terminate_cleanly() -> Iterator[None]:
     """While inside, SIGTERM removes the temporary files this process is writing (an export
