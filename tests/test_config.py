@@ -69,6 +69,14 @@ def test_a_path_named_in_another_encoding_is_refused_and_shown_escaped(name):
                                  "rename it")
 
 
+def test_a_path_with_a_control_character_is_refused_and_shown_escaped():
+    """`--run-dir $'runs/a\nb'` printed its last line as "checkpoint runs/a" and "b/last.pt"."""
+    with pytest.raises(UsageError) as caught:
+        torchmnist.TrainConfig(run_dir="runs/a\nb")
+    assert str(caught.value).startswith("--run-dir runs/a\\nb holds a control character")
+    assert torchmnist.TrainConfig(run_dir="runs/é and spaces").run_dir == "runs/é and spaces"
+
+
 def test_an_empty_resume_or_init_path_saved_by_an_older_run_still_means_none():
     """They were taken as unset before they were refused; a checkpoint that saved one must
     still resume and test."""

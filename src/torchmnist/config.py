@@ -441,6 +441,11 @@ def validate(config: TrainConfig) -> None:
         if isinstance(value, str) and not is_utf8(value):
             raise UsageError(f"--{_flag(name)} {printable(value)} is not valid UTF-8, so it "
                              "cannot be written to train.log and config.json; rename it")
+        if isinstance(value, str) and not value.isprintable():
+            # A newline would split train.log's lines ("checkpoint runs/a" and "b/last.pt").
+            raise UsageError(f"--{_flag(name)} {printable(value)} holds a control character "
+                             "(a newline, a tab, an escape), which the log would print as it "
+                             "is; rename it")
     for name in ("resume", "init_from"):
         # `--resume "$CKPT"` with CKPT unset would otherwise start a fresh run without a word.
         if isinstance(getattr(config, name), str) and not getattr(config, name).strip():
