@@ -243,34 +243,36 @@ def test_version_names_torchmnist_and_torch(capsys):
     assert out.startswith(f"torchmnist {torchmnist.__version__} (torch ")
 
 
+def _fresh_python(script: str) -> subprocess.CompletedProcess:
+    """`script` run in a new interpreter, where nothing is imported yet; it must succeed."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"],
                                   ["predict", "--help"]], ids=" ".join)
 def test_version_and_help_answer_without_importing_torch(args):
     """`import torchmnist` imported torch (about 1.7 s) for every command, --version and
     --help included; the calls that need it are now imported when first used."""
-    script = ("import sys\n"
-              "from torchmnist import cli\n"
-              "try:\n"
-              f"    cli.main({args!r})\n"
-              "except SystemExit as stop:\n"
-              "    assert stop.code == 0, stop.code\n"
-              "print('torch' in sys.modules, file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = _fresh_python("import sys\n"
+                         "from torchmnist import cli\n"
+                         "try:\n"
+                         f"    cli.main({args!r})\n"
+                         "except SystemExit as stop:\n"
+                         "    assert stop.code == 0, stop.code\n"
+                         "print('torch' in sys.modules, file=sys.stderr)\n")
     assert done.stderr.strip().splitlines()[-1] == "False"
     assert done.stdout  # the version or the help was printed
 
 
 def test_the_package_gives_its_calls_when_they_are_first_used():
-    script = ("import sys, torchmnist\n"
-              "before = 'torch' in sys.modules\n"
-              "from torchmnist import predict, train\n"
-              "print(before, 'torch' in sys.modules, train is torchmnist.train,\n"
-              "      sorted(set(torchmnist.__all__) - set(dir(torchmnist))))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = _fresh_python("import sys, torchmnist\n"
+                         "before = 'torch' in sys.modules\n"
+                         "from torchmnist import predict, train\n"
+                         "print(before, 'torch' in sys.modules, train is torchmnist.train,\n"
+                         "      sorted(set(torchmnist.__all__) - set(dir(torchmnist))))\n")
     assert done.stdout.strip() == "False True True []"
     with pytest.raises(AttributeError, match="module 'torchmnist' has no attribute 'trian'"):
         torchmnist.trian  # noqa: B018
