@@ -111,6 +111,11 @@ def test_a_double_star_glob_searches_every_depth_without_following_links(weights
     assert [json.loads(line) for line in out.splitlines()][0]["file"] == "photos/.thumbs/t.png"
     assert json.loads(out.splitlines()[1]) == {"file": "photos/**/none.png",
                                                "error": "no files match this pattern"}
+    # A last "**" means every file below, as in bash (pathlib alone gives the folders).
+    code, out, _ = run_main(["predict", str(weights_file), "photos/**", "--json"], capsys)
+    assert code == 0
+    assert [json.loads(line)["file"] for line in out.splitlines()] == [
+        "photos/2024/may/deep.png", "photos/top.png"]
 
 
 def test_a_run_folder_renamed_in_another_encoding_is_tested_reported_and_exported(capsys):

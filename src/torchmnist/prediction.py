@@ -70,6 +70,8 @@ def _glob(pattern: str) -> list[str]:
         return glob.glob(pattern)
     first = next(i for i, part in enumerate(parts) if _GLOB_CHARACTERS & set(part))
     base, rest = Path(*parts[:first]), Path(*parts[first:])
+    if rest.parts[-1] == "**":  # pathlib gives folders only for a last "**"; bash, the files too
+        rest = rest / "*"
     hidden_too = any(part.startswith(".") and part not in (".", "..") for part in rest.parts)
     return [str(path) for path in base.glob(str(rest))
             if hidden_too or not any(name.startswith(".")
