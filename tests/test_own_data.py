@@ -136,7 +136,12 @@ def test_labels_beyond_the_named_classes_are_refused():
     (["a", " ", "c", "d"], "a class has an empty name"),
     (["a", "\x1b[2J", "c", "d"], r"the class name '\x1b[2J' holds control characters"),
     (["a", "b" * 256, "c", "d"], "a class name is 256 characters, more than 255"),
-], ids=["twice", "blank", "terminal-escape", "too-long"])
+    # "café" twice, its accent one character (NFC) and a combining one (NFD, as macOS writes
+    # folder names): they print alike.
+    (["caf\u00e9", "b", "cafe\u0301", "d"], "two classes are named alike, 'caf\u00e9' and "
+                                           "'cafe\u0301': they differ only in how their "
+                                           "accents are encoded"),
+], ids=["twice", "blank", "terminal-escape", "too-long", "nfc-and-nfd"])
 def test_class_names_that_cannot_be_told_apart_or_printed_are_refused(classes, fragment):
     (train_x, train_y), test = _bars(100, 40)
     own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=classes)

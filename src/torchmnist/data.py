@@ -15,6 +15,7 @@ import functools
 import gzip
 import math
 import os
+import unicodedata
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -94,8 +95,17 @@ def class_names_problem(classes: tuple[str, ...] | list[str]) -> str | None:
             return f"a class name is {len(name):,} characters, more than {MAX_CLASS_NAME}"
         if not name.isprintable():  # repr() shows such characters escaped
             return f"the class name {name!r} holds control characters"
-    twice = next((name for name in classes if classes.count(name) > 1), None)
-    return None if twice is None else f"two classes are named {twice!r}"
+    # Names that differ only in how an accent is encoded (NFC "é", NFD "e" and a combining
+    # accent, as macOS names folders) print alike, so they are the same name here.
+    seen: dict[str, str] = {}
+    for name in classes:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            return (f"two classes are named {name!r}" if seen[key] == name else
+                    f"two classes are named alike, {seen[key]!r} and {name!r}: they differ "
+                    "only in how their accents are encoded (Unicode NFC and NFD)")
+        seen[key] = name
+    return None
 
 
 DATASETS = {
