@@ -83,7 +83,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     markdown = out / "report.md"
     text = _markdown(run_dir, config, records, numbers, confusion, spec.classes, figures,
                      min(mistakes, len(wrong)))
-    rundir.write_atomically(markdown, lambda f: f.write(text.encode("utf-8")))
+    rundir.write_text_atomically(markdown, text)
     return {"report": str(markdown), **{k: str(v) for k, v in figures.items()}, **numbers}
 
 

@@ -234,6 +234,11 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     _fsync_dir(path.parent)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """`write_atomically` for a text file (UTF-8): config.json, metrics.jsonl, report.md."""
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def temporary_beside(path: Path, suffix: str = "") -> Path:
     """A new empty file in `path`'s folder to write `path` into and rename, under a name no
     other process has (two writers of one file never share it), starting as torchmnist's

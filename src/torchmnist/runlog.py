@@ -60,8 +60,7 @@ class RunLog:
         # after that checkpoint by an interrupted run do not appear twice after a resume. It is
         # replaced whole: a full disk leaves the old file, not half of the new one.
         text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in self.history)
-        rundir.write_atomically(run_dir / "metrics.jsonl",
-                                lambda f: f.write(text.encode("utf-8")))
+        rundir.write_text_atomically(run_dir / "metrics.jsonl", text)
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._writer = None  # a TensorBoard SummaryWriter, with --tensorboard
 

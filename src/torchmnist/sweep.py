@@ -671,7 +671,7 @@ def write_best(sweep: Sweep, params: dict[str, Any]) -> Path:
         head += (f"# its trial ran with {max(1, _cores() // sweep.jobs)} torch thread(s): pass "
                  "--threads with that number to reproduce its score exactly\n")
     text = (head if sweep.best_format != "json" else "") + text
-    rundir.write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+    rundir.write_text_atomically(path, text)
     return path
 
 

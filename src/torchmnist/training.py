@@ -705,9 +705,9 @@ def _open_run_dir(config: TrainConfig, run_dir: Path, world: distributed.World,
         config = _replace(config, run_dir=str(run_dir), data_dir=(
             str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None))
         if world.main:
-            text = json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n"
-            rundir.write_atomically(run_dir / "config.json",
-                                    lambda f: f.write(text.encode("utf-8")))
+            rundir.write_text_atomically(
+                run_dir / "config.json",
+                json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n")
         log = RunLog(run_dir, history=saved[checkpoint.METRICS] if saved else None,
                      quiet=config.quiet or not world.main, to_stderr=config.json,
                      write=world.main)
