@@ -438,17 +438,19 @@ def validate(config: TrainConfig) -> None:
                          f"{config.num_workers} (each worker is a process of its own)")
     for name in PATH_FIELDS:
         value = getattr(config, name)
-        if isinstance(value, str) and not is_utf8(value):
+        if not isinstance(value, str):
+            continue
+        if not is_utf8(value):
             raise UsageError(f"--{_flag(name)} {printable(value)} is not valid UTF-8, so it "
                              "cannot be written to train.log and config.json; rename it")
-        if isinstance(value, str) and not value.isprintable():
+        if not value.isprintable():
             # A newline would split train.log's lines ("checkpoint runs/a" and "b/last.pt").
             raise UsageError(f"--{_flag(name)} {printable(value)} holds a control character "
                              "(a newline, a tab, an escape), which the log would print as it "
                              "is; rename it")
-    for name in ("resume", "init_from"):
-        # `--resume "$CKPT"` with CKPT unset would otherwise start a fresh run without a word.
-        if isinstance(getattr(config, name), str) and not getattr(config, name).strip():
+        if name in ("resume", "init_from") and not value.strip():
+            # `--resume "$CKPT"` with CKPT unset would otherwise start a fresh run without a
+            # word. (An empty --run-dir or --data-dir means the default, as it always has.)
             raise UsageError(f"--{_flag(name)} was given an empty path: name a checkpoint or a "
                              "run folder" + (" (or give --resume alone to continue the newest "
                                              "run)" if name == "resume" else ""))
