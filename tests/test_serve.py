@@ -208,7 +208,15 @@ def test_a_checkpoint_in_a_folder_named_in_another_encoding_is_described(model_r
     with TestClient(serving.create_app(folder, device="cpu")) as c:
         answer = c.get("/api/model")
     assert answer.status_code == 200, answer.text
-    assert answer.json()["checkpoint"].endswith("run\\xff/last.pt")
+    assert answer.json()["checkpoint"] == "run\\xff/last.pt"
+
+
+def test_the_model_description_does_not_show_the_servers_folders(client, model_run):
+    """/api/model gave the checkpoint's full path, the server's home and project folders
+    included, to whoever could reach the page."""
+    shown = client.get("/api/model").json()["checkpoint"]
+    assert shown == f"{model_run.name}/last.pt"
+    assert str(model_run.parent) not in shown
 
 
 # ---- the real server -------------------------------------------------------------------------

@@ -325,7 +325,10 @@ def _about(path: Path, trained, network) -> dict[str, Any]:
             "classes": list(trained.spec.classes),
             "test_accuracy": tested[-1] if tested else None,
             "parameters": sum(p.numel() for p in network.parameters()),
-            "checkpoint": printable(str(path)),  # (a folder named in another encoding)
+            # The run folder and file, not the full path: the page may be served to other
+            # machines, which have no business learning the server's folder layout.
+            "checkpoint": printable(str(Path(path.parent.name, path.name))),
+
             "torchmnist_version": __version__}
 
 
