@@ -550,6 +550,21 @@ def test_report_names_the_bad_line_of_metrics_and_leaves_nothing(line, problem, 
     assert not (run / "report").exists()
 
 
+@pytest.mark.parametrize("name, size, what", [
+    ("config.json", 10 * 2**20 + 1, "a run's settings"),
+    ("metrics.jsonl", 256 * 2**20 + 1, "a run's metrics log"),
+])
+def test_report_refuses_a_run_file_too_big_to_be_one_before_reading_it(name, size, what, capsys):
+    """A run folder from elsewhere with a config.json or metrics.jsonl of many gigabytes was
+    read whole into memory. (The files here are sparse: no disk is spent on them.)"""
+    run = _dry_run(capsys)
+    os.truncate(run / name, size)
+    code, _, err = run_main(["report", "r"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, f"{name} is {size:,} bytes, more than {what} holds")
+    assert not (run / "report").exists()
+
+
 @pytest.mark.parametrize("text", ["[1]\n", '{"a": ' * 100_000 + "1" + "}" * 100_000],
                          ids=["list", "deep"])
 def test_report_refuses_a_config_that_is_not_an_object(text, capsys):

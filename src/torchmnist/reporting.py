@@ -25,6 +25,9 @@ from torchmnist.evaluation import test_data
 
 REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
 FIGURES = ("curves", "confusion", "mistakes")  # each written as NAME.png beside report.md
+# Training writes about 160 bytes a record: 256 MiB is over a million log lines, far beyond any
+# run's (a run folder handed over from elsewhere could hold a file of any size).
+MAX_METRICS_BYTES = 256 * 1024 * 1024
 
 
 def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -108,6 +111,7 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
         raise UsageError(f"{run_dir} is not a torchmnist run directory: {', '.join(missing)} "
                          "missing")
     path = run_dir / "config.json"
+    _refuse_larger(path, cfg.MAX_SETTINGS_BYTES, "a run's settings")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -123,8 +127,17 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return config, _read_metrics(run_dir / "metrics.jsonl")
 
 
+def _refuse_larger(path: Path, most: int, what: str) -> None:
+    """One sentence, before reading it, for a file bigger than `what` can honestly be."""
+    size = path.stat().st_size
+    if size > most:
+        raise UsageError(f"{path} is {size:,} bytes, more than {what} holds ({most:,} at "
+                         "most): it is not a torchmnist file")
+
+
 def _read_metrics(path: Path) -> list[dict]:
     """Every record of a metrics.jsonl, each checked; a bad line is named by its number."""
+    _refuse_larger(path, MAX_METRICS_BYTES, "a run's metrics log")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
