@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +196,37 @@ def test_bench_with_json_prints_only_its_report_on_stdout(capsys):
     report = json.loads(out)
     assert report["loaders"][0]["loader"] == "tensor"
     assert "hardware:" in err and "time to accuracy" in err
+
+
+@pytest.mark.parametrize("phase", [
+    ["--loaders", "tensor", "--trials", "1000", "--steps", "20", "--accuracy-trials", "0"],
+    ["--loaders", "", "--accuracy-trials", "1000"],
+], ids=["throughput", "time-to-accuracy"])
+def test_sigterm_during_a_benchmark_leaves_no_temporary_run_behind(phase, tmp_path):
+    """SIGTERM's default action ended a benchmark on the spot, its temporary run folder left
+    in the temp directory; one during a time-to-accuracy run said to resume a checkpoint in a
+    folder about to be removed."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"},
+           "TMPDIR": str(temp)}
+    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "bench", "--dry-run",
+                                *phase], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+
+    def ours() -> list[Path]:  # (torch keeps a compiler cache there too)
+        return [p for p in temp.iterdir() if not p.name.startswith("torchinductor")]
+
+    deadline = time.monotonic() + 120
+    while not any((p / ".torchmnist-run").exists() or (p / "run").exists() for p in ours()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert_one_sentence_error(err, "stopped: SIGTERM; the benchmark's runs were temporary, "
+                              "and nothing was kept")
+    assert ours() == []
 
 
 def test_quiet_json_prints_the_summary_and_nothing_else(capsys):

@@ -27,6 +27,7 @@ from torchmnist import config as cfg
 from torchmnist import devices
 from torchmnist.errors import UsageError
 from torchmnist.evaluation import evaluate_model
+from torchmnist.signals import Stopped
 from torchmnist.training import setup, train, train_step, warm_up
 
 
@@ -156,7 +157,11 @@ def time_to_accuracy(config: cfg.TrainConfig, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         config = dataclasses.replace(config, seed=seed, run_dir=str(Path(run_dir) / "run"),
                                      resume=None, json=False)
-        return _quietly(train, config)
+        try:
+            return _quietly(train, config)
+        except Stopped as stopped:
+            # Its checkpoint goes with the temporary folder: no --resume to offer.
+            raise Stopped.with_nothing_kept(stopped.signum) from None
 
 
 def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, trials: int,

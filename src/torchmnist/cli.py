@@ -375,9 +375,10 @@ def _bench(explicit: dict[str, Any]) -> int:
     accuracy_trials = options.get("accuracy_trials", 3)
     loaders = options.get("loaders", ",".join(_BENCH_LOADERS))
     # With --json, stdout holds only the JSON report; the table goes to stderr.
-    report = bench.run(config, loaders=bench.parse_loaders(loaders) if loaders else [],
-                       steps=steps, trials=trials, accuracy_trials=accuracy_trials,
-                       out=sys.stderr if options.get("json") else None)
+    with signals.stop_by_unwinding():
+        report = bench.run(config, loaders=bench.parse_loaders(loaders) if loaders else [],
+                           steps=steps, trials=trials, accuracy_trials=accuracy_trials,
+                           out=sys.stderr if options.get("json") else None)
     if options.get("json"):
         print(json.dumps(report, allow_nan=False))
     return 0

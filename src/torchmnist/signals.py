@@ -5,7 +5,8 @@ checkpoint and exits with 128 + the signal's number. A second Ctrl-C aborts at o
 checkpoint on disk stays valid, because checkpoints are written atomically).
 
 Commands with nothing to save (test, predict, export, report) stop at once, as they would
-without torchmnist, but first remove the half-written file they may be writing.
+without torchmnist, but first remove the half-written file they may be writing. A benchmark
+stops by unwinding, as Ctrl-C does, so that its temporary run folders go with it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ class Stopped(TorchMnistError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+    @classmethod
+    def with_nothing_kept(cls, signum: int) -> Stopped:
+        """The stop of a command whose runs were temporary (a benchmark's)."""
+        return cls(f"{signal.Signals(signum).name}; the benchmark's runs were temporary, and "
+                   "nothing was kept", signum)
 
 
 class StopSignals:
@@ -82,6 +90,26 @@ def terminate_cleanly() -> Iterator[None]:
         os._exit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stop_by_unwinding() -> Iterator[None]:
+    """While inside, SIGTERM raises Stopped wherever the process is, as Ctrl-C raises
+    KeyboardInterrupt, so that every `with` and `finally` on the way out runs (the default
+    action ends the process on the spot, leaving a benchmark's temporary run folders behind).
+    A training run inside installs its own handlers and stops after a step, as always."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        raise Stopped.with_nothing_kept(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
