@@ -74,8 +74,12 @@ def test_a_space_file_and_the_sweep_options_are_checked(capsys):
     space = sweep.read_space("space.toml")
     assert [p.describe() for p in space] == ["lr log [0.001, 1.0]", "batch_size in {64, 128}"]
     Path("bad.toml").write_text('momentum = "float:0:2:3"\n')
+    Path("list.toml").write_text('batch_size = [64, "many"]\n')
     for args, fragment in [
         (["--space", "bad.toml"], "--space bad.toml: momentum: float needs LOW:HIGH"),
+        # A bad choice in a list is named with its file, as one in choice:A,B is.
+        (["--space", "list.toml"], "--space list.toml: batch_size: batch_size must be a "
+                                   "number, not 'many'"),
         ([], "a sweep needs something to search"),
         (["--space", "space.toml", "--sampler", "grid"],
          "--sampler grid needs values to enumerate: lr is a continuous range"),

@@ -88,8 +88,11 @@ def _param(name: str, spec: Any, where: str) -> Param:
         raise UsageError(f"{where}: {name!r} is not a train setting a sweep can search (the "
                          "settings are train's flags, e.g. lr, batch_size, momentum)")
     if isinstance(spec, list):  # a list in a space file: the choices
-        return _checked(Param(name, "choice", choices=tuple(cfg.coerce(name, v) for v in spec)),
-                        where)
+        try:
+            choices = tuple(cfg.coerce(name, v) for v in spec)
+        except UsageError as error:  # says which setting, not which file
+            raise UsageError(f"{where}: {error}") from None
+        return _checked(Param(name, "choice", choices=choices), where)
     if not isinstance(spec, str):
         raise UsageError(f"{where} must be text such as log:1e-3:1, or a list of choices")
     kind, _, rest = spec.partition(":")
