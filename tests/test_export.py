@@ -157,6 +157,34 @@ def test_a_folder_that_takes_no_file_is_one_usage_sentence(tmp_path, small_data,
     assert_one_sentence_error(err, "cannot write into /proc: ", "choose another --out")
 
 
+@pytest.mark.parametrize("out, fmt", [("model.onnx", "onnx"), ("m.TorchScript.pt", "torchscript"),
+                                      ("deploy/model.safetensors", "safetensors")])
+def test_the_format_is_taken_from_the_name_of_out(out, fmt, tmp_path, small_data, capsys):
+    code, stdout, err = run_main(["export", str(_state_dict(tmp_path, "guide")), "--out",
+                                  str(tmp_path / out), "--data-dir", str(small_data), "--json"],
+                                 capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["format"] == fmt
+    assert (tmp_path / out).is_file()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "say which format to write: --format onnx, torchscript or safetensors, or an --out "
+         "ending .onnx"),
+    (["--out", "model.pt"], "say which format to write"),  # a state_dict's name as well
+    (["--format", "onnx", "--out", "model.safetensors"],
+     "--out model.safetensors is named as a safetensors file, but --format is onnx: give an "
+     "--out ending .onnx, or leave --format out"),
+])
+def test_a_format_that_is_not_said_or_contradicts_out_is_refused(args, fragment, tmp_path,
+                                                                  small_data, capsys):
+    code, _, err = run_main(["export", str(_state_dict(tmp_path, "guide")), *args,
+                             "--data-dir", str(small_data)], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "guide.pt"]
+
+
 def test_exporting_onto_the_checkpoint_itself_is_refused(tmp_path, small_data, capsys):
     source = tmp_path / "model.safetensors"
     exporting.export(_state_dict(tmp_path, "guide"), "safetensors", source, data_dir=small_data)

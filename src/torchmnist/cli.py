@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "else it is not written and the exit status is 1. Inputs: normalised float32 "
         "(N, 1, 28, 28); outputs: (N, classes) log-probabilities.")
     _add_checkpoint_argument(export)
-    export.add_argument("--format", required=True, choices=("onnx", "torchscript",
-                                                             "safetensors"))
+    export.add_argument("--format", choices=("onnx", "torchscript", "safetensors"),
+                        help="what to write (default: what --out's name ends as: .onnx, "
+                        ".torchscript.pt, .safetensors)")
     export.add_argument("--out", metavar="PATH", help="where to write (default: beside the "
                         "checkpoint, e.g. last.onnx)")
     _add_model_flags(export)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from torchmnist import __version__, checkpoint, data, rundir
-from torchmnist.errors import TorchMnistError, UsageError
+from torchmnist.errors import TorchMnistError, UsageError, printable
 from torchmnist.evaluation import test_data
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -54,12 +54,33 @@ def contract(name: str, spec: data.DatasetSpec) -> dict[str, str]:
     }
 
 
-def export(checkpoint_path: str | os.PathLike, format: str, out: str | os.PathLike | None = None,
-           *, model: str | None = None, dataset: str | None = None,
-           data_dir: str | os.PathLike | None = None, download: bool = True) -> dict:
-    """Export, check parity on 256 test images, and return what was written and measured."""
+def format_named_by(out: str | os.PathLike) -> str | None:
+    """The format a file name says (m.onnx, m.torchscript.pt, m.safetensors), or None (m.pt
+    could as well be a state_dict)."""
+    name = Path(out).name.lower()
+    return next((format for format, suffix in FORMATS.items() if name.endswith(suffix)), None)
+
+
+def export(checkpoint_path: str | os.PathLike, format: str | None = None,
+           out: str | os.PathLike | None = None, *, model: str | None = None,
+           dataset: str | None = None, data_dir: str | os.PathLike | None = None,
+           download: bool = True) -> dict:
+    """Export, check parity on 256 test images, and return what was written and measured.
+    Without `format`, the one `out`'s name ends as (model.onnx)."""
+    named = format_named_by(out) if out and not Path(out).is_dir() else None
+    if format is None:
+        if named is None:
+            raise UsageError("say which format to write: --format onnx, torchscript or "
+                             "safetensors, or an --out ending .onnx, .torchscript.pt or "
+                             ".safetensors")
+        format = named
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if named not in (None, format):
+        # A file that says one format and holds another is opened by the wrong tool later.
+        raise UsageError(f"--out {printable(str(out))} is named as a {named} file, but "
+                         f"--format is {format}: give an --out ending {FORMATS[format]}, or "
+                         "leave --format out")
     source = checkpoint.file_in(checkpoint_path)  # a run folder: its last.pt
     default_name = source.name.split(".")[0] + FORMATS[format]
     out = Path(out) if out else source.with_name(default_name)
