@@ -103,12 +103,19 @@ def run_main(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def run_subprocess(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600,
-                   ) -> subprocess.CompletedProcess:
-    """Run `python -m torchmnist ARGS` as a user would, in a fresh process."""
+                   input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m torchmnist ARGS` as a user would, in a fresh process; `input`, if given,
+    is piped to its standard input."""
     full_env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "torchmnist", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-m", "torchmnist", *args]
+    if input is None:
+        return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    done = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, input=input,
+                          timeout=timeout)
+    return subprocess.CompletedProcess(command, done.returncode, done.stdout.decode(),
+                                       done.stderr.decode())
 
 
 def last_json(stdout: str) -> dict:

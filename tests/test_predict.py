@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_sentence_error, run_main
+from conftest import assert_one_sentence_error, run_main, run_subprocess
 from everyday import STYLES, write
 from PIL import Image
 
@@ -258,10 +258,33 @@ def test_one_image_given_alone_is_one_image(state_dict_file, tmp_path):
     assert len(expected) == 1 and "error" not in expected[0]
     # A path was read letter by letter, and an array row by row.
     for alone in (str(tmp_path / "x.png"), tmp_path / "x.png", picture,
-                  torch.from_numpy(picture), Image.open(tmp_path / "x.png")):
+                  torch.from_numpy(picture), Image.open(tmp_path / "x.png"),
+                  (tmp_path / "x.png").read_bytes()):  # a file's contents, as an upload's
         (result,) = predict(state_dict_file, alone, device="cpu")
         assert result["prediction"] == expected[0]["prediction"], type(alone)
         assert result["probability"] == pytest.approx(expected[0]["probability"], abs=1e-6)
+
+
+def test_an_image_piped_in_is_read_from_dash(state_dict_file, tmp_path):
+    """`cat digit.png | torchmnist predict RUN -` was refused as "-: no such file"."""
+    Image.fromarray(_digit_like()).save(tmp_path / "x.png")
+    (expected,) = predict(state_dict_file, [str(tmp_path / "x.png")], device="cpu")
+    done = run_subprocess(["predict", str(state_dict_file), "-", "--json",
+                           "--save-preprocessed", "seen"], tmp_path,
+                          input=(tmp_path / "x.png").read_bytes())
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["file"] == "<stdin>" and result["prediction"] == expected["prediction"]
+    assert result["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    assert (tmp_path / "seen" / "stdin.png").is_file()
+    # Read once: a second "-" is named, the first still predicted; nothing piped, in one line.
+    twice = run_subprocess(["predict", str(state_dict_file), "-", "-"], tmp_path,
+                           input=(tmp_path / "x.png").read_bytes())
+    assert twice.returncode == 2 and twice.stdout.startswith("<stdin>: ")
+    assert_one_sentence_error(twice.stderr, "<stdin>: standard input is read once; give - once")
+    empty = run_subprocess(["predict", str(state_dict_file), "-"], tmp_path, input=b"")
+    assert empty.returncode == 2
+    assert_one_sentence_error(empty.stderr, "<stdin>: the file is empty")
 
 
 @pytest.mark.parametrize("array, error", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,17 @@ from torchmnist import checkpoint, devices, rundir
 from torchmnist import config as cfg
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities
-from torchmnist.preprocess import ImageError, normalise, prepare, prepare_picture
+from torchmnist.preprocess import ImageError, normalise, prepare, prepare_bytes, prepare_picture
 
 _GLOB_CHARACTERS = set("*?[")
 # What a directory scan takes, by extension, as torchvision's ImageFolder does; a file named
 # explicitly is tried whatever its name.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm")
+STDIN = "-"  # as an input, as in most tools: the image piped in (unless a file has that name)
+# An image file piped in is held in memory whole; the largest photo torchmnist reads (120
+# million pixels) takes well under this as a PNG or JPEG.
+MAX_STDIN_BYTES = 256 * 1024 * 1024
 
 
 def expand(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -82,7 +87,13 @@ def _sources(inputs: list) -> list[tuple[str, object, str | None]]:
     """(name, path or picture, problem) for each image the inputs give."""
     sources: list[tuple[str, object, str | None]] = []
     for index, item in enumerate(inputs):
-        if isinstance(item, str | os.PathLike):
+        if isinstance(item, str) and item == STDIN and not os.path.lexists(STDIN):
+            read = any(name == "<stdin>" for name, _, _ in sources)
+            sources.append(("<stdin>", None, "standard input is read once; give - once") if read
+                           else ("<stdin>", *_read_stdin()))
+        elif isinstance(item, bytes | bytearray):  # an image file's contents
+            sources.append((f"<input {index}>", bytes(item), None))
+        elif isinstance(item, str | os.PathLike):
             sources += [(file, file, problem) for file, problem in expand([os.fspath(item)])]
         elif isinstance(item, np.ndarray | torch.Tensor | list | tuple) or _is_pil(item):
             if isinstance(item, torch.Tensor):
@@ -93,6 +104,20 @@ def _sources(inputs: list) -> list[tuple[str, object, str | None]]:
             sources.append((f"<input {index}>", item, f"{what} is not a picture: give a path, "
                             "a PIL image, an array or a tensor"))
     return sources
+
+
+def _read_stdin() -> tuple[bytes | None, str | None]:
+    """The image file piped in, or why there is none."""
+    if sys.stdin is None or not hasattr(sys.stdin, "buffer"):
+        return None, "there is no standard input to read"
+    if sys.stdin.isatty():  # a read would wait for the user to type an image
+        return None, ("standard input is a terminal, not an image: pipe one in, as in "
+                      "torchmnist predict RUN - < digit.png")
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        return None, (f"standard input holds more than {MAX_STDIN_BYTES:,} bytes, more than "
+                      "any image torchmnist reads")
+    return data, None
 
 
 def _is_pil(item: object) -> bool:
@@ -107,11 +132,13 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
             batch_size: int = 256, tta: bool = False) -> list[dict]:
     """One result per image, in order: {"file", "prediction", "class", "probability", "top"},
     or {"file", "error"} for one that could not be read. `inputs` are paths, folders and glob
-    patterns (as on the command line), or pictures in memory: PIL images, NumPy arrays or
-    tensors (`preprocess.prepare_picture`), whose "file" is "<input N>". `tta` averages the
+    patterns (as on the command line; "-" is the image on standard input), or pictures in
+    memory: PIL images, NumPy arrays or tensors (`preprocess.prepare_picture`), or an image
+    file's bytes, whose "file" is "<input N>". `tta` averages the
     probabilities over each image and its four 1-pixel shifts."""
     top, batch_size = cfg.count("--top", top), cfg.count("--batch-size", batch_size)
-    if isinstance(inputs, str | os.PathLike | np.ndarray | torch.Tensor) or _is_pil(inputs):
+    if isinstance(inputs, str | os.PathLike | bytes | bytearray | np.ndarray | torch.Tensor) \
+            or _is_pil(inputs):
         inputs = [inputs]  # one image, not a sequence of them (nor of a path's letters)
     try:
         inputs = list(inputs)
@@ -131,6 +158,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
         if problem is None:
             try:
                 images.append(prepare(source, spec.name) if isinstance(source, str)
+                              else prepare_bytes(source, spec.name) if isinstance(source, bytes)
                               else prepare_picture(source, spec.name))
             except ImageError as error:
                 problem = str(error)
@@ -172,10 +200,13 @@ def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.Pa
     targets: list[Path] = []
     used: set[str] = set()
     for file in files:
-        name, n = Path(file).stem, 1
+        # An image with no file ("<stdin>", "<input 0>") gets a name a shell takes as it is.
+        stem = (file[1:-1].replace(" ", "-") if file.startswith("<") and file.endswith(">")
+                else Path(file).stem)
+        name, n = stem, 1
         while name in used:  # two inputs with the same name, from different folders
             n += 1
-            name = f"{Path(file).stem}-{n}"
+            name = f"{stem}-{n}"
         used.add(name)
         targets.append(folder / f"{name}.png")
     inputs = {_identity(path) for path in given} - {None}
