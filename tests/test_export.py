@@ -172,6 +172,8 @@ def test_the_format_is_taken_from_the_name_of_out(out, fmt, tmp_path, small_data
     ([], "say which format to write: --format onnx, torchscript or safetensors, or an --out "
          "ending .onnx"),
     (["--out", "model.pt"], "say which format to write"),  # a state_dict's name as well
+    (["--format", "safetensors", "--out", "model.onnx"],
+     "--out model.onnx is named as an ONNX file, but --format is safetensors"),
     (["--format", "onnx", "--out", "model.safetensors"],
      "--out model.safetensors is named as a safetensors file, but --format is onnx: give an "
      "--out ending .onnx, or leave --format out"),

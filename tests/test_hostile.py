@@ -612,8 +612,7 @@ def test_export_never_replaces_a_device_or_a_pipe(capsys):
     # Renamed over --out, the export once replaced a named pipe, and as root /dev/null would go.
     run = _dry_run(capsys)
     os.mkfifo("out.onnx")
-    code, _, err = run_main(["export", str(run), "--format", "safetensors", "--out", "out.onnx"],
-                            capsys)
+    code, _, err = run_main(["export", str(run), "--format", "onnx", "--out", "out.onnx"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "--out out.onnx is not a regular file")
     assert Path("out.onnx").is_fifo()

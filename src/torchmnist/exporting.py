@@ -28,6 +28,7 @@ from torchmnist.errors import TorchMnistError, UsageError, printable
 from torchmnist.evaluation import test_data
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+KINDS = {"onnx": "an ONNX", "torchscript": "a TorchScript", "safetensors": "a safetensors"}
 TOLERANCE = 1e-4
 PARITY_IMAGES = 256
 
@@ -78,7 +79,7 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if named not in (None, format):
         # A file that says one format and holds another is opened by the wrong tool later.
-        raise UsageError(f"--out {printable(str(out))} is named as a {named} file, but "
+        raise UsageError(f"--out {printable(str(out))} is named as {KINDS[named]} file, but "
                          f"--format is {format}: give an --out ending {FORMATS[format]}, or "
                          "leave --format out")
     source = checkpoint.file_in(checkpoint_path)  # a run folder: its last.pt
