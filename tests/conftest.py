@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,31 @@ def run_subprocess(args: list[str], cwd: Path, env: dict | None = None, timeout:
                           timeout=timeout)
     return subprocess.CompletedProcess(command, done.returncode, done.stdout.decode(),
                                        done.stderr.decode())
+
+
+TORCHMNIST = (sys.executable, "-m", "torchmnist")  # the command, as a user runs it
+
+
+def start_until(command: list[str], cwd: Path, ready: Callable[[], bool], *,
+                env: dict | None = None, every: float = 0.01, **popen) -> subprocess.Popen:
+    """Start `command` (stdout and stderr piped, as text, unless `popen` says otherwise) and
+    return it once `ready()` holds, to be signalled or killed at that moment. If it ends first,
+    or 120 s pass, it is killed and the test fails with what it printed."""
+    full_env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    full_env.update(env or {})
+    process = subprocess.Popen(command, cwd=cwd, env=full_env, **{
+        "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen})
+    deadline = time.monotonic() + 120
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            ended = process.poll() is not None
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"{' '.join(map(str, command))} "
+                        f"{'ended before it was ready' if ended else 'was not ready in 120 s'}:"
+                        f"\n{out or ''}{err or ''}")
+        time.sleep(every)
+    return process
 
 
 def last_json(stdout: str) -> dict:

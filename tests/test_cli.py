@@ -8,12 +8,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
+from conftest import (
+    TORCHMNIST,
+    assert_one_sentence_error,
+    last_json,
+    read_metrics,
+    run_main,
+    run_subprocess,
+    start_until,
+)
 
 import torchmnist
 from torchmnist import cli, config
@@ -208,19 +215,13 @@ def test_sigterm_during_a_benchmark_leaves_no_temporary_run_behind(phase, tmp_pa
     folder about to be removed."""
     temp = tmp_path / "temp"
     temp.mkdir()
-    env = {**{k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"},
-           "TMPDIR": str(temp)}
-    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "bench", "--dry-run",
-                                *phase], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
 
     def ours() -> list[Path]:  # (torch keeps a compiler cache there too)
         return [p for p in temp.iterdir() if not p.name.startswith("torchinductor")]
 
-    deadline = time.monotonic() + 120
-    while not any((p / ".torchmnist-run").exists() or (p / "run").exists() for p in ours()):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.01)
+    process = start_until([*TORCHMNIST, "bench", "--dry-run", *phase], tmp_path,
+                          lambda: any((p / ".torchmnist-run").exists() or (p / "run").exists()
+                                      for p in ours()), env={"TMPDIR": str(temp)})
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err

@@ -7,13 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_sentence_error, make_dataset_files, run_main
+from conftest import (
+    TORCHMNIST,
+    assert_one_sentence_error,
+    make_dataset_files,
+    run_main,
+    start_until,
+)
 from PIL import Image
 
 from torchmnist import models
@@ -250,15 +255,10 @@ def test_sigterm_during_an_export_leaves_neither_the_file_nor_its_temporary(tmp_
     source = _state_dict(tmp_path, "guide")
     out = tmp_path / "exported"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "export", str(source),
-                                "--format", "onnx", "--out", str(out / "m.onnx"),
-                                "--data-dir", str(small_data)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(out.glob(".torchmnist-tmp.*")):  # the export is under way
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.005)
+    process = start_until([*TORCHMNIST, "export", str(source), "--format", "onnx", "--out",
+                           str(out / "m.onnx"), "--data-dir", str(small_data)], tmp_path,
+                          lambda: bool(list(out.glob(".torchmnist-tmp.*"))),  # under way
+                          every=0.005)
     # Held still while the signal is sent, so that the export cannot finish first.
     process.send_signal(signal.SIGSTOP)
     process.send_signal(signal.SIGTERM)

@@ -8,13 +8,20 @@ import importlib.util
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
+from conftest import (
+    TORCHMNIST,
+    assert_one_sentence_error,
+    last_json,
+    read_metrics,
+    run_main,
+    run_subprocess,
+    start_until,
+)
 
 from torchmnist import checkpoint, models
 from torchmnist.signals import StopSignals
@@ -51,14 +58,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(loader, tmp_path
 
 
 def _start(tmp_path: Path, run_dir: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--run-dir", run_dir,
-                                *LONG_DRY_RUN], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / run_dir / "last.pt").exists():  # training has begun
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.01)
-    return process
+    return start_until([*TORCHMNIST, "train", "--run-dir", run_dir, *LONG_DRY_RUN], tmp_path,
+                       (tmp_path / run_dir / "last.pt").exists)  # training has begun
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -89,15 +90,10 @@ def test_a_signal_to_the_whole_process_group_stops_cleanly_with_loader_workers(s
     # Ctrl-C in a terminal, `timeout` and `kill -- -PGID` signal every process of the group,
     # DataLoader workers included; the run must still save and print the resume command, not
     # die of a worker's death.
-    process = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--run-dir", "run",
-                                *LONG_DRY_RUN, "--loader", "dataloader", "--num-workers", "2"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True,
-                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "run" / "last.pt").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.01)
+    process = start_until([*TORCHMNIST, "train", "--run-dir", "run", *LONG_DRY_RUN, "--loader",
+                           "dataloader", "--num-workers", "2"], tmp_path,
+                          (tmp_path / "run" / "last.pt").exists, start_new_session=True,
+                          env={"PYTHONFAULTHANDLER": "1"})
     time.sleep(0.3)
     os.killpg(process.pid, signum)
     try:

@@ -8,13 +8,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_sentence_error, last_json, read_metrics, run_main, run_subprocess
+from conftest import (
+    TORCHMNIST,
+    assert_one_sentence_error,
+    last_json,
+    read_metrics,
+    run_main,
+    run_subprocess,
+    start_until,
+)
 
 from torchmnist import checkpoint, rundir
 from torchmnist.errors import UsageError
@@ -239,14 +245,11 @@ def test_resuming_with_fewer_epochs_than_done_is_refused_and_writes_nothing(tmp_
 
 
 def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
-    first = subprocess.Popen([sys.executable, "-m", "torchmnist", "train", "--dry-run",
-                              "--run-dir", "r", "--epochs", "200", "--device", "cpu"],
-                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = start_until([*TORCHMNIST, "train", "--dry-run", "--run-dir", "r", "--epochs", "200",
+                         "--device", "cpu"], tmp_path,
+                        (tmp_path / "r" / "last.pt").exists,  # training has begun
+                        stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "r" / "last.pt").exists():  # training has begun
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         second = run_subprocess(["train", "--resume", "--run-dir", "r", "--epochs", "300"],
                                 cwd=tmp_path)
         assert second.returncode == 2

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_sentence_error, run_main
+from conftest import TORCHMNIST, assert_one_sentence_error, run_main, start_until
 
 from torchmnist import config, sweep
 
@@ -212,15 +212,9 @@ def test_a_killed_sweep_resumes_and_reruns_its_interrupted_trials_from_their_che
     flags = ["--dry-run", "--epochs", "8", "--save-interval", "4", "--param",
              "lr=log:1e-3:0.5", "--trials", "4", "--jobs", "2", "--heartbeat", "1",
              "--pruner", "none", "--run-dir", "s"]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "s/trial-0002/last.pt").exists():  # trial 2 is under way
-        assert job.poll() is None, job.communicate()[0]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = start_until([*TORCHMNIST, "sweep", *flags], tmp_path,
+                      (tmp_path / "s/trial-0002/last.pt").exists,  # trial 2 is under way
+                      stderr=subprocess.STDOUT, start_new_session=True)
     os.killpg(job.pid, signal.SIGKILL)  # the sweep and both workers, at once
     job.communicate()
     time.sleep(3.5)  # past 3 heartbeats: the interrupted trials are now stale
@@ -252,13 +246,8 @@ def test_a_diverging_trial_fails_in_one_line_and_the_sweep_goes_on(tmp_path):
 def test_a_stopped_sweep_goes_on_from_the_trial_it_stopped_in(tmp_path):
     flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
              "lr=log:1e-3:0.5", "--trials", "2", "--pruner", "none", "--run-dir", "s"]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *flags], cwd=tmp_path,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "s/trial-0000/last.pt").exists():  # trial 0 is under way
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-        time.sleep(0.05)
+    job = start_until([*TORCHMNIST, "sweep", *flags], tmp_path,
+                      (tmp_path / "s/trial-0000/last.pt").exists)  # trial 0 is under way
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 143, stderr
@@ -296,15 +285,9 @@ TWO_WORKERS = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
 
 def _two_workers_training(cwd: Path) -> subprocess.Popen:
     """A 2-worker sweep in its own process group, once both its trials have a checkpoint."""
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    job = subprocess.Popen([sys.executable, "-m", "torchmnist", "sweep", *TWO_WORKERS],
-                           cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not all((cwd / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-        time.sleep(0.05)
-    return job
+    return start_until([*TORCHMNIST, "sweep", *TWO_WORKERS], cwd,
+                       lambda: all((cwd / f"s/trial-000{i}/last.pt").exists() for i in (0, 1)),
+                       start_new_session=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
