@@ -84,6 +84,42 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, name, write, fragmen
     assert [str(w.message) for w in caught] == []
 
 
+def _on_meta(tensors: dict) -> dict:
+    return {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+
+
+def test_tensors_with_no_values_are_named_wherever_they_are(tmp_path, capsys):
+    """A tensor on the meta device (a shape without values, from a model never materialised)
+    loaded without complaint, then ended a resume with torch's own words, or a traceback
+    where a test read it ("Tensor.item() cannot be called on meta tensors")."""
+    torch.save(_on_meta(models.GuideNet().state_dict()), "weights.pt")
+    code, _, err = run_main(["train", "--dry-run", "--init-from", "weights.pt", "--run-dir",
+                             "fine"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "weights.pt is a damaged checkpoint: conv1.weight holds no "
+                              "values (a tensor on the meta device)")
+    code, _, err = _test("weights.pt", capsys)
+    assert code == 2 and "conv1.weight holds no values" in err
+    # Deep inside a run's checkpoint: the optimiser's momentum, on resume.
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    saved = torch.load("r/last.pt", weights_only=True)
+    saved["optimizer"]["state"][0] = _on_meta(saved["optimizer"]["state"][0])
+    torch.save(saved, "r/last.pt")
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: "
+                              "optimizer.state.0.momentum_buffer holds no values")
+
+
+def test_a_pickle_that_holds_itself_is_looked_through_once(tmp_path, capsys):
+    looped: list = [torch.zeros(2)]
+    looped.append(looped)
+    torch.save({"weights": looped}, "looped.pt")
+    code, _, err = _test("looped.pt", capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "neither a torchmnist checkpoint nor a model state_dict")
+
+
 def test_both_formats_that_torch_load_reads_safely_are_loaded(tmp_path):
     state = models.OfficialNet().state_dict()
     for options in ({}, {"_use_new_zipfile_serialization": False},

@@ -25,6 +25,7 @@ Everything in it is a tensor or a plain Python value, so it loads with
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -208,7 +209,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             # Likewise its note on checking a sparse tensor, which no torchmnist model holds.
             warnings.filterwarnings("ignore", message="Validating sparse tensor")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only=True stopped the unpickler. It names the GLOBAL it refused when the file
         # asks for a Python object (a class, or a function such as os.system); anything else
@@ -233,6 +234,29 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)"
                          f"{': ' + detail if detail else ''}") from None
+    _refuse_empty_tensors(loaded, path)
+    return loaded
+
+
+def _refuse_empty_tensors(loaded: Any, path: Path) -> None:
+    """One sentence for a tensor saved on the meta device: a shape with no values (from a
+    model that was never materialised), which loads without complaint and fails only where
+    it is first used, in torch's words ("Cannot copy out of meta tensor")."""
+    # A loop, not recursion: nesting can be as deep as the file likes; and a pickle can make a
+    # list that holds itself, so each container is looked into once.
+    pending, seen = collections.deque([("", loaded)]), set()
+    while pending:
+        where, value = pending.popleft()
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise UsageError(f"{path} is a damaged checkpoint: {where or 'it'} holds no values "
+                             "(a tensor on the meta device)")
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            pending += [(f"{where}.{key}".lstrip("."), item) for key, item in value.items()]
+        elif isinstance(value, list | tuple):
+            pending += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
 
 
 # torch.save's format before torch 1.6 (still written with _use_new_zipfile_serialization=False)
