@@ -313,6 +313,10 @@ def test_fine_tuning_from_mnist_shapes_onto_a_folder_with_fewer_classes(tmp_path
     ("a damaged image", "cannot use"),
     ("no images", "holds no images"),
     ("a class folder named with a newline", r"the class name 'b\nfake' holds control "),
+    # Trained before: a model with an output for "c" that it never learned.
+    ("an empty training class", "f/train/c holds no images (.png, .jpg, .jpeg, .bmp, .gif, "
+                                ".tif, .tiff, .webp, .pgm): a class the model would never learn"),
+    ("a training class linked to elsewhere", "f/train/c holds no images"),
 ])
 def test_an_image_folder_that_cannot_work_is_refused_in_one_sentence(layout, fragment,
                                                                      tmp_path, capsys):
@@ -335,6 +339,10 @@ def test_an_image_folder_that_cannot_work_is_refused_in_one_sentence(layout, fra
         (root / "test" / "nine").mkdir()
     elif layout == "a class folder named with a newline":  # would print as a second line
         (root / "train" / "b").rename(root / "train" / "b\nfake")
+    elif layout == "an empty training class":
+        (root / "train" / "c").mkdir()
+    elif layout == "a training class linked to elsewhere":  # a folder with no images in it
+        (root / "train" / "c").symlink_to(tmp_path)
     elif layout == "a damaged image":
         (root / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     code, _, err = run_main(["train", "--dataset", f"folder:{root}", "--epochs", "1",

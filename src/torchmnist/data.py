@@ -541,6 +541,15 @@ def load_folder(path: str | os.PathLike, splits: tuple[str, ...] = ("train", "te
                              "of images")
     train, classes = (_read_image_folder(root / "train", classes) if "train" in splits
                       else (Split.empty(), classes))
+    if "train" in splits:
+        # A class with no training images is an output the model never learns (a copy that
+        # failed, a link to elsewhere): torchvision's ImageFolder refuses it too.
+        counts = torch.bincount(train.labels, minlength=len(classes))
+        empty = [name for name, count in zip(classes, counts.tolist(), strict=True) if not count]
+        if empty:
+            raise UsageError(f"{root / 'train' / empty[0]} holds no images "
+                             f"({', '.join(IMAGE_SUFFIXES)}): a class the model would never "
+                             "learn; add its images or remove the folder")
     test, test_classes = (_read_image_folder(root / "test", classes) if "test" in splits
                           else (Split.empty(), classes))
     classes = classes or test_classes
