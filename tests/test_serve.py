@@ -280,6 +280,24 @@ def test_the_port_in_use_is_one_sentence(model_run, server):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("host, shown", [
+    ("127.0.0.1", "http://127.0.0.1:{port}/ (the page), /api/predict, /docs; Ctrl-C stops"),
+    # It printed http://0.0.0.0:PORT/, an address to listen on that no browser can open.
+    ("0.0.0.0", "http://127.0.0.1:{port}/ (the page), /api/predict, /docs; listening on every "
+                "interface, so other machines reach it at this machine's address, port {port}; "
+                "Ctrl-C stops"),
+])
+def test_the_address_shown_is_one_a_browser_opens(host, shown, monkeypatch, capsys):
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **where: served.append(where))
+    port = _free_port()
+    serving.run(object(), host, port)
+    assert capsys.readouterr().out == f"torchmnist serve: {shown.format(port=port)}\n"
+    assert served == [{"host": host, "port": port, "log_level": "warning"}]
+
+
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:

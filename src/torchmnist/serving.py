@@ -346,7 +346,12 @@ def run(app, host: str, port: int) -> None:
         except OSError as error:
             raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}; choose "
                              "another --port or --host") from None
-    shown = f"[{host}]" if ":" in host else host
-    print(f"torchmnist serve: http://{shown}:{port}/ (the page), /api/predict, /docs; "
-          "Ctrl-C stops", flush=True)
+    # The wildcard addresses are where to listen, not where a browser can go: show this
+    # machine's own address for them, and say who else can reach the page.
+    every = host in ("0.0.0.0", "::")
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    shown = f"[{shown}]" if ":" in shown else shown
+    print(f"torchmnist serve: http://{shown}:{port}/ (the page), /api/predict, /docs"
+          + (f"; listening on every interface, so other machines reach it at this machine's "
+             f"address, port {port}" if every else "") + "; Ctrl-C stops", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
