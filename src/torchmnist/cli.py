@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_argument(predict)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE|DIR|GLOB",
                          help="image files (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), directories "
-                         "(their files) or glob patterns")
+                         "(their files), glob patterns, or - for the image piped in")
     predict.add_argument("--top", type=_whole(1), default=3, metavar="K",
                          help="also show the K most likely classes (default: 3)")
     predict.add_argument("--json", action="store_true",
