@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 from urllib.error import URLError
@@ -77,6 +78,24 @@ def test_missing_data_without_network_exits_2_in_a_fresh_process(tmp_path):
     default_root = home / ".torch" / "datasets" / "MNIST" / "raw"
     assert_one_sentence_error(result.stderr, "MNIST files missing", *MNIST_FILES,
                               str(default_root), "/usr/share/datasets/mnist")
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "folder"])
+def test_a_dataset_file_that_is_not_a_file_is_named_not_missing(kind, tmp_path, capsys,
+                                                               monkeypatch):
+    """Such a name was reported as missing, and the download then tried: torchvision would
+    have written the file it fetched into the pipe, waiting for a reader forever."""
+    raw = make_dataset_files(tmp_path / "d" / "MNIST" / "raw")
+    images = raw / "train-images-idx3-ubyte"
+    images.unlink()
+    {"pipe": os.mkfifo, "device": lambda p: p.symlink_to("/dev/zero"),
+     "folder": lambda p: p.mkdir()}[kind](images)
+    monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("a download was tried"))
+    code, _, err = run_main(["train", "--data-dir", str(tmp_path / "d"), "--run-dir", "r"],
+                            capsys)
+    assert code == 2
+    assert_one_sentence_error(err, f"{images} is not a regular file (a folder, a pipe or a "
+                              "device) where MNIST's train-images-idx3-ubyte belongs")
 
 
 def test_missing_download_is_turned_into_a_usage_error_when_urlopen_fails(tmp_path, monkeypatch):

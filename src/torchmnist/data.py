@@ -205,7 +205,14 @@ def _locate(spec: DatasetSpec, root: Path, splits: tuple[str, ...] = ("train", "
             ) -> tuple[dict[str, Path], list[str]]:
     found, missing = {}, []
     for name in (name for split in splits for name in FILES[split]):
-        path = next((p for p in _candidates(spec, root, name) if p.is_file()), None)
+        candidates = _candidates(spec, root, name)
+        path = next((p for p in candidates if p.is_file()), None)
+        odd = next((p for p in candidates if p.exists() and not p.is_file()), None)
+        if path is None and odd is not None:
+            # Not "missing": and a download would write its file into a pipe there, and wait.
+            raise UsageError(f"{odd} is not a regular file (a folder, a pipe or a device) "
+                             f"where {spec.folder}'s {name} belongs: move it away, or point "
+                             "--data-dir at another folder")
         if path is None:
             missing.append(name)
         else:
