@@ -134,8 +134,8 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
     or {"file", "error"} for one that could not be read. `inputs` are paths, folders and glob
     patterns (as on the command line; "-" is the image on standard input), or pictures in
     memory: PIL images, NumPy arrays or tensors (`preprocess.prepare_picture`), or an image
-    file's bytes, whose "file" is "<input N>". `tta` averages the
-    probabilities over each image and its four 1-pixel shifts."""
+    file's bytes, whose "file" is "<input N>". `tta` averages the probabilities over each
+    image and its four 1-pixel shifts."""
     top, batch_size = cfg.count("--top", top), cfg.count("--batch-size", batch_size)
     if isinstance(inputs, str | os.PathLike | bytes | bytearray | np.ndarray | torch.Tensor) \
             or _is_pil(inputs):

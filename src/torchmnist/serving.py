@@ -328,7 +328,6 @@ def _about(path: Path, trained, network) -> dict[str, Any]:
             # The run folder and file, not the full path: the page may be served to other
             # machines, which have no business learning the server's folder layout.
             "checkpoint": printable(str(Path(path.parent.name, path.name))),
-
             "torchmnist_version": __version__}
 
 
