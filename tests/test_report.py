@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_one_sentence_error, read_metrics, run_main
@@ -100,6 +101,43 @@ def test_class_names_with_tex_and_markdown_marks_are_shown_as_written(capsys):
     assert len(row.split(" | ")) == 11  # one cell a class, after the heading
     for figure in ("confusion", "mistakes"):
         assert Path(f"r/report/{figure}.png").stat().st_size > 0
+
+
+def test_a_run_on_many_classes_gets_a_report_that_reads(capsys):
+    """A folder dataset of 60 classes: the confusion matrix wrote a number into each of its
+    3,600 cells, too small for them (300 classes took 30 s to draw), crowded every name on the
+    axes, and report.md gave one table row 61 cells wide."""
+    classes = [f"c{i:02d}" for i in range(60)]
+    for split, count in (("train", 2), ("test", 1)):
+        for i, name in enumerate(classes):
+            (Path("f") / split / name).mkdir(parents=True)
+            for k in range(count):  # a bar at a place of its own for each class
+                pixels = np.zeros((28, 28), np.uint8)
+                pixels[2 + i % 24: 6 + i % 24, 2 + (i // 24) * 8 + k: 8 + (i // 24) * 8] = 255
+                Image.fromarray(pixels).save(Path("f") / split / name / f"{k}.png")
+    code, _, err = run_main(["train", "--dataset", "folder:f", "--epochs", "1", "--run-dir", "r",
+                             "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["report", "r", "--mistakes", "4"], capsys)
+    assert code == 0, err
+    lines = Path("r/report/report.md").read_text().splitlines()
+    at = lines.index("| class | test images | accuracy |")
+    rows = lines[at + 2: at + 62]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in classes]
+    assert all(row.split(" | ")[1] == "1" for row in rows)
+    assert not any(line.startswith("| class | c00 |") for line in lines)
+
+
+def test_the_confusion_matrix_shows_counts_and_names_while_they_fit():
+    from torchmnist import reporting
+
+    for n, counted, named in ((10, True, 10), (30, True, 30), (60, False, 30), (300, False, 50)):
+        confusion = np.eye(n, dtype=np.int64) * 5 + 1
+        figure = reporting._confusion(confusion, tuple(f"class{i}" for i in range(n)))
+        axes = figure.axes[0]
+        assert len(axes.texts) == (n * n if counted else 0), n
+        names = [label.get_text() for label in axes.get_xticklabels()]
+        assert len(names) == named and names[0] == "class0", n
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
