@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -211,12 +212,22 @@ def test_a_checkpoint_in_a_folder_named_in_another_encoding_is_described(model_r
     assert answer.json()["checkpoint"] == "run\\xff/last.pt"
 
 
-def test_the_model_description_does_not_show_the_servers_folders(client, model_run):
-    """/api/model gave the checkpoint's full path, the server's home and project folders
-    included, to whoever could reach the page."""
+def test_the_model_description_does_not_show_the_servers_folders(client, model_run, tmp_path):
+    """/api/model gave the checkpoint's full path, and a folder dataset's, the server's home
+    and project folders included, to whoever could reach the page."""
     shown = client.get("/api/model").json()["checkpoint"]
     assert shown == f"{model_run.name}/last.pt"
     assert str(model_run.parent) not in shown
+    # A model of a folder dataset: the folder by its name.
+    saved = torch.load(model_run / "last.pt", weights_only=True)
+    saved["dataset_spec"]["name"] = saved["config"]["dataset"] = f"folder:{tmp_path}/letters"
+    (tmp_path / "run").mkdir()
+    torch.save(saved, tmp_path / "run" / "last.pt")
+    with TestClient(serving.create_app(tmp_path / "run", device="cpu")) as c:
+        about = c.get("/api/model").json()
+        page = c.get("/openapi.json").json()["info"]["description"]
+    assert about["dataset"] == "folder:letters" and about["checkpoint"] == "run/last.pt"
+    assert str(tmp_path) not in page
 
 
 # ---- the real server -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from torchmnist import checkpoint, devices
+from torchmnist.config import FOLDER_PREFIX
 from torchmnist.errors import UsageError, printable
 from torchmnist.prediction import answer
 from torchmnist.preprocess import ImageError, normalise, prepare_bytes
@@ -321,12 +322,15 @@ def _about(path: Path, trained, network) -> dict[str, Any]:
     from torchmnist import __version__
 
     tested = [r["test_accuracy"] for r in trained.history if r.get("test_accuracy") is not None]
-    return {"model": trained.name, "dataset": trained.spec.name,
+    # Folders by their own names, not their full paths (folder:letters, run/last.pt): the page
+    # may be served to other machines, which have no business learning the server's layout.
+    dataset = trained.spec.name
+    if dataset.startswith(FOLDER_PREFIX):
+        dataset = FOLDER_PREFIX + Path(dataset[len(FOLDER_PREFIX):]).name
+    return {"model": trained.name, "dataset": printable(dataset),
             "classes": list(trained.spec.classes),
             "test_accuracy": tested[-1] if tested else None,
             "parameters": sum(p.numel() for p in network.parameters()),
-            # The run folder and file, not the full path: the page may be served to other
-            # machines, which have no business learning the server's folder layout.
             "checkpoint": printable(str(Path(path.parent.name, path.name))),
             "torchmnist_version": __version__}
 
