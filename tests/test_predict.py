@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from PIL import Image
 
 from torchmnist import data, models
 from torchmnist.errors import UsageError
-from torchmnist.prediction import predict
+from torchmnist.prediction import expand, predict
 from torchmnist.preprocess import ImageError, as_stored, ink_map, prepare, read_grey, to_28x28
 
 
@@ -80,6 +82,32 @@ def test_every_common_format_is_read(suffix, tmp_path):
     path = tmp_path / f"ring{suffix}"
     Image.fromarray(_digit_like()).convert("RGB").save(path)
     assert prepare(path).max() > 0.9
+
+
+def test_an_iphone_photo_is_read_with_the_heif_plugin(tmp_path, monkeypatch):
+    """A HEIC photo, the iPhone camera's format, was "not an image file Pillow can read"."""
+    if importlib.util.find_spec("pillow_heif") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("pillow-heif is missing; .ci/run installs it with the dev extras")
+        pytest.skip("needs pillow-heif (pip install 'torchmnist[heic]')")
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    picture = Image.fromarray(_digit_like()).convert("RGB")
+    picture.save(tmp_path / "ring.heic", format="HEIF", quality=95)
+    picture.save(tmp_path / "ring.png")
+    heic, png = prepare(tmp_path / "ring.heic"), prepare(tmp_path / "ring.png")
+    assert np.abs(heic - png).max() < 0.1  # (HEIC is lossy)
+    assert [Path(name).name for name, _ in expand([str(tmp_path)])] == ["ring.heic", "ring.png"]
+    # Damaged, it is damaged; with the plugin missing, the plugin is named.
+    (tmp_path / "cut.heic").write_bytes((tmp_path / "ring.heic").read_bytes()[:300])
+    with pytest.raises(ImageError, match=r"^damaged image data"):
+        read_grey(tmp_path / "cut.heic")
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # importing it fails
+    with pytest.raises(ImageError, match=r"^a HEIC/HEIF photo \(the iPhone's format\), which "
+                                         r"Pillow reads only with its plugin: pip install "
+                                         r"'torchmnist\[heic\]'"):
+        read_grey(tmp_path / "cut.heic")
 
 
 def test_grey_files_read_exactly_as_their_colour_copies(tmp_path):

@@ -25,7 +25,7 @@ _GLOB_CHARACTERS = set("*?[")
 # What a directory scan takes, by extension, as torchvision's ImageFolder does; a file named
 # explicitly is tried whatever its name.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                  ".pgm", ".pbm")
+                  ".pgm", ".pbm", ".heic", ".heif", ".avif")
 STDIN = "-"  # as an input, as in most tools: the image piped in (unless a file has that name)
 # An image file piped in is held in memory whole; the largest photo torchmnist reads (120
 # million pixels) takes well under this as a PNG or JPEG.

@@ -24,6 +24,10 @@ MIN_CONTRAST = 0.08  # ink must differ from the page by this much (of the full r
 DENOISE_FROM = 100  # pixels: pictures at least this big are median-filtered before cropping
 MAX_PIXELS = 120_000_000  # larger images are refused (a 108-megapixel photo is read)
 MAX_SIDE = 2048  # larger images are shrunk to this while they are read
+# The brands of an ISO base media file (its "ftyp" box) that hold HEIF images: the iPhone's
+# photos (HEIC) and their kin, which Pillow opens only with the pillow-heif plugin.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
+               b"msf1"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,12 @@ def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> 
         with warnings.catch_warnings():
             # Pillow warns from 89 million pixels on; max_pixels is the limit here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)  # Pillow's own file, closed with the image
+            try:
+                image = Image.open(path)  # Pillow's own file, closed with the image
+            except UnidentifiedImageError:
+                if not (_is_heif(path) and _heif_opener()):
+                    raise
+                image = Image.open(path)
         with image:
             image.seek(0)
             width, height = image.size  # read from the header: nothing is decoded yet
@@ -79,12 +88,43 @@ def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> 
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         raise ImageError(f"cannot read it: {error.strerror}") from None
     except UnidentifiedImageError:
+        if _is_heif(path) and _heif_opener():  # the plugin is there: the file is at fault
+            raise ImageError("damaged image data (a HEIC/HEIF file that pillow-heif cannot "
+                             "read)") from None
+        if _is_heif(path):
+            raise ImageError("a HEIC/HEIF photo (the iPhone's format), which Pillow reads only "
+                             "with its plugin: pip install 'torchmnist[heic]' (pillow-heif), "
+                             "or save it as JPEG") from None
         raise ImageError("not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
         raise ImageError(f"damaged image data ({str(error).strip() or type(error).__name__})"
                          ) from None
     except Image.DecompressionBombError as error:
         raise ImageError(str(error)) from None
+
+
+def _is_heif(source) -> bool:
+    """Whether a file (a path or a buffer) starts as a HEIF image does: an "ftyp" box of a
+    HEIF brand."""
+    try:
+        if isinstance(source, io.BytesIO):
+            head = source.getvalue()[:12]
+        else:
+            with open(source, "rb") as f:
+                head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+def _heif_opener() -> bool:
+    """Teach Pillow to open HEIF files, if pillow-heif is installed (once is enough)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def _reduced(image):
