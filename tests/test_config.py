@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_one_sentence_error, last_json, run_main
 
 import torchmnist
-from torchmnist import config, rundir
+from torchmnist import cli, config, rundir
 from torchmnist.errors import UsageError
 
 
@@ -163,6 +163,28 @@ def test_train_with_a_config_file_and_a_flag(tmp_path, capsys):
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert (saved["recipe"], saved["lr"], saved["model"]) == ("fast", 0.1, "fast")
     assert last_json(out)["recipe"] == "fast"
+
+
+def test_a_gpu_by_index_is_explained_wherever_it_is_asked_for(tmp_path, capsys):
+    """--device cuda:1 was "invalid choice (choose from auto, cpu, cuda, mps)", which did not
+    say how training picks another GPU than the first."""
+    hint = ("training runs on --device cuda, the first GPU that CUDA_VISIBLE_DEVICES leaves "
+            "visible: to train on cuda:1, run CUDA_VISIBLE_DEVICES=1 torchmnist train")
+    for command in ("train", "bench", "sweep"):  # each parses the train flags
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--dry-run", "--device", "cuda:1"])
+        assert exit_info.value.code == 2
+        assert_one_sentence_error(capsys.readouterr().err, f"argument --device: {hint}")
+    (tmp_path / "c.toml").write_text('device = "cuda:1"\n')
+    code, _, err = run_main(["train", "--dry-run", "--config", "c.toml"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, f"--device cuda:1: {hint}")
+    with pytest.raises(UsageError, match="to train on cuda:1, run CUDA_VISIBLE_DEVICES=1"):
+        config.TrainConfig(device="cuda:1")
+    # Any other name is still told the choices.
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dry-run", "--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
 
 
 def test_a_yaml_key_may_override_one_merged_in(tmp_path):

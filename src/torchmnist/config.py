@@ -39,6 +39,27 @@ LOADERS = ("tensor", "dataloader")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def gpu_index_problem(device: str) -> str | None:
+    """Why training does not take a GPU by its index (cuda:1), and what does pick it."""
+    found = re.fullmatch(r"cuda:(\d+)", str(device))
+    if not found:
+        return None
+    return (f"training runs on --device cuda, the first GPU that CUDA_VISIBLE_DEVICES leaves "
+            f"visible: to train on {device}, run CUDA_VISIBLE_DEVICES={found.group(1)} "
+            "torchmnist train ... (on several GPUs at once, torchrun)")
+
+
+def _device_text(text: str) -> str:
+    """--device's text; a GPU by index gets its explanation (argparse would list the
+    choices)."""
+    problem = gpu_index_problem(text)
+    if problem:
+        import argparse
+
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 class _Unset:
     """What a field holds until `__post_init__` fills it: the recipe's value, else the plain
     default (kept in the field's metadata)."""
@@ -185,7 +206,7 @@ class TrainConfig:
                          group="schedule and stopping", metavar="N")
     # Device and reproducibility.
     device: str = _opt("auto", "auto picks the available accelerator (torch.accelerator), "
-                       "else the CPU", choices=DEVICES, group="device")
+                       "else the CPU", choices=DEVICES, type=_device_text, group="device")
     deterministic: bool = _opt(False, "use only deterministic algorithms (torch, cuDNN, cuBLAS)",
                                group="device", switch="flag")
     threads: int | None = _opt(None, "torch CPU threads, like OMP_NUM_THREADS; set it when "
@@ -414,7 +435,9 @@ def validate(config: TrainConfig) -> None:
         choices = name.metadata.get("choices")
         value = getattr(config, name.name)
         if choices and value not in choices:
-            raise UsageError(f"--{_flag(name.name)} must be one of {', '.join(choices)}, "
+            hint = gpu_index_problem(value) if name.name == "device" else None
+            raise UsageError(f"--device {value}: {hint}" if hint else
+                             f"--{_flag(name.name)} must be one of {', '.join(choices)}, "
                              f"not {_shown(value)}")
     positive = {"batch_size": config.batch_size, "test_batch_size": config.test_batch_size,
                 "log_interval": config.log_interval}
