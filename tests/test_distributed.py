@@ -304,8 +304,11 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_the_run_resumes_exactl
     job.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to every rank
     out, err = job.communicate(timeout=300)
     assert job.returncode != 0
-    assert err.count("torchmnist: stopped (rank 0): SIGTERM at epoch") == 1  # for all ranks
-    assert "stopped (rank 1)" not in err
+    # (Failed once in a loaded full-suite run, rank 0's sentence missing, never since: the
+    # whole stderr and the log say where each rank stopped, should it again.)
+    shown = f"{err}\ntrain.log:\n{(tmp_path / 'r/train.log').read_text()}"
+    assert err.count("torchmnist: stopped (rank 0): SIGTERM at epoch") == 1, shown  # for all
+    assert "stopped (rank 1)" not in err, shown
     saved = torch.load(tmp_path / "r/last.pt", weights_only=True)
     step = saved["progress"]["step"]
     assert 0 < step < 16 * int(EPOCHS)
