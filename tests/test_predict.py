@@ -19,7 +19,15 @@ from PIL import Image
 from torchmnist import data, models
 from torchmnist.errors import UsageError
 from torchmnist.prediction import expand, predict
-from torchmnist.preprocess import ImageError, as_stored, ink_map, prepare, read_grey, to_28x28
+from torchmnist.preprocess import (
+    ImageError,
+    as_stored,
+    ink_map,
+    prepare,
+    prepare_bytes,
+    read_grey,
+    to_28x28,
+)
 
 
 def _digit_like(size: int = 200, dark_on_light: bool = True) -> np.ndarray:
@@ -103,11 +111,13 @@ def test_an_iphone_photo_is_read_with_the_heif_plugin(tmp_path, monkeypatch):
     (tmp_path / "cut.heic").write_bytes((tmp_path / "ring.heic").read_bytes()[:300])
     with pytest.raises(ImageError, match=r"^damaged image data"):
         read_grey(tmp_path / "cut.heic")
+    assert np.abs(prepare_bytes((tmp_path / "ring.heic").read_bytes()) - png).max() < 0.1
     monkeypatch.setitem(sys.modules, "pillow_heif", None)  # importing it fails
-    with pytest.raises(ImageError, match=r"^a HEIC/HEIF photo \(the iPhone's format\), which "
-                                         r"Pillow reads only with its plugin: pip install "
-                                         r"'torchmnist\[heic\]'"):
-        read_grey(tmp_path / "cut.heic")
+    for given in (tmp_path / "cut.heic", (tmp_path / "cut.heic").read_bytes()):  # (an upload)
+        with pytest.raises(ImageError, match=r"^a HEIC/HEIF photo \(the iPhone's format\), "
+                                             r"which Pillow reads only with its plugin: pip "
+                                             r"install 'torchmnist\[heic\]'"):
+            read_grey(given)
 
 
 def test_grey_files_read_exactly_as_their_colour_copies(tmp_path):
