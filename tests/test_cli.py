@@ -205,14 +205,16 @@ def test_bench_with_json_prints_only_its_report_on_stdout(capsys):
     assert "hardware:" in err and "time to accuracy" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("phase", [
     ["--loaders", "tensor", "--trials", "1000", "--steps", "20", "--accuracy-trials", "0"],
     ["--loaders", "", "--accuracy-trials", "1000"],
 ], ids=["throughput", "time-to-accuracy"])
-def test_sigterm_during_a_benchmark_leaves_no_temporary_run_behind(phase, tmp_path):
+def test_a_signal_during_a_benchmark_leaves_no_temporary_run_behind(phase, signum, tmp_path):
     """SIGTERM's default action ended a benchmark on the spot, its temporary run folder left
     in the temp directory; one during a time-to-accuracy run said to resume a checkpoint in a
-    folder about to be removed."""
+    folder about to be removed. Ctrl-C was told as "interrupted" in one phase and as a stop
+    in the other."""
     temp = tmp_path / "temp"
     temp.mkdir()
 
@@ -222,11 +224,11 @@ def test_sigterm_during_a_benchmark_leaves_no_temporary_run_behind(phase, tmp_pa
     process = start_until([*TORCHMNIST, "bench", "--dry-run", *phase], tmp_path,
                           lambda: any((p / ".torchmnist-run").exists() or (p / "run").exists()
                                       for p in ours()), env={"TMPDIR": str(temp)})
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
-    assert_one_sentence_error(err, "stopped: SIGTERM; the benchmark's runs were temporary, "
-                              "and nothing was kept")
+    assert process.returncode == 128 + signum, err
+    assert_one_sentence_error(err, f"stopped: {signal.Signals(signum).name}; the benchmark's "
+                              "runs were temporary, and nothing was kept")
     assert ours() == []
 
 

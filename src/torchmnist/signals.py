@@ -98,10 +98,10 @@ def terminate_cleanly() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stop_by_unwinding() -> Iterator[None]:
-    """While inside, SIGTERM raises Stopped wherever the process is, as Ctrl-C raises
-    KeyboardInterrupt, so that every `with` and `finally` on the way out runs (the default
-    action ends the process on the spot, leaving a benchmark's temporary run folders behind).
-    A training run inside installs its own handlers and stops after a step, as always."""
+    """While inside, SIGTERM and SIGINT raise Stopped wherever the process is, so that every
+    `with` and `finally` on the way out runs (SIGTERM's default action ends the process on the
+    spot, leaving a benchmark's temporary run folders behind), and both are told alike. A
+    training run inside installs its own handlers and stops after a step, as always."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -109,8 +109,9 @@ def stop_by_unwinding() -> Iterator[None]:
     def stop(signum: int, frame) -> None:
         raise Stopped.with_nothing_kept(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
