@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,39 @@ def test_a_gpu_by_index_is_explained_wherever_it_is_asked_for(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--dry-run", "--device", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_a_setting_that_does_nothing_in_this_run_is_said_to(capsys):
+    """--momentum with Adam, --gamma without the step schedule: taken without a word, so a
+    learner believed they had set them. Not refused: a sweep may search one beside the
+    setting that enables it."""
+    code, out, err = run_main(["train", "--dry-run", "--run-dir", "r", "--optimizer", "adam",
+                               "--momentum", "0.9", "--nesterov", "--gamma", "0.5",
+                               "--exit-threshold", "0.5"], capsys)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: --momentum 0.9 does nothing here: it is for --optimizer sgd, and this run has "
+        "--optimizer adam",
+        "note: --nesterov does nothing here: it is for --optimizer sgd, and this run has "
+        "--optimizer adam",
+        "note: --gamma 0.5 does nothing here: it is for --scheduler step, and this run has "
+        "--scheduler none",
+        "note: --exit-threshold 0.5 does nothing here: it is for --model early-exit, and this "
+        "run has --model guide"]
+    assert "\n".join(notes) in open("r/train.log").read()
+    # What a recipe sets, and what acts, says nothing: fast's momentum beside AdamW, --gamma
+    # with the step schedule, a warm-up with onecycle.
+    for flags in (["--recipe", "fast", "--optimizer", "adamw"],
+                  ["--scheduler", "step", "--gamma", "0.5"],
+                  ["--scheduler", "onecycle", "--warmup", "0.3"]):
+        code, out, err = run_main(["train", "--dry-run", "--run-dir", "q", *flags], capsys)
+        assert code == 0, err
+        assert "note: " not in out, flags
+        shutil.rmtree("q")
+    code, out, _ = run_main(["train", "--dry-run", "--run-dir", "q", "--momentum", "0",
+                             "--nesterov"], capsys)
+    assert "note: --nesterov does nothing here: it needs --momentum above 0" in out
 
 
 def test_a_yaml_key_may_override_one_merged_in(tmp_path):

@@ -404,6 +404,32 @@ def differences(config: TrainConfig) -> dict[str, Any]:
             if name not in _NOT_SHOWN and value != recipe[name]}
 
 
+# Settings that act only beside another's value: (setting, the other, the value it needs).
+_ONLY_WITH = (("momentum", "optimizer", "sgd"), ("nesterov", "optimizer", "sgd"),
+              ("gamma", "scheduler", "step"), ("warmup", "scheduler", "onecycle"),
+              ("exit_threshold", "model", "early-exit"))
+
+
+def idle_settings(config: TrainConfig) -> list[str]:
+    """A sentence for each setting changed from its recipe's value that does nothing in this
+    run (--momentum with Adam, --gamma without the step schedule): it is not refused, since a
+    sweep may search it beside the setting that enables it, but it is not silent either."""
+    def shown(name: str) -> str:  # as it is typed: --nesterov, --momentum 0.9
+        value = getattr(config, name)
+        if isinstance(value, bool):
+            return f"--{'' if value else 'no-'}{_flag(name)}"
+        return f"--{_flag(name)} {value if isinstance(value, str) else json.dumps(value)}"
+
+    changed = differences(config)
+    idle = [f"{shown(name)} does nothing here: it is for --{_flag(other)} {needed}, and this "
+            f"run has {shown(other)}" for name, other, needed in _ONLY_WITH
+            if name in changed and getattr(config, other) != needed]
+    if "nesterov" in changed and config.nesterov and config.optimizer == "sgd" \
+            and not config.momentum > 0:
+        idle.append("--nesterov does nothing here: it needs --momentum above 0")
+    return idle
+
+
 def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> TrainConfig:
     """Build the config from the values a user set explicitly, filling the rest from the
     recipe, or, when resuming, from the `saved` config of the checkpoint."""

@@ -31,6 +31,7 @@ from torchmnist.config import (
     differences,
     eval_interval,
     frozen_prefixes,
+    idle_settings,
     resolve,
     schedule_length,
 )
@@ -737,7 +738,7 @@ def _announce(run: Run, digits: data.DigitData, notes: list[str]) -> None:
         log.print(f"distributed: {run.world.size} processes ({distributed.backend()}), each "
                   f"trains on {config.batch_size // run.world.size} of every batch of "
                   f"{config.batch_size}" + (", BatchNorm synchronised" if config.sync_bn else ""))
-    for note in notes:
+    for note in notes + [f"note: {idle}" for idle in idle_settings(config)]:
         log.print(note)
 
 
