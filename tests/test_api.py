@@ -112,6 +112,11 @@ def test_a_dry_run_is_tested_on_its_own_synthetic_data(trained, capsys):
     code, out, err = run_main(["test", trained["run_dir"], "--json", "--device", "cpu"], capsys)
     assert code == 0, err
     assert json.loads(out)["test_accuracy"] == trained["test_accuracy"]
+    assert json.loads(out)["dry_run"] is True
+    # And says so: "on mnist test set" read as MNIST's 10,000 images, not 512 synthetic ones.
+    code, out, err = run_main(["test", trained["run_dir"], "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert ": guide model on mnist test set (synthetic, dry run): loss " in out
 
 
 def test_training_and_test_report_the_same_accuracy_and_loss(tmp_path, capsys):

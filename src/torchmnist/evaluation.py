@@ -145,8 +145,10 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
         network.exits = [0, 0, 0]
     result = evaluate_model(network, test_batches, tta=tta,
                             background=digits.spec.normalized_background)
+    # A dry run's model is scored on its run's synthetic images, or its sample of a folder.
+    dry_run = bool((trained.config or {}).get("dry_run")) and test is None
     return {"checkpoint": str(checkpoint_path), "model": model_name, "dataset": dataset,
-            "test_loss": result.loss, "test_accuracy": result.accuracy,
+            "dry_run": dry_run, "test_loss": result.loss, "test_accuracy": result.accuracy,
             "correct": result.correct, "total": result.total, "tta": tta,
             "device": str(target), "exits": _exits(network) if early_exit else None}
 
