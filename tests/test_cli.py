@@ -203,6 +203,8 @@ def test_bench_with_json_prints_only_its_report_on_stdout(capsys):
     report = json.loads(out)
     assert report["loaders"][0]["loader"] == "tensor"
     assert "hardware:" in err and "time to accuracy" in err
+    # Counted as said: not "median of 1 trials", "over 1 seeds (1 epochs)".
+    assert "median of 1 trial;" in err and "over 1 seed (1 epoch)" in err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -99,6 +99,11 @@ class _Made:
         return iter(self.made)
 
 
+def _count(n: float, noun: str) -> str:
+    """"1 seed", "3 seeds", "0.75 epochs"."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
 def _endless(loader):
     """The loader's batches, epoch after epoch."""
     for epoch in itertools.count(1):
@@ -173,7 +178,8 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
     print(f"torchmnist bench: recipe {config.recipe}, model {config.model}, batch "
           f"{config.batch_size}, amp {config.amp}, {data_name} data", file=out)
     print(describe(env), file=out)
-    print(f"throughput: median of {trials} trials; the resolved config is in the --json report",
+    print(f"throughput: median of {_count(trials, 'trial')}; the resolved config is in the "
+          "--json report",
           file=out)
     # The numbers beside everything that produced them: the whole resolved config.
     report = {"environment": env, "recipe": config.recipe, "config": config.to_dict(),
@@ -214,7 +220,8 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
             "reached": [r["target_seconds"] is not None for r in runs]
             if config.target_accuracy else None,
         }
-        print(f"\ntime to accuracy over {accuracy_trials} seeds ({config.epochs:g} epochs"
+        print(f"\ntime to accuracy over {_count(accuracy_trials, 'seed')} "
+              f"({_count(config.epochs, 'epoch')}"
               f"{f', stopping at {config.target_accuracy:.2%}' if config.target_accuracy else ''}"
               f"): mean test accuracy {statistics.mean(accuracies):.2%} (min {min(accuracies):.2%},"
               f" max {max(accuracies):.2%}), median {statistics.median(seconds):.2f} s of "
