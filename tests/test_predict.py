@@ -218,6 +218,9 @@ def test_globs_missing_files_and_saved_inputs(state_dict_file, tmp_path, capsys)
 
     code, out, _ = run_main(["predict", str(state_dict_file), str(tmp_path / "a.jpg")], capsys)
     assert code == 0 and out.startswith(str(tmp_path / "a.jpg") + ": ")
+    code, _, err = run_main(["predict", str(state_dict_file), "missing.png", "--json"], capsys)
+    assert code == 2
+    assert err == 'torchmnist: error: 1 of 1 file could not be predicted (see its "error")\n'
 
 
 def test_saving_into_the_photos_folder_never_writes_over_a_photo(state_dict_file, tmp_path,

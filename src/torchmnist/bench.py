@@ -25,7 +25,7 @@ import torch
 
 from torchmnist import config as cfg
 from torchmnist import devices
-from torchmnist.errors import UsageError
+from torchmnist.errors import UsageError, counted
 from torchmnist.evaluation import evaluate_model
 from torchmnist.signals import Stopped
 from torchmnist.training import setup, train, train_step, warm_up
@@ -97,11 +97,6 @@ class _Made:
 
     def batches(self, epoch: int = 1, start: int = 0):
         return iter(self.made)
-
-
-def _count(n: float, noun: str) -> str:
-    """"1 seed", "3 seeds", "0.75 epochs"."""
-    return f"{n:g} {noun}{'' if n == 1 else 's'}"
 
 
 def _endless(loader):
@@ -178,7 +173,7 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
     print(f"torchmnist bench: recipe {config.recipe}, model {config.model}, batch "
           f"{config.batch_size}, amp {config.amp}, {data_name} data", file=out)
     print(describe(env), file=out)
-    print(f"throughput: median of {_count(trials, 'trial')}; the resolved config is in the "
+    print(f"throughput: median of {counted(trials, 'trial')}; the resolved config is in the "
           "--json report",
           file=out)
     # The numbers beside everything that produced them: the whole resolved config.
@@ -220,8 +215,8 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
             "reached": [r["target_seconds"] is not None for r in runs]
             if config.target_accuracy else None,
         }
-        print(f"\ntime to accuracy over {_count(accuracy_trials, 'seed')} "
-              f"({_count(config.epochs, 'epoch')}"
+        print(f"\ntime to accuracy over {counted(accuracy_trials, 'seed')} "
+              f"({counted(config.epochs, 'epoch')}"
               f"{f', stopping at {config.target_accuracy:.2%}' if config.target_accuracy else ''}"
               f"): mean test accuracy {statistics.mean(accuracies):.2%} (min {min(accuracies):.2%},"
               f" max {max(accuracies):.2%}), median {statistics.median(seconds):.2f} s of "

@@ -17,7 +17,7 @@ from typing import Any
 
 from torchmnist import config as cfg
 from torchmnist import signals
-from torchmnist.errors import TorchMnistError, printable
+from torchmnist.errors import TorchMnistError, counted, printable
 
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
 
@@ -455,8 +455,9 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{result['file']}: {result['class']} ({100 * result['probability']:.1f}%)"
                   f"  top {len(result['top'])}: {others}")
     if failed and args.json:
-        print(f"torchmnist: error: {len(failed)} of {len(results)} files could not be "
-              f"predicted (see their \"error\")", file=sys.stderr)
+        print(f"torchmnist: error: {len(failed)} of {counted(len(results), 'file')} could not "
+              f"be predicted (see {'its' if len(results) == 1 else 'their'} \"error\")",
+              file=sys.stderr)
     return 2 if failed else 0
 
 

@@ -23,6 +23,11 @@ class TrainingError(TorchMnistError):
     exit_code = 1
 
 
+def counted(n: float, noun: str) -> str:
+    """"1 trial", "3 trials", "0.75 epochs": a count as a sentence says it."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
 def printable(text: str) -> str:
     """`text` as one line that cannot drive a terminal: in a file name, bytes that are not
     UTF-8 (caf\\xe9.png from another system), a newline, a tab or an escape sequence (a name

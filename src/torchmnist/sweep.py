@@ -38,7 +38,7 @@ from typing import Any
 
 from torchmnist import config as cfg
 from torchmnist import rundir
-from torchmnist.errors import TorchMnistError, TrainingError, UsageError
+from torchmnist.errors import TorchMnistError, TrainingError, UsageError, counted
 from torchmnist.signals import Stopped, StopSignals
 
 KINDS = ("log", "float", "int", "choice")
@@ -728,7 +728,8 @@ def main(options: dict[str, Any], base: dict[str, Any], argv: list[str]) -> dict
             stop.told = False  # the sweep that started this worker tells it, once for all
             raise
         return None
-    _say(sweep, f"sweep {sweep.study_name}: {sweep.trials} trials, {sweep.jobs} at a time, "
+    _say(sweep, f"sweep {sweep.study_name}: {counted(sweep.trials, 'trial')}, {sweep.jobs} at a "
+                f"time, "
                 f"{sweep.direction} {sweep.metric}; {sweep.sampler} sampler, "
                 f"{'no' if sweep.pruner == 'none' else sweep.pruner} pruner; searching "
                 + "; ".join(p.describe() for p in sweep.space)
