@@ -163,7 +163,7 @@ def test_bench_prints_environment_and_every_loader(capsys):
     assert environment in err.splitlines()
     assert f"torch {torch.__version__}" in environment
     assert f"torchmnist {torchmnist.__version__}" in environment
-    assert "median of 1 trials" in err
+    assert "median of 1 trial;" in err
     report = json.loads(out)
     # What airbench records: the resolved config and the code's version beside the numbers.
     assert report["config"]["recipe"] == "fast" and report["config"]["batch_size"] == 64
