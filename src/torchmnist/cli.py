@@ -386,6 +386,7 @@ def _bench(explicit: dict[str, Any]) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
+    from torchmnist.data import dry_run_words
     from torchmnist.evaluation import evaluate
 
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
@@ -398,10 +399,7 @@ def _test(args: argparse.Namespace) -> int:
              f"{'/'.join(str(n) for n in exits['per_head'])} images, "
              f"{100 * exits['compute_fraction']:.0f}% of the whole network's compute"
              if exits else "")
-    from torchmnist.data import is_builtin
-
-    dry = ("" if not result["dry_run"] else " (synthetic, dry run)"
-           if is_builtin(result["dataset"]) else " (a sample, dry run)")  # as training says it
+    dry = dry_run_words(result["dataset"]) if result["dry_run"] else ""
     _show(args, result, f"{result['checkpoint']}: {result['model']} model on {result['dataset']} "
           f"test set{dry}{how}: loss {result['test_loss']:.4f}, accuracy {result['correct']}/"
           f"{result['total']} ({100 * result['test_accuracy']:.2f}%){early}")

@@ -345,6 +345,12 @@ def is_builtin(dataset: str) -> bool:
     return dataset in DATASETS
 
 
+def dry_run_words(dataset: str) -> str:
+    """What a dry run's images are, as training and `test` say it after the dataset's name:
+    synthetic ones for a built-in dataset, a sample of your own for the others."""
+    return " (synthetic, dry run)" if is_builtin(dataset) else " (a sample, dry run)"
+
+
 def builtin_spec(dataset: str) -> DatasetSpec:
     """The spec of a built-in dataset, or one sentence saying the name is not one."""
     if dataset not in DATASETS:

@@ -88,14 +88,14 @@ def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> 
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         raise ImageError(f"cannot read it: {error.strerror}") from None
     except UnidentifiedImageError:
-        if _is_heif(path) and _heif_opener():  # the plugin is there: the file is at fault
+        if not _is_heif(path):
+            raise ImageError("not an image file Pillow can read") from None
+        if _heif_opener():  # the plugin is there: the file itself is at fault
             raise ImageError("damaged image data (a HEIC/HEIF file that pillow-heif cannot "
                              "read)") from None
-        if _is_heif(path):
-            raise ImageError("a HEIC/HEIF photo (the iPhone's format), which Pillow reads only "
-                             "with its plugin: pip install 'torchmnist[heic]' (pillow-heif), "
-                             "or save it as JPEG") from None
-        raise ImageError("not an image file Pillow can read") from None
+        raise ImageError("a HEIC/HEIF photo (the iPhone's format), which Pillow reads only "
+                         "with its plugin: pip install 'torchmnist[heic]' (pillow-heif), or "
+                         "save it as JPEG") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
         raise ImageError(f"damaged image data ({str(error).strip() or type(error).__name__})"
                          ) from None

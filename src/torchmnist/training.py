@@ -721,8 +721,7 @@ def _open_run_dir(config: TrainConfig, run_dir: Path, world: distributed.World,
 def _announce(run: Run, digits: data.DigitData, notes: list[str]) -> None:
     """The run's first lines: what trains on what, where, with which settings."""
     config, log = run.config, run.log
-    dry = (" (synthetic, dry run)" if config.dry_run and data.is_builtin(config.dataset)
-           else " (a sample, dry run)" if config.dry_run else "")
+    dry = data.dry_run_words(config.dataset) if config.dry_run else ""
     log.print(f"torchmnist: {config.recipe} recipe, {config.model} model on {digits.spec.name}"
               f"{dry}, device {run.device} "
               f"({devices.describe(run.device)}), torch {torch.__version__}")
