@@ -207,9 +207,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
             # torch warns about any pickle protocol but 2, then fails or loads on its own merit:
             # the outcome is what the user is told, not the warning.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            # Likewise its note on checking a sparse tensor, which no torchmnist model holds.
+            # Likewise its notes on checking a sparse tensor, which no torchmnist model holds.
             warnings.filterwarnings("ignore", message="Validating sparse tensor")
-            loaded = torch.load(path, map_location=map_location, weights_only=True)
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            # A sparse tensor in the file is checked as it loads (torch 2.11 leaves that off
+            # unless asked, and warns that a malformed one could crash the process later).
+            with torch.sparse.check_sparse_tensor_invariants():
+                loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only=True stopped the unpickler. It names the GLOBAL it refused when the file
         # asks for a Python object (a class, or a function such as os.system); anything else
