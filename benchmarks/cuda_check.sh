@@ -45,10 +45,12 @@ if has suite; then
         options+=(--timeout 300)  # a test that hangs is failed with its threads' stacks
     fi
     # SIGINT at the limit: pytest still prints what passed and failed.
-    OMP_NUM_THREADS=2 timeout -s INT -k 30 420 $py -m pytest -q -rfE --durations 10 \
+    # -rfEs: the log ends with each failure, error and reason to skip (packages or data that
+    # this machine lacks), so a run elsewhere can be compared test for test.
+    OMP_NUM_THREADS=2 timeout -s INT -k 30 420 $py -m pytest -q -rfEs --durations 10 \
         -p no:cacheprovider "${options[@]}" > "$logs/suite.log" 2>&1
     echo "pytest exit code $?"
-    grep -E "^(FAILED|ERROR)|passed|failed" "$logs/suite.log" | tail -n 40
+    grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$logs/suite.log" | tail -n 60
 fi
 
 if has bench; then

@@ -47,6 +47,8 @@ def test_dry_run_with_empty_home_writes_a_complete_run(tmp_path):
 
 def test_python_dash_m_and_console_script_share_the_parser(tmp_path):
     script = Path(sys.executable).with_name("torchmnist")  # installed next to this python
+    if not script.exists() and os.environ.get("CI") != "true":
+        pytest.skip("torchmnist is imported from src/, not installed: there is no console script")
     result = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True)
     module = run_subprocess(["train", "--help"], cwd=tmp_path)
     assert result.returncode == module.returncode == 0

@@ -53,7 +53,11 @@ class TinyNet(nn.Module):
 def _environment(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCHMNIST_DATA_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(extra or {})
+    extra = dict(extra or {})
+    if "PYTHONPATH" in extra and env.get("PYTHONPATH"):
+        # Added to, not replaced: torchmnist may itself be importable only through it (src/).
+        extra["PYTHONPATH"] += os.pathsep + env["PYTHONPATH"]
+    env.update(extra)
     return env
 
 
