@@ -343,7 +343,12 @@ def _sparse_weight(saved):
     (_set("progress", "epoch_loss_sum", "a"), "its progress has no number for epoch_loss_sum"),
     (_set("optimizer", "x"), "it has no optimiser state"),
     (_set("metrics", [1, 2]), "its metrics are not a list of records"),
-    (_set("metrics", [{"a": torch.ones(1)}]), "its metrics hold values that are not plain JSON"),
+    (_set("metrics", [{"a": torch.ones(1)}]), "its metrics hold values that are not plain JSON "
+                                               "numbers or text"),
+    (_set("metrics", [{"a": [[0.5]]}]), "its metrics hold values that are not plain JSON numbers "
+                                        "or text"),
+    (_set("metrics", [{"a": float("nan")}]), "its metrics hold values that are not plain JSON "
+                                             "numbers or text"),
     (_set("world_size", "two"), "its number of processes is not a whole number"),
     (_set("ranks", 5), "its per-process states are not a list"),
     (_set("ranks", [5]), "a process's progress or random generator states are missing"),
@@ -364,7 +369,8 @@ def _sparse_weight(saved):
                                             "mappings"),
     (_set("optimizer", "param_groups", [5]), "its optimiser's parameter groups are damaged"),
 ], ids=["epoch-text", "step-fraction", "seconds-none", "sum-text", "optimizer-text",
-        "metrics-numbers", "metrics-tensor", "world-text", "ranks-number", "ranks-number-list",
+        "metrics-numbers", "metrics-tensor", "metrics-nested", "metrics-nan", "world-text",
+        "ranks-number", "ranks-number-list",
         "batch-beyond-epoch", "sparse-weight", "rng-python", "rng-numpy", "rng-torch",
         "rng-cuda", "rng-missing", "optimizer-state-text", "optimizer-groups-numbers"])
 def test_a_damaged_training_state_is_named_and_the_run_folder_kept(change, problem, capsys,
@@ -488,7 +494,7 @@ def test_metrics_nested_deeper_than_the_stack_are_named_not_a_recursion_error(ca
     code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: its metrics hold values "
-                                   "that are not plain JSON")
+                                   "that are not plain JSON numbers or text")
 
 
 @pytest.mark.parametrize("index", [torch.tensor([5, 5]), torch.tensor([1.0, 2.0]),

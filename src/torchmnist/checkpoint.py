@@ -468,11 +468,18 @@ def _training_state_problem(saved: dict) -> str | None:
     metrics = saved.get(METRICS) or []
     if not (isinstance(metrics, list) and all(isinstance(r, dict) for r in metrics)):
         return "its metrics are not a list of records"
-    try:
-        json.dumps(metrics, allow_nan=False)  # as metrics.jsonl is written
-    except (TypeError, ValueError, RecursionError):
-        return "its metrics hold values that are not plain JSON"
+    if not all(_is_plain_record(r) for r in metrics):
+        return "its metrics hold values that are not plain JSON numbers or text"
     return None
+
+
+def _is_plain_record(record: dict) -> bool:
+    """A metrics record as torchmnist writes it: names to numbers, text or null. Nothing nested,
+    so no check recurses and the record can be saved again: from Python 3.12 json.dumps nests
+    deeper than the pickler that writes the next checkpoint can."""
+    return all(isinstance(name, str) and (
+        value is None or isinstance(value, (str, bool, int))
+        or (isinstance(value, float) and math.isfinite(value))) for name, value in record.items())
 
 
 def _optimizer_problem(state: Any) -> str | None:
