@@ -170,8 +170,12 @@ def test_bench_prints_environment_and_every_loader(capsys):
     # What airbench records: the resolved config and the code's version beside the numbers.
     assert report["config"]["recipe"] == "fast" and report["config"]["batch_size"] == 64
     assert report["environment"]["torchmnist"] == torchmnist.__version__
-    assert [row["loader"] for row in report["loaders"]] == [
+    rows = [(row["loader"], row["step"]) for row in report["loaders"]]
+    assert [name for name, step in rows if step == "eager"] == [
         "tensor", "premade", "dataloader:0", "dataloader:2"]
+    # On CUDA each loader's step is timed again, replayed from a graph.
+    assert {step for _, step in rows} == ({"eager", "graph"} if torch.cuda.is_available()
+                                          else {"eager"})
     assert all(row["train_images_per_s"] > 0 for row in report["loaders"])
     assert report["time_to_accuracy"]["seeds"] == [1, 2]
     assert len(report["time_to_accuracy"]["test_accuracy"]) == 2
