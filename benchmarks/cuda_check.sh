@@ -5,6 +5,8 @@
 #
 #   TORCHMNIST_DATA_DIR=/path/holding/MNIST/raw bash benchmarks/cuda_check.sh [LOG_DIR] [PARTS]
 #
+# MNIST/raw holds the four files uncompressed, as torchvision's MNIST reads them (the tests
+# that compare with the guide's own scripts use it); with .gz files alone those tests skip.
 # LOG_DIR (default cuda-check) receives one log per part; PARTS is any of "cuda suite bench"
 # (default all three). Every part has a time limit, so a hang costs minutes, not the machine.
 # Run it from the repository root, with torchmnist importable (pip install -e . or
