@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -204,6 +205,37 @@ def test_a_loader_still_open_when_python_exits_does_not_hang_it(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120, start_new_session=True)
     assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
+
+
+# Training from a script, its DataLoader workers started as `sys.argv[1]` says. spawn and
+# forkserver (macOS and Windows use spawn; Linux uses forkserver from Python 3.14 on) start
+# each worker by importing the script again; fork copies the running process.
+_START_METHOD_SCRIPT = """
+import multiprocessing, sys
+import torchmnist
+
+def main():
+    multiprocessing.set_start_method(sys.argv[1], force=True)
+    torchmnist.train(torchmnist.TrainConfig(dry_run=True, loader="dataloader", num_workers=2,
+                                            epochs=0.25, device="cpu", quiet=True,
+                                            run_dir=sys.argv[2]))
+
+"""
+
+
+def _train_started_by(method: str, script: Path, run: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), method, str(run)], cwd=script.parent,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_a_script_that_trains_unguarded_is_told_why_its_workers_fail(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(_START_METHOD_SCRIPT + "main()\n")
+    done = _train_started_by("forkserver", script, tmp_path / "run")
+    assert done.returncode != 0
+    assert ("torchmnist was asked to train inside a new process as it started (spawn and "
+            "forkserver run the script's top level again in every process, DataLoader workers "
+            'included): put the training call under `if __name__ == "__main__":`') in done.stderr
 
 
 def test_a_run_that_ends_in_an_error_has_stopped_its_loader_workers(tmp_path):

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import gzip
 import math
+import multiprocessing
 import os
 import unicodedata
 import weakref
@@ -740,6 +741,20 @@ class _EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return sum(len(index) for index in rank_batches(
             torch.arange(self.n), self.batch_size, self.start, self.rank, self.ranks))
+
+
+def refuse_in_a_starting_process() -> None:
+    """Refuse to train while a new process imports the user's script. Under the spawn and
+    forkserver start methods (macOS and Windows; Linux from Python 3.14) every new process,
+    a DataLoader worker included, runs the main script's top level again: an unguarded
+    `torchmnist.train(...)` would start a second run there (which then finds the first run's
+    folder locked). Python marks the process while it imports the script (_inheriting, the
+    flag multiprocessing checks for its own version of this mistake)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise UsageError(
+            "torchmnist was asked to train inside a new process as it started (spawn and "
+            "forkserver run the script's top level again in every process, DataLoader workers "
+            'included): put the training call under `if __name__ == "__main__":`')
 
 
 def _seed_worker(worker_id: int) -> None:

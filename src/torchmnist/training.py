@@ -521,6 +521,7 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     """Build the run: device, data, model, optimiser; restore a checkpoint when resuming
     (`resumed`: that checkpoint, already read). Everything that can refuse the run is checked
     before the run folder is touched."""
+    data.refuse_in_a_starting_process()
     config = _absolute_dataset(config)
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
