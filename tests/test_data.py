@@ -228,6 +228,19 @@ def _train_started_by(method: str, script: Path, run: Path) -> subprocess.Comple
                           capture_output=True, text=True, timeout=180)
 
 
+def test_workers_started_by_spawn_or_forkserver_train_as_forked_ones(tmp_path):
+    script = tmp_path / "guarded.py"
+    script.write_text(_START_METHOD_SCRIPT + 'if __name__ == "__main__":\n    main()\n')
+    weights = {}
+    for method in ("fork", "forkserver", "spawn"):
+        done = _train_started_by(method, script, tmp_path / method)
+        assert done.returncode == 0, done.stderr
+        weights[method] = torch.load(tmp_path / method / "last.pt", weights_only=True)["model"]
+    for method in ("forkserver", "spawn"):
+        for name, value in weights["fork"].items():
+            assert torch.equal(weights[method][name], value), (method, name)
+
+
 def test_a_script_that_trains_unguarded_is_told_why_its_workers_fail(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(_START_METHOD_SCRIPT + "main()\n")

@@ -702,18 +702,28 @@ class _PILDigits(Dataset):
     def __init__(self, split: Split, spec: DatasetSpec):
         from torchvision import transforms
 
-        self.images = split.images.numpy()
-        self.labels = split.labels.tolist()
+        # Tensors, as torchvision keeps them: a worker started by spawn or forkserver (macOS,
+        # Windows; Linux from Python 3.14) is sent them through shared memory. A NumPy array
+        # was pickled to every worker, and batches came 2.5x slower from it there
+        # (benchmarks/start_methods.py).
+        self.split = split
+        self._arrays: tuple[np.ndarray, list[int]] | None = None
         self.transform = transforms.Compose([
             transforms.ToTensor(), transforms.Normalize((spec.mean,), (spec.std,))])
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+        if self._arrays is None:  # once per process: NumPy indexes one image faster
+            self._arrays = self.split.images.numpy(), self.split.labels.tolist()
+        images, labels = self._arrays
+        return self.transform(Image.fromarray(images[index])), labels[index]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}  # each worker makes its own views
 
 
 class _EpochSampler(Sampler[int]):
