@@ -241,10 +241,13 @@ def test_workers_started_by_spawn_or_forkserver_train_as_forked_ones(tmp_path):
             assert torch.equal(weights[method][name], value), (method, name)
 
 
-def test_a_script_that_trains_unguarded_is_told_why_its_workers_fail(tmp_path):
+# Under spawn the parent used to wait forever: it writes each worker its dataset through a
+# pipe, and a NumPy copy filled the pipe of a worker that had died.
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_that_trains_unguarded_is_told_why_its_workers_fail(method, tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(_START_METHOD_SCRIPT + "main()\n")
-    done = _train_started_by("forkserver", script, tmp_path / "run")
+    done = _train_started_by(method, script, tmp_path / "run")
     assert done.returncode != 0
     assert ("torchmnist was asked to train inside a new process as it started (spawn and "
             "forkserver run the script's top level again in every process, DataLoader workers "
