@@ -3,9 +3,11 @@
 fork copies the running process (Linux up to Python 3.13); spawn starts a fresh interpreter
 (macOS, Windows); forkserver forks from a clean server process (Linux from Python 3.14). spawn
 and forkserver send each worker the dataset, so what it holds decides what crosses: torch
-tensors go through shared memory. For each method this times the first training batch (the
-workers starting) and the next batches, on MNIST's 60,000 training images, `--repeats` times
-in fresh processes. Prints the numbers with the hardware and torch version.
+tensors go through shared memory. For each method this times, on MNIST's 60,000 training
+images, the first training batch (the workers starting), the next `--batches` (workers that
+are still taking in their copy of the dataset lag here) and the `--batches` after those (the
+steady pace), `--repeats` times in fresh processes. Prints the numbers with the hardware and
+torch version.
 
     python benchmarks/start_methods.py --data-dir ../shared/data --workers 2 --repeats 3
 """
@@ -27,7 +29,8 @@ from torchmnist import bench, data
 
 
 def measure(method: str, data_dir: str | None, workers: int, batches: int) -> dict:
-    """In this process: the first batch's and the next `batches` batches' seconds."""
+    """In this process: the seconds of the first batch, the next `batches` batches and the
+    `batches` after those."""
     multiprocessing.set_start_method(method, force=True)
     digits = data.load("mnist", data_dir, download=False)
     loader = data.LoaderBatches(digits.train, digits.spec, 64, torch.device("cpu"),
@@ -37,10 +40,13 @@ def measure(method: str, data_dir: str | None, workers: int, batches: int) -> di
         stream = loader.batches(1)
         next(stream)
         first = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in itertools.islice(stream, batches):
-            pass
-        return {"first_batch_s": first, "next_batches_s": time.perf_counter() - start}
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            for _ in itertools.islice(stream, batches):
+                pass
+            seconds.append(time.perf_counter() - start)
+        return {"first_batch_s": first, "next_batches_s": seconds[0], "steady_s": seconds[1]}
     finally:
         loader.close()
 
@@ -60,7 +66,8 @@ def main() -> int:
     print(bench.describe(bench.environment(torch.device("cpu"))))
     print(f"DataLoader, {args.workers} workers, batch 64; median of {args.repeats} fresh "
           "processes")
-    print(f"{'start method':<14}{'first batch s':>14}{f'next {args.batches} batches s':>22}")
+    print(f"{'start method':<14}{'first batch s':>14}{f'next {args.batches} batches s':>22}"
+          f"{f'the {args.batches} after s':>20}")
     for method in args.methods.split(","):
         runs = []
         for _ in range(args.repeats):
@@ -70,9 +77,9 @@ def main() -> int:
                 command += ["--data-dir", args.data_dir]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             runs.append(json.loads(done.stdout))
-        first = statistics.median(r["first_batch_s"] for r in runs)
-        rest = statistics.median(r["next_batches_s"] for r in runs)
-        print(f"{method:<14}{first:>14.2f}{rest:>22.2f}")
+        first, rest, steady = (statistics.median(r[key] for r in runs)
+                               for key in ("first_batch_s", "next_batches_s", "steady_s"))
+        print(f"{method:<14}{first:>14.2f}{rest:>22.2f}{steady:>20.2f}")
     return 0
 
 

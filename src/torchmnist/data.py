@@ -704,8 +704,8 @@ class _PILDigits(Dataset):
 
         # Tensors, as torchvision keeps them: a worker started by spawn or forkserver (macOS,
         # Windows; Linux from Python 3.14) is sent them through shared memory. A NumPy array
-        # was pickled to every worker, and batches came 2.5x slower from it there
-        # (benchmarks/start_methods.py).
+        # was pickled to every worker, which kept the workers 1.4 s behind as a run began
+        # (benchmarks/start_methods.py); the parent waited forever if a worker died first.
         self.split = split
         self._arrays: tuple[np.ndarray, list[int]] | None = None
         self.transform = transforms.Compose([
