@@ -254,6 +254,41 @@ def test_a_script_that_trains_unguarded_is_told_why_its_workers_fail(method, tmp
             'included): put the training call under `if __name__ == "__main__":`') in done.stderr
 
 
+@pytest.mark.parametrize("room", [True, False], ids=["room", "full"])
+def test_spawned_workers_get_shared_tensors_or_numpy_copies_where_shared_memory_is_full(
+        room, monkeypatch):
+    """What a spawn or forkserver worker is sent (pickled as multiprocessing pickles it): the
+    tensors, through shared memory, where it has room; NumPy copies where it has not (Docker's
+    64 MiB /dev/shm). Either way the worker's samples are the parent's."""
+    from multiprocessing.reduction import ForkingPickler
+
+    monkeypatch.setattr(data, "_shared_memory_holds", lambda size: room)
+    digits = data.synthetic(n_train=100, n_test=10)
+    dataset = data._PILDigits(digits.train, digits.spec)
+    sent = ForkingPickler.loads(ForkingPickler.dumps(dataset))
+    assert (sent.split is not None) == room
+    assert (sent._arrays is None) == room
+    assert len(sent) == len(dataset) == 100
+    for index in (0, 57, 99):
+        (x, y), (sx, sy) = dataset[index], sent[index]
+        assert torch.equal(x, sx) and y == sy
+
+
+def test_a_loader_out_of_shared_memory_is_told_in_one_sentence(monkeypatch, capsys):
+    def full(self):
+        raise RuntimeError("DataLoader worker (pid 4321) is killed by signal: Bus error. It is "
+                           "possible that dataloader's workers are out of shared memory. Please "
+                           "try to raise your shared memory limit.")
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", full)
+    code, _, err = run_main(["train", "--dry-run", "--loader", "dataloader", "--num-workers", "2",
+                             "--device", "cpu", "--run-dir", "r"], capsys)
+    assert code == 1
+    assert_one_sentence_error(err, "the DataLoader's worker processes ran out of shared memory (",
+                              "give the container more (docker run --shm-size=1g), or use "
+                              "--num-workers 0 or the tensor loader")
+
+
 def test_a_run_that_ends_in_an_error_has_stopped_its_loader_workers(tmp_path):
     config = TrainConfig(dry_run=True, loader="dataloader", num_workers=2, device="cpu",
                          quiet=True, run_dir=str(tmp_path / "r"))

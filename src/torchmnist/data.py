@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from torchmnist import cache, config
-from torchmnist.errors import UsageError
+from torchmnist.errors import TrainingError, UsageError
 
 
 @dataclass(frozen=True)
@@ -706,13 +706,14 @@ class _PILDigits(Dataset):
         # Windows; Linux from Python 3.14) is sent them through shared memory. A NumPy array
         # was pickled to every worker, which kept the workers 1.4 s behind as a run began
         # (benchmarks/start_methods.py); the parent waited forever if a worker died first.
-        self.split = split
+        self.split: Split | None = split
+        self.n = len(split)
         self._arrays: tuple[np.ndarray, list[int]] | None = None
         self.transform = transforms.Compose([
             transforms.ToTensor(), transforms.Normalize((spec.mean,), (spec.std,))])
 
     def __len__(self) -> int:
-        return len(self.split)
+        return self.n
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
@@ -723,7 +724,31 @@ class _PILDigits(Dataset):
         return self.transform(Image.fromarray(images[index])), labels[index]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}  # each worker makes its own views
+        """What a spawn or forkserver worker is sent: the tensors (shared memory), or, where
+        shared memory has no room for them (a container's /dev/shm: Docker gives 64 MiB),
+        NumPy copies through the pipe, slower to start but never short of room."""
+        split = self.split
+        if split.images.is_shared() or _shared_memory_holds(split.images.nbytes
+                                                            + split.labels.nbytes):
+            return {**self.__dict__, "_arrays": None}  # each worker makes its own views
+        return {**self.__dict__, "split": None,
+                "_arrays": (split.images.numpy(), split.labels.tolist())}
+
+
+SHARED_MEMORY = Path("/dev/shm")
+# Room kept for the batches the workers send back, which travel through shared memory too:
+# 4 workers, 2 batches ahead each, of 1,000 test images in float32 are 25 MiB, for each loader.
+SHARED_MEMORY_HEADROOM = 256 * 2**20
+
+
+def _shared_memory_holds(size: int) -> bool:
+    """Whether `size` bytes fit in shared memory beside the batches' headroom. Only Linux has
+    a fixed-size /dev/shm; elsewhere shared memory is taken as having room."""
+    try:
+        found = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return True
+    return found.f_bavail * found.f_frsize >= size + SHARED_MEMORY_HEADROOM
 
 
 class _EpochSampler(Sampler[int]):
@@ -818,11 +843,36 @@ class LoaderBatches:
 
     def batches(self, epoch: int = 1, start: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start)
-        for images, labels in self.loader:
-            # non_blocking overlaps the copy with compute when the memory is pinned; a no-op
-            # on the CPU.
-            yield (images.to(self.device, non_blocking=True),
-                   labels.to(self.device, non_blocking=True))
+        with _out_of_shared_memory_told():
+            for images, labels in self.loader:
+                # non_blocking overlaps the copy with compute when the memory is pinned; a
+                # no-op on the CPU.
+                yield (images.to(self.device, non_blocking=True),
+                       labels.to(self.device, non_blocking=True))
+
+
+@contextlib.contextmanager
+def _out_of_shared_memory_told() -> Iterator[None]:
+    """The workers send every batch through shared memory; where it is full (a container's
+    small /dev/shm), torch fails with a traceback or a worker dies of SIGBUS. Say so, and what
+    to do, in one sentence."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "shared memory" not in str(error):
+            raise
+        raise TrainingError(
+            f"the DataLoader's worker processes ran out of shared memory ({_free_shared()}): "
+            "give the container more (docker run --shm-size=1g), or use --num-workers 0 or the "
+            "tensor loader") from None
+
+
+def _free_shared() -> str:
+    try:
+        found = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return "none to be found"
+    return f"{found.f_bavail * found.f_frsize / 2**20:.0f} MiB free in {SHARED_MEMORY}"
 
 
 @functools.cache
