@@ -478,8 +478,8 @@ def _is_plain_record(record: dict) -> bool:
     so no check recurses and the record can be saved again: from Python 3.12 json.dumps nests
     deeper than the pickler that writes the next checkpoint can."""
     return all(isinstance(name, str) and (
-        value is None or isinstance(value, (str, bool, int))
-        or (isinstance(value, float) and math.isfinite(value))) for name, value in record.items())
+        value is None or isinstance(value, str) or is_number(value, whole=True)
+        or (is_number(value) and math.isfinite(value))) for name, value in record.items())
 
 
 def _optimizer_problem(state: Any) -> str | None:

@@ -741,14 +741,19 @@ SHARED_MEMORY = Path("/dev/shm")
 SHARED_MEMORY_HEADROOM = 256 * 2**20
 
 
-def _shared_memory_holds(size: int) -> bool:
-    """Whether `size` bytes fit in shared memory beside the batches' headroom. Only Linux has
-    a fixed-size /dev/shm; elsewhere shared memory is taken as having room."""
+def _shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm; None where there is none (only Linux has one, of fixed size)."""
     try:
         found = os.statvfs(SHARED_MEMORY)
     except OSError:
-        return True
-    return found.f_bavail * found.f_frsize >= size + SHARED_MEMORY_HEADROOM
+        return None
+    return found.f_bavail * found.f_frsize
+
+
+def _shared_memory_holds(size: int) -> bool:
+    """Whether `size` bytes fit in shared memory beside the batches' headroom."""
+    free = _shared_memory_free()
+    return free is None or free >= size + SHARED_MEMORY_HEADROOM
 
 
 class _EpochSampler(Sampler[int]):
@@ -861,18 +866,13 @@ def _out_of_shared_memory_told() -> Iterator[None]:
     except RuntimeError as error:
         if "shared memory" not in str(error):
             raise
+        free = _shared_memory_free()
+        where = (f"{free / 2**20:.0f} MiB free in {SHARED_MEMORY}" if free is not None
+                 else f"no {SHARED_MEMORY} here")
         raise TrainingError(
-            f"the DataLoader's worker processes ran out of shared memory ({_free_shared()}): "
-            "give the container more (docker run --shm-size=1g), or use --num-workers 0 or the "
-            "tensor loader") from None
-
-
-def _free_shared() -> str:
-    try:
-        found = os.statvfs(SHARED_MEMORY)
-    except OSError:
-        return "none to be found"
-    return f"{found.f_bavail * found.f_frsize / 2**20:.0f} MiB free in {SHARED_MEMORY}"
+            f"the DataLoader's worker processes ran out of shared memory ({where}): give the "
+            "container more (docker run --shm-size=1g), or use --num-workers 0 or the tensor "
+            "loader") from None
 
 
 @functools.cache
