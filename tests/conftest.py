@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchmnist import cli, data
+from torchmnist import cli, config, data, devices
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
@@ -70,6 +70,14 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHMNIST_DATA_DIR", raising=False)
     monkeypatch.setenv("TORCHMNIST_CACHE_DIR", str(tmp_path / "cache"))  # decoded image folders
     monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", tmp_path / "no-system-datasets")
+    # A recipe's values for CPUs without native bf16 (config.CPU_FP32_RECIPES) are taken where
+    # the CPU lacks it; here every machine gets the same values, so that the tests expect the
+    # same models and schedules on any CI machine. What the run trains in (--amp auto) is
+    # still this CPU's choice. test_precision.py covers the variants themselves.
+    monkeypatch.setattr(config, "_on_cpu_without_bf16", lambda device: False)
+    # Whether other work keeps a core busy is read at each run's start (a note); the suite's
+    # own processes must not make lines appear in one test and not in another.
+    monkeypatch.setattr(devices, "busy_cores", lambda window=0.05: 0.0)
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:

@@ -120,10 +120,10 @@ def test_a_dry_run_is_tested_on_its_own_synthetic_data(trained, capsys):
 
 
 def test_training_and_test_report_the_same_accuracy_and_loss(tmp_path, capsys):
-    # The fast recipe trains in bf16; every reported test number is the fp32 evaluation that
-    # `torchmnist test` (and report, and the exported files) compute.
+    # Trained in bf16, every reported test number is the fp32 evaluation that `torchmnist
+    # test` (and report, and the exported files) compute.
     code, out, err = run_main(["train", "--dry-run", "--recipe", "fast", "--run-dir", "r",
-                               "--json", "--device", "cpu"], capsys)
+                               "--json", "--device", "cpu", "--amp", "bf16"], capsys)
     assert code == 0, err
     trained = last_json(out)
     code, out, err = run_main(["test", "r", "--json", "--device", "cpu"], capsys)

@@ -68,13 +68,15 @@ def test_every_train_flag_has_help_with_its_default():
         assert "default" in action.help, f"{field.name}: {action.help!r}"
     flat = " ".join(_train_parser().format_help().split())
     # The guide's values are the defaults; the official recipe's differences are shown too.
-    assert "--batch-size N training batch size (default: 64; fast recipe: 64; " not in flat
-    assert ("--batch-size N training batch size (default: 64; fast-gpu recipe: 512; best "
-            "recipe: 128)") in flat
-    assert ("(default: 0.01; official recipe: 1.0; fast recipe: 0.15 (0.1 on fashion-mnist); "
-            "fast-gpu recipe: 0.4; best recipe: 0.05)") in flat
-    assert ("(default: 10; official recipe: 14; fast recipe: 0.75 (8 on fashion-mnist); fast-gpu "
-            "recipe: 2; best recipe: 30 (45 on fashion-mnist))") in flat
+    assert "--test-batch-size N test batch size (does not change results) (default: 1000; " \
+        "fast-gpu recipe: 10000)" in flat
+    assert ("--batch-size N training batch size (default: 64; fast recipe: 64 (128 on CPUs "
+            "without native bf16); fast-gpu recipe: 512; best recipe: 128)") in flat
+    assert ("(default: 0.01; official recipe: 1.0; fast recipe: 0.15 (0.3 on CPUs without native "
+            "bf16) (0.1 on fashion-mnist); fast-gpu recipe: 0.4; best recipe: 0.05)") in flat
+    assert ("(default: 10; official recipe: 14; fast recipe: 0.75 (0.85 on CPUs without native "
+            "bf16) (8 on fashion-mnist); fast-gpu recipe: 2; best recipe: 30 (45 on "
+            "fashion-mnist))") in flat
     assert "--no-cuda" in flat
 
 

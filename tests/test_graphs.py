@@ -185,8 +185,8 @@ def test_a_failed_capture_falls_back_to_the_eager_step(tmp_path, capsys, monkeyp
 def test_the_graphed_test_pass_scores_as_the_eager_one(tmp_path):
     """The recipe trains in bf16; every test pass, graphed or not, scores in float32."""
     config = torchmnist.TrainConfig.for_recipe("fast", dry_run=True, device="cuda",
-                                               cuda_graph=True, run_dir=str(tmp_path))
-    assert config.amp == "bf16"
+                                               cuda_graph=True, run_dir=str(tmp_path),
+                                               amp="bf16")
     with contextlib.redirect_stdout(io.StringIO()):
         run, _ = training.setup(config)
     with run:  # closed however the test ends: an open log would warn in a later test

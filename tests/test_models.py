@@ -46,7 +46,8 @@ def test_the_lists_of_models_agree_and_state_their_sizes():
     from torchmnist import config
 
     assert tuple(models.MODELS) == config.MODELS
-    sizes = {"fast": 27_418, "best": 131_690, "early-exit": 40_206}  # as their docstrings say
+    sizes = {"fast": 27_418, "fast-narrow": 17_602, "best": 131_690,
+             "early-exit": 40_206}  # as their docstrings say
     for name, size in sizes.items():
         assert sum(p.numel() for p in models.build(name).parameters()) == size
         assert f"{size:,} parameters" in " ".join(models.MODELS[name].__doc__.split())

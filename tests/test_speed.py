@@ -142,7 +142,8 @@ def test_resume_is_exact_with_augmentation_ema_bf16_and_onecycle(tmp_path):
     crash_resume = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(crash_resume)
     flags = ["--recipe", "fast", "--dry-run", "--epochs", "25", "--augment", "affine", "--ema",
-             "0.9", "--save-interval", "3", "--log-interval", "4", "--device", "cpu"]
+             "0.9", "--save-interval", "3", "--log-interval", "4", "--device", "cpu",
+             "--amp", "bf16"]
     result = crash_resume.check(tmp_path, kills=3, seed=2, train_flags=flags)
     assert result["weights_identical"] and result["losses_identical"], result
 

@@ -34,9 +34,11 @@ from torchmnist.training import setup, train, train_step, warm_up
 def environment(device: torch.device) -> dict:
     from torchmnist import __version__
 
+    cpu = {"cpu": devices.cpu_name(), "cpu_extensions": devices.cpu_extensions(),
+           "bf16": "native" if devices.bf16_native(device) else "emulated"}
     return {"hardware": devices.describe(device), "torch": str(torch.__version__),
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "torchmnist": __version__, "commit": _commit()}
+            "torchmnist": __version__, "commit": _commit(), **cpu}
 
 
 def describe(env: dict) -> str:
@@ -170,14 +172,18 @@ def run(config: cfg.TrainConfig, *, loaders: list[tuple[str, int]], steps: int, 
     device = devices.resolve_device(config.device)
     env = environment(device)
     data_name = "synthetic" if config.dry_run else config.dataset
+    amp, precision = devices.precision(device, config.amp)
+    config = dataclasses.replace(config, amp=amp)  # what every trial then trains in
     print(f"torchmnist bench: recipe {config.recipe}, model {config.model}, batch "
           f"{config.batch_size}, amp {config.amp}, {data_name} data", file=out)
     print(describe(env), file=out)
+    print(precision, file=out)
     print(f"throughput: median of {counted(trials, 'trial')}; the resolved config is in the "
           "--json report",
           file=out)
     # The numbers beside everything that produced them: the whole resolved config.
-    report = {"environment": env, "recipe": config.recipe, "config": config.to_dict(),
+    report = {"environment": env, "recipe": config.recipe, "precision": precision,
+              "config": config.to_dict(),
               "trials": trials, "loaders": []}
     if loaders:
         print(f"\n{'loader':<16}{'step':<7}{'ms/step':>9}{'train img/s':>13}{'s/60k img':>11}"

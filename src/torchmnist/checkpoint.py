@@ -18,6 +18,9 @@ A torchmnist checkpoint is one `torch.save` file holding a dict:
     world_size        how many processes trained it (1 unless started by torchrun)
     ranks             for ranks 1.. of a distributed run, each one's own `rng` and `progress`
                       (its running sums): what it needs to continue exactly; else []
+    hardware          the device it trained on and the precision chosen for it, as the run's
+                      first lines said them ("AMD EPYC (AVX2 ...; bf16 emulated) ...;
+                      precision: fp32 (bf16: emulated on this CPU, so using fp32)")
 
 Everything in it is a tensor or a plain Python value, so it loads with
 `torch.load(weights_only=True)`, which never runs code hidden in a pickle.
@@ -51,20 +54,20 @@ CONFIG, MODEL, OPTIMIZER, SCHEDULER, SCALER, EMA = (
     "config", "model", "optimizer", "scheduler", "scaler", "ema")
 PROGRESS, RNG, VAL_INDEX, DATASET_SPEC, METRICS = (
     "progress", "rng", "val_index", "dataset_spec", "metrics")
-WORLD_SIZE, RANKS = "world_size", "ranks"
+WORLD_SIZE, RANKS, HARDWARE = "world_size", "ranks", "hardware"
 
 
 def training_payload(*, config: dict, model: dict, optimizer: dict, scheduler: dict | None,
                      scaler: dict | None, ema: dict | None, progress: dict, rng: dict,
                      val_index: torch.Tensor | None, dataset_spec: dict,
                      metrics: list[dict], world_size: int = 1,
-                     ranks: list[dict] | None = None) -> dict[str, Any]:
+                     ranks: list[dict] | None = None, hardware: str = "") -> dict[str, Any]:
     """Everything a run needs to continue from the very next batch (the module docstring
     lists what each is)."""
     return {CONFIG: config, MODEL: model, OPTIMIZER: optimizer, SCHEDULER: scheduler,
             SCALER: scaler, EMA: ema, PROGRESS: progress, RNG: rng, VAL_INDEX: val_index,
             DATASET_SPEC: dataset_spec, METRICS: metrics, WORLD_SIZE: world_size,
-            RANKS: ranks or []}
+            RANKS: ranks or [], HARDWARE: hardware}
 
 
 def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, scaler,

@@ -49,8 +49,12 @@ def _default_text(name: str) -> str:
 
     text = f"default: {shown(cfg.default_for(name))}"
     for recipe in cfg.RECIPE_NAMES:
-        if recipe != "guide" and cfg.default_for(name, recipe) != cfg.default_for(name):
+        on_fp32_cpus = cfg.CPU_FP32_RECIPES.get(recipe, {})
+        if recipe != "guide" and (cfg.default_for(name, recipe) != cfg.default_for(name)
+                                  or name in on_fp32_cpus):
             text += f"; {recipe} recipe: {shown(cfg.default_for(name, recipe))}"
+        if name in on_fp32_cpus:
+            text += f" ({shown(on_fp32_cpus[name])} on CPUs without native bf16)"
         for (for_recipe, dataset), values in cfg.DATASET_RECIPES.items():
             if for_recipe == recipe and name in values:
                 text += f" ({shown(values[name])} on {dataset})"

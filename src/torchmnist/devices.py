@@ -10,13 +10,14 @@ import os
 import platform
 import random
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from torchmnist.errors import UsageError
+from torchmnist.errors import UsageError, counted
 
 
 def prepare_environment(*, cuda_launch_blocking: bool, deterministic: bool,
@@ -187,12 +188,15 @@ def capture(function: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
 
 
 def describe(device: torch.device) -> str:
-    """The hardware a number was measured on, for logs and benchmark tables."""
+    """The hardware a number was measured on, for logs and benchmark tables. On the CPU it
+    names the vector extensions and whether bf16 is native, since those decide the speed."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    bf16 = "native" if bf16_native(device) else "emulated"
+    return (f"{cpu_name()} ({cpu_extensions()}; bf16 {bf16}), {os.cpu_count()} cores, "
+            f"{counted(torch.get_num_threads(), 'torch thread')}")
 
 
 def cpu_name() -> str:
@@ -204,3 +208,99 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: bf16 where the hardware computes in it, fp32 where it would only be emulated
+
+# The vector extensions that decide how fast a CPU trains, as torch's cpuinfo names them, and
+# as a reader knows them. Whether a CPU has native bf16 is the last two.
+_EXTENSIONS = (("avx2", "AVX2"), ("avx512_f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
+               ("sve", "SVE"), ("bf16", "BF16"), ("avx512_bf16", "AVX512-BF16"),
+               ("amx_bf16", "AMX-BF16"))
+_NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def _cpu_capabilities() -> dict:
+    return dict(torch.cpu.get_capabilities())
+
+
+def cpu_extensions() -> str:
+    """The CPU's vector extensions that matter here, and the kernels torch runs with (fewer
+    where ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA cap them): "AVX2 AVX-512 AVX512-BF16,
+    torch kernels AVX512"."""
+    capabilities = _cpu_capabilities()
+    names = [shown for key, shown in _EXTENSIONS if capabilities.get(key)]
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return (f"{' '.join(names) or 'no vector extensions'}, torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}"
+            + (f", oneDNN capped at {capped}" if capped else ""))
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 itself, so that bf16 autocast is quicker than fp32.
+    On a CPU that takes the instructions (AVX512-BF16 or AMX on x86, BF16 on Arm) and kernels
+    that use them: oneDNN's (which ONEDNN_MAX_CPU_ISA may cap) and torch's AVX-512 or SVE ones
+    (which ATEN_CPU_CAPABILITY may cap). Elsewhere torch emulates bf16 in fp32 arithmetic with
+    conversions around it: measured 4.8 to 7 times slower than fp32 (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False  # MPS: untested here, so fp32, which every Mac runs
+    capabilities = _cpu_capabilities()
+    return (any(capabilities.get(name) for name in _NATIVE_BF16)
+            and torch.backends.cpu.get_cpu_capability() in ("AVX512", "SVE256")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def precision(device: torch.device, amp: str) -> tuple[str, str]:
+    """What a run asking for --amp `amp` trains in on `device` (none, bf16 or fp16), and the
+    line its log opens with to say so. `auto` (the fast and best recipes) is bf16 where the
+    device computes in it, else fp32; an explicit choice is kept, with a note where it is slow."""
+    native = bf16_native(device)
+    where = "on this CPU" if device.type == "cpu" else f"on {device.type}"
+    if amp == "auto":
+        if native:
+            return "bf16", f"precision: bf16 autocast (bf16: native {where})"
+        return "none", f"precision: fp32 (bf16: emulated {where}, so using fp32)"
+    if amp == "bf16" and not native:
+        return "bf16", (f"precision: bf16 autocast, as asked (note: bf16 is emulated {where} "
+                        "and slower than fp32; --amp auto chooses for the hardware)")
+    return amp, {"none": "precision: fp32", "bf16": f"precision: bf16 autocast (native {where})",
+                 "fp16": "precision: fp16 autocast with a gradient scaler"}[amp]
+
+
+def busy_cores(window: float = 0.05) -> float | None:
+    """How many of this machine's cores other work kept busy over the next `window` seconds
+    (from /proc/stat, so Linux only; None elsewhere). This process is idle meanwhile."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, and idle + waiting for I/O
+
+    try:
+        total_before, idle_before = ticks()
+        time.sleep(window)
+        total_after, idle_after = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_after - total_before
+    if total <= 0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle_after - idle_before) / total)
+
+
+def crowding_note(device: torch.device, threads: int | None) -> str | None:
+    """A note when other work already keeps a core busy and torch will run a thread per core:
+    its threads then wait for each other behind that work (the fast recipe took 3 to 4 times
+    as long on 2 cores with one busy, docs/benchmarks.md). The thread count is not changed
+    for the user: it changes the arithmetic, and a rerun or resume must compute the same."""
+    if device.type != "cpu" or threads is not None or "OMP_NUM_THREADS" in os.environ:
+        return None
+    busy = busy_cores()
+    free = (os.cpu_count() or 1) - (busy or 0)
+    if busy is None or torch.get_num_threads() <= max(1, round(free)):
+        return None
+    return (f"note: other work keeps {busy:.1f} of {counted(os.cpu_count() or 1, 'core')} busy, "
+            f"and torch runs {counted(torch.get_num_threads(), 'thread')}: that can take several "
+            f"times as long as --threads {max(1, round(free))}, which runs beside it")

@@ -54,25 +54,35 @@ class OfficialNet(nn.Module):
 
 
 class FastNet(nn.Module):
-    """The quickest network to 99% on a CPU (docs/benchmarks.md has the search behind it).
+    """The quickest network to 99% on a CPU with native bf16 (docs/benchmarks.md has the
+    search behind it).
 
     The guide's two 5x5 convolutions, wider (16 and 48 channels: multiples of 16 suit the
     vector units), with BatchNorm instead of dropout, and pooling *before* BatchNorm and ReLU
     so that those run on a quarter of the pixels. 27,418 parameters.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, first: int = 16) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, bias=False)  # BatchNorm has the bias
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 48, kernel_size=5, bias=False)
+        self.conv1 = nn.Conv2d(1, first, kernel_size=5, bias=False)  # BatchNorm has the bias
+        self.bn1 = nn.BatchNorm2d(first)
+        self.conv2 = nn.Conv2d(first, 48, kernel_size=5, bias=False)
         self.bn2 = nn.BatchNorm2d(48)
         self.fc = nn.Linear(48 * 4 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
-        x = F.relu(self.bn1(F.max_pool2d(self.conv1(x), 2)))  # (B, 16, 12, 12)
+        x = F.relu(self.bn1(F.max_pool2d(self.conv1(x), 2)))  # (B, first, 12, 12)
         x = F.relu(self.bn2(F.max_pool2d(self.conv2(x), 2)))  # (B, 48, 4, 4)
         return F.log_softmax(self.fc(x.flatten(1)), dim=1)  # (B, classes)
+
+
+class NarrowFastNet(FastNet):
+    """FastNet with 8 channels in its first convolution: the fast recipe's network on CPUs
+    that compute in fp32 only (AVX2), where it trains 1.6 times as many images a second as
+    FastNet (fp32, batch 128) and still averages 99% in 0.85 epochs. 17,602 parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes, first=8)
 
 
 class BestNet(nn.Module):
@@ -164,7 +174,8 @@ class EarlyExitNet(nn.Module):
 
 
 MODELS: dict[str, type[nn.Module]] = {"guide": GuideNet, "official": OfficialNet,
-                                      "fast": FastNet, "best": BestNet,
+                                      "fast": FastNet, "fast-narrow": NarrowFastNet,
+                                      "best": BestNet,
                                       "early-exit": EarlyExitNet}
 
 

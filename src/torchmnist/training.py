@@ -113,6 +113,9 @@ class Run:
     epoch_began: float = 0.0  # progress.seconds when this epoch (or its resumed part) began
     # This process's place among the processes torchrun started (one, without torchrun).
     world: distributed.World = field(default_factory=distributed.World)
+    # The hardware and the precision chosen for it, as the first lines say them; saved in
+    # every checkpoint beside the config, which holds the precision itself (amp).
+    hardware: str = ""
     # Called after each test with (accuracy followed, step, epoch, whether it is the run's last
     # test); it may raise to end the run there (a sweep's pruner does).
     on_test: Callable[[float, int, int, bool], None] | None = None
@@ -527,6 +530,10 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
                                 deterministic=config.deterministic, threads=config.threads)
     world = distributed.from_environment()
     device = devices.resolve_device(config.device)
+    # --amp auto becomes what this device computes in; the saved config records that, so a
+    # resume on another machine continues in the same precision.
+    amp, precision = devices.precision(device, config.amp)
+    config = _replace(config, amp=amp)
     _check_devices_and_world(config, device, world)
     saved, changes, resume_path = _read_resume(config, resumed, world)
     # Every check that needs no other process is done: now join them (torchrun).
@@ -586,8 +593,10 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     forward = distributed.wrap(model, world, device)
     run = Run(config, device, run_dir, model, torch.compile(forward) if config.compile else forward,
               optimizer, scheduler, scaler, ema, train_batches, test_batches, val_batches,
-              val_index, digits.spec, progress=progress, log=log, lock=lock, world=world)
-    _announce(run, digits, notes)
+              val_index, digits.spec, progress=progress, log=log, lock=lock, world=world,
+              hardware=f"{devices.describe(device)}; {precision}")
+    crowded = devices.crowding_note(device, config.threads)
+    _announce(run, digits, [precision, *notes, *([crowded] if crowded else [])])
     if saved is not None:
         log.print(f"resuming from {resume_path} at epoch {progress.epoch}, batch "
                   f"{progress.batch} (step {progress.step})")
@@ -779,7 +788,7 @@ def _save(run: Run, path: Path) -> None:
         ema=run.ema.state_dict() if run.ema is not None else None,
         progress=ranks[0][checkpoint.PROGRESS], rng=ranks[0][checkpoint.RNG],
         val_index=run.val_index, dataset_spec=run.spec.to_dict(), metrics=run.log.history,
-        world_size=run.world.size, ranks=ranks[1:]))
+        world_size=run.world.size, ranks=ranks[1:], hardware=run.hardware))
 
 
 def _check_finite(run: Run) -> None:
