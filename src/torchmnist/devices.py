@@ -222,7 +222,14 @@ _NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 
 def _cpu_capabilities() -> dict:
-    return dict(torch.cpu.get_capabilities())
+    """The CPU's instruction sets, as torch's cpuinfo reads them."""
+    if hasattr(torch.cpu, "get_capabilities"):  # torch 2.12 and later
+        return dict(torch.cpu.get_capabilities())
+    # torch 2.11 answers for the x86 sets only, through private helpers.
+    return {"avx2": torch.cpu._is_avx2_supported(), "avx512_f": torch.cpu._is_avx512_supported(),
+            "avx512_vnni": torch.cpu._is_vnni_supported(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+            "amx_bf16": torch.cpu._is_amx_tile_supported()}
 
 
 def cpu_extensions() -> str:
