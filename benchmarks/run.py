@@ -6,6 +6,7 @@
     python benchmarks/run.py fast-gpu-variants --device cuda       # fewer kernels a step?
     python benchmarks/gpu_search.py --seeds 3 --final-seeds 10     # the fast-gpu search
     python benchmarks/peer_fast_mnist.py --device cuda --seeds 10  # the published peer
+    python benchmarks/cpu_recipe.py --seeds 5 --data-dir ../shared/data  # fast beside the peer
     python benchmarks/run.py official  --data-dir ../shared/data   # the baseline to 99%
     python benchmarks/run.py fashion                               # fast recipe, Fashion-MNIST
     python benchmarks/run.py best      --data-dir ../shared/data   # best recipe, 3 seeds
