@@ -214,7 +214,7 @@ def cpu_name() -> str:
 # Precision: bf16 where the hardware computes in it, fp32 where it would only be emulated
 
 # The vector extensions that decide how fast a CPU trains, as torch's cpuinfo names them, and
-# as a reader knows them. Whether a CPU has native bf16 is the last two.
+# as a reader knows them; _NATIVE_BF16 are those that compute in bf16.
 _EXTENSIONS = (("avx2", "AVX2"), ("avx512_f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
                ("sve", "SVE"), ("bf16", "BF16"), ("avx512_bf16", "AVX512-BF16"),
                ("amx_bf16", "AMX-BF16"))
@@ -249,12 +249,14 @@ def bf16_native(device: torch.device) -> bool:
     On a CPU that takes the instructions (AVX512-BF16 or AMX on x86, BF16 on Arm) and kernels
     that use them: oneDNN's (which ONEDNN_MAX_CPU_ISA may cap) and torch's AVX-512 or SVE ones
     (which ATEN_CPU_CAPABILITY may cap). Elsewhere torch emulates bf16 in fp32 arithmetic with
-    conversions around it: measured 4.8 to 7 times slower than fp32 (docs/benchmarks.md)."""
+    conversions around it: the fast recipe's steps took 5 to 9 times as long as in fp32
+    (docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
-        return False  # MPS: untested here, so fp32, which every Mac runs
+        return False  # MPS: not measured, so fp32, which every Mac runs
     capabilities = _cpu_capabilities()
+    # torch has no public check of oneDNN's bf16 support; this private one honours its cap.
     return (any(capabilities.get(name) for name in _NATIVE_BF16)
             and torch.backends.cpu.get_cpu_capability() in ("AVX512", "SVE256")
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
