@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
 from torchmnist.errors import UsageError, is_utf8, printable
@@ -401,10 +402,10 @@ def _checked_tensors(state_dict: Any, path: str | os.PathLike) -> dict[str, torc
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DistributedDataParallel saves "module.conv1.weight", torch.compile "_orig_mod.conv1...".
+    state_dict = collections.OrderedDict(state_dict)  # torch strips in place: not the caller's
     for prefix in ("module.", "_orig_mod."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
+        consume_prefix_in_state_dict_if_present(state_dict, prefix)
+    return dict(state_dict)
 
 
 def find_resume(resume: str, run_dir: str | None, runs_dir: str = "runs") -> Path:

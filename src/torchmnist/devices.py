@@ -42,25 +42,14 @@ def prepare_environment(*, cuda_launch_blocking: bool, deterministic: bool,
         torch.set_num_threads(threads)
 
 
-def _accelerator() -> torch.device | None:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if accelerator is not None:
-        if accelerator.is_available():
-            return accelerator.current_accelerator()
-        return None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return None
-
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """Turn --device auto|cpu|cuda|mps into a torch.device, or explain why it is unavailable.
     From Python, `cuda:N` and a torch.device are taken too."""
     name = str(name)
     if name == "auto":
-        return _accelerator() or torch.device("cpu")
+        available = torch.accelerator.is_available()
+        return torch.accelerator.current_accelerator() if available else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
     index = re.fullmatch(r"cuda(?::(\d+))?", name)
