@@ -27,6 +27,7 @@ from torchmnist import cli, config
 from torchmnist.errors import UsageError
 
 
+@pytest.mark.slow
 def test_dry_run_with_empty_home_writes_a_complete_run(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -211,6 +212,7 @@ def test_bench_with_json_prints_only_its_report_on_stdout(capsys):
     assert "median of 1 trial;" in err and "over 1 seed (1 epoch)" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("phase", [
     ["--loaders", "tensor", "--trials", "1000", "--steps", "20", "--accuracy-trials", "0"],
@@ -254,6 +256,7 @@ def test_accuracy_is_printed_with_two_decimals(capsys):
     assert len(percent.split(".")[1]) == 2, epoch_line
 
 
+@pytest.mark.slow
 def test_environment_switches_reach_torch(tmp_path):
     # Run in a fresh process: these switches are process-wide.
     script = (
@@ -269,6 +272,7 @@ def test_environment_switches_reach_torch(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "True 1 1 :4096:8"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
 def test_progress_shows_in_a_terminal_that_reports_no_size(tmp_path):
     """A fresh pseudo-terminal says it is 0x0 (as `script -c` and some CI runners give); the

@@ -189,6 +189,7 @@ def test_closing_a_loader_stops_its_workers_and_the_next_epoch_starts_new_ones()
     loader.close()
 
 
+@pytest.mark.slow
 def test_a_loader_still_open_when_python_exits_does_not_hang_it(tmp_path):
     # Workers ignore SIGTERM (so that a signal to the whole process group cannot kill them
     # under a run that is saving), and Python's exit sends SIGTERM to live workers and then
@@ -228,6 +229,7 @@ def _train_started_by(method: str, script: Path, run: Path) -> subprocess.Comple
                           capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_workers_started_by_spawn_or_forkserver_train_as_forked_ones(tmp_path):
     script = tmp_path / "guarded.py"
     script.write_text(_START_METHOD_SCRIPT + 'if __name__ == "__main__":\n    main()\n')
@@ -243,6 +245,7 @@ def test_workers_started_by_spawn_or_forkserver_train_as_forked_ones(tmp_path):
 
 # Under spawn the parent used to wait forever: it writes each worker its dataset through a
 # pipe, and a NumPy copy filled the pipe of a worker that had died.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_a_script_that_trains_unguarded_is_told_why_its_workers_fail(method, tmp_path):
     script = tmp_path / "unguarded.py"

@@ -157,6 +157,7 @@ def test_a_rank_seeds_its_own_streams_and_rank_0_the_run_seed():
 
 # ---- torchrun, 2 processes on gloo ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_one_step_on_two_ranks_is_one_process_step_on_the_whole_batch(loader, tmp_path,
                                                                       capsys, monkeypatch):
@@ -178,6 +179,7 @@ def test_one_step_on_two_ranks_is_one_process_step_on_the_whole_batch(loader, tm
     sys.modules.pop("mynets", None)
 
 
+@pytest.mark.slow
 def test_a_two_rank_dry_run_writes_one_run_folder_and_whole_test_results(tmp_path):
     result = _run(tmp_path, "--dry-run", "--epochs", "2", "--run-dir", "r", "--json",
                   "--save-model", "--keep", "1", "--tensorboard")
@@ -230,6 +232,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_the_wrapper_is_gone_before_the_process_group_is_destroyed(tmp_path):
     # A DistributedDataParallel freed after its group was destroyed can hang the process at
     # exit (distributed.finish): every rank must leave with no wrapper alive.
@@ -283,6 +286,7 @@ def _worker(job: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers in /proc")
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_never_killed(
         tmp_path, uninterrupted):
@@ -302,6 +306,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_never_kil
         assert torch.equal(value, _weights(uninterrupted)[name]), name
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_after_the_same_step_and_the_run_resumes_exactly(
         tmp_path, uninterrupted):
     job = _start_and_wait(tmp_path)
@@ -325,6 +330,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_the_run_resumes_exactl
         assert torch.equal(value, _weights(uninterrupted)[name]), name
 
 
+@pytest.mark.slow
 def test_allow_new_world_size_resumes_a_one_process_run_on_two(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_main(["train", "--dry-run", "--run-dir", "r", "--device", "cpu"], capsys)[0] == 0

@@ -41,6 +41,7 @@ def _state_dict(tmp_path: Path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(models.MODELS))
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_every_model_exports_in_every_format_and_passes_parity(name, fmt, tmp_path, small_data,
@@ -218,6 +219,7 @@ def test_save_model_writes_the_same_safetensors_metadata_as_export(tmp_path, cap
     assert {"model", "dataset", "input", "output", "classes"} <= set(metadata[0])
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_a_trained_model_runs_in_onnxruntime_without_torch_in_the_process(guide_run, mnist_dir,
                                                                          tmp_path):

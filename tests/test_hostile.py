@@ -140,6 +140,7 @@ def test_a_run_folder_renamed_in_another_encoding_is_tested_reported_and_exporte
     assert Path(run, "last.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_is_printed_escaped(weights_file, tmp_path):
     name = os.fsdecode(b"caf\xe9.png")
     Image.fromarray(_ring()).save(tmp_path / name)
@@ -152,6 +153,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped(weights_file, tmp_path)
         assert "caf\\xe9.png" in result.stdout.replace("\\\\", "\\")
 
 
+@pytest.mark.slow
 def test_a_file_name_made_to_drive_the_terminal_is_printed_escaped(weights_file, tmp_path):
     """A newline in a name split one result over two lines, and an escape sequence in one
     reached the terminal (here, one that clears the screen), in results and errors alike."""
@@ -723,6 +725,7 @@ def test_an_image_above_the_pixel_limit_is_refused_without_decoding(weights_file
                                         "million torchmnist reads; scale it down first")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
 def test_a_large_photo_is_reduced_while_read_and_stays_small_in_memory(weights_file, tmp_path):
     side = 10_000  # 100 million pixels

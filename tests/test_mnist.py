@@ -16,6 +16,7 @@ pytestmark = pytest.mark.mnist
 REFERENCE = Path(__file__).with_name("reference_scripts.py")
 
 
+@pytest.mark.slow
 def test_guide_recipe_one_epoch_reaches_95_percent(mnist_dir, tmp_path):
     result = run_subprocess(["train", "--data-dir", str(mnist_dir), "--epochs", "1", "--json"],
                             cwd=tmp_path)
@@ -25,6 +26,7 @@ def test_guide_recipe_one_epoch_reaches_95_percent(mnist_dir, tmp_path):
     assert summary["model"] == "guide" and summary["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_official_recipe_one_epoch_reaches_98_percent(mnist_dir, tmp_path):
     result = run_subprocess(["train", "--recipe", "official", "--data-dir", str(mnist_dir),
                              "--epochs", "1", "--json"], cwd=tmp_path)
@@ -34,6 +36,7 @@ def test_official_recipe_one_epoch_reaches_98_percent(mnist_dir, tmp_path):
     assert summary["model"] == "official"
 
 
+@pytest.mark.slow
 def test_fast_recipe_reaches_99_percent_in_one_epoch(mnist_dir, capsys):
     code, out, err = run_main(["train", "--recipe", "fast", "--data-dir", str(mnist_dir),
                                "--run-dir", "r", "--json"], capsys)
@@ -43,6 +46,7 @@ def test_fast_recipe_reaches_99_percent_in_one_epoch(mnist_dir, capsys):
     assert summary["test_accuracy"] >= 0.99, summary
 
 
+@pytest.mark.slow
 def test_dataloader_path_trains_on_real_data(mnist_dir, capsys):
     # The guide's pipeline with worker processes; a short run must learn well past chance.
     code, out, err = run_main(["train", "--data-dir", str(mnist_dir), "--loader", "dataloader",
@@ -52,6 +56,7 @@ def test_dataloader_path_trains_on_real_data(mnist_dir, capsys):
     assert last_json(out)["test_accuracy"] > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, batches", [("guide", 300), ("official", 60)])
 def test_state_dicts_from_the_original_scripts_load_and_score_the_same(
         script, batches, mnist_dir, tmp_path, capsys):

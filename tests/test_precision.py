@@ -139,6 +139,7 @@ def test_an_explicit_bf16_on_an_emulating_cpu_runs_as_asked_with_a_note(cpu_kind
     assert checkpoint.load(last_json(out)["checkpoint"])["config"]["amp"] == "bf16"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="ATEN_CPU_CAPABILITY=avx2 caps x86 kernels only")
 def test_a_cpu_held_to_avx2_trains_the_fp32_variant(tmp_path):

@@ -306,6 +306,7 @@ def test_one_image_given_alone_is_one_image(state_dict_file, tmp_path):
         assert result["probability"] == pytest.approx(expected[0]["probability"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_an_image_piped_in_is_read_from_dash(state_dict_file, tmp_path):
     """`cat digit.png | torchmnist predict RUN -` was refused as "-: no such file"."""
     Image.fromarray(_digit_like()).save(tmp_path / "x.png")
@@ -373,6 +374,7 @@ def test_fashion_models_answer_with_clothing_names(tmp_path, capsys):
 
 # ---- acceptance on real MNIST test digits ---------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.mnist
 @pytest.mark.parametrize("style", list(STYLES))
 def test_everyday_images_of_mnist_digits_are_read_as_well_as_mnist_itself(style, guide_run,

@@ -46,6 +46,7 @@ def _identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(loader, tmp_path):
     crash_resume = _load_script("crash_resume")
@@ -62,6 +63,7 @@ def _start(tmp_path: Path, run_dir: str) -> subprocess.Popen:
                        (tmp_path / run_dir / "last.pt").exists)  # training has begun
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_prints_the_resume_command_and_resumes_exactly(signum, code, tmp_path):
     reference = run_subprocess(["train", "--run-dir", "ref", *LONG_DRY_RUN], cwd=tmp_path)
@@ -84,6 +86,7 @@ def test_signal_saves_prints_the_resume_command_and_resumes_exactly(signum, code
                       _weights(tmp_path / "ref" / "last.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_the_whole_process_group_stops_cleanly_with_loader_workers(signum, code,
                                                                               tmp_path):

@@ -195,6 +195,7 @@ def test_going_back_to_an_earlier_checkpoint_says_what_it_replaces(tmp_path, cap
     assert "resuming from r/last.pt" in out and "is replaced" not in out
 
 
+@pytest.mark.slow
 def test_resuming_from_another_folder_writes_nothing_there(tmp_path):
     run = tmp_path / "project" / "runs" / "a"
     assert run_subprocess(["train", "--dry-run", "--run-dir", str(run)],
@@ -244,6 +245,7 @@ def test_resuming_with_fewer_epochs_than_done_is_refused_and_writes_nothing(tmp_
     assert _listing(tmp_path / "r") == before
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
     first = start_until([*TORCHMNIST, "train", "--dry-run", "--run-dir", "r", "--epochs", "200",
                          "--device", "cpu"], tmp_path,

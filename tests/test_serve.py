@@ -70,6 +70,7 @@ def _drawn(kind: str) -> Image.Image:
 
 # ---- the API ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_answers_as_predict_json_does_for_each_way_of_sending(client, model_run,
                                                                       tmp_path):
     png = _png(_drawn("1"))
@@ -356,6 +357,7 @@ def _shown(page, digit: str) -> None:
                            timeout=15_000)
 
 
+@pytest.mark.slow
 def test_a_digit_drawn_in_the_browser_is_recognised(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 900, "height": 700})
     page.goto(server + "/")

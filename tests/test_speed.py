@@ -137,6 +137,7 @@ def test_onecycle_run_cannot_be_stretched_on_resume(capsys):
     assert_one_sentence_error(err, "epochs (checkpoint: 1, now: 2)")
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_augmentation_ema_bf16_and_onecycle(tmp_path):
     spec = importlib.util.spec_from_file_location("crash", ROOT / "scripts" / "crash_resume.py")
     crash_resume = importlib.util.module_from_spec(spec)
@@ -204,6 +205,7 @@ def test_erase_blanks_one_rectangle_in_about_half_the_images():
         assert height <= ERASE_MAX and width <= ERASE_MAX
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="on a CUDA machine this script is what runs the CUDA tests")
 def test_the_cuda_check_script_runs_its_test_part_and_asks_for_the_data(tmp_path):

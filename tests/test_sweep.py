@@ -130,6 +130,7 @@ FLAGS = ["--dry-run", "--epochs", "3", "--param", "lr=choice:0.00001,0.05", "--p
          "momentum=choice:0,0.5", "--prune-startup", "1", "--json"]
 
 
+@pytest.mark.slow
 def test_two_jobs_share_a_sqlite_study_prune_and_write_the_best_settings(tmp_path, capsys):
     summary = _summary(_sweep(tmp_path, *FLAGS, "--trials", "8", "--jobs", "2", "--run-dir",
                               "s"))
@@ -207,6 +208,7 @@ def test_a_finished_sweep_run_again_adds_nothing_and_more_trials_extend_it(capsy
     assert sweep_of("5")["trials"] == 5
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_and_reruns_its_interrupted_trials_from_their_checkpoints(
         tmp_path):
     flags = ["--dry-run", "--epochs", "8", "--save-interval", "4", "--param",
@@ -230,6 +232,7 @@ def test_a_killed_sweep_resumes_and_reruns_its_interrupted_trials_from_their_che
     assert all((f / "last.pt").exists() for f in folders), told
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_fails_in_one_line_and_the_sweep_goes_on(tmp_path):
     result = _sweep(tmp_path, "--dry-run", "--param", "lr=log:1000:10000", "--trials", "2",
                     "--pruner", "none", "--run-dir", "s", "--json")
@@ -243,6 +246,7 @@ def test_a_diverging_trial_fails_in_one_line_and_the_sweep_goes_on(tmp_path):
     assert "plots skipped: no trial has completed" in said
 
 
+@pytest.mark.slow
 def test_a_stopped_sweep_goes_on_from_the_trial_it_stopped_in(tmp_path):
     flags = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--param",
              "lr=log:1e-3:0.5", "--trials", "2", "--pruner", "none", "--run-dir", "s"]
@@ -290,6 +294,7 @@ def _two_workers_training(cwd: Path) -> subprocess.Popen:
                        start_new_session=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
 def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_path):
     job = _two_workers_training(tmp_path)
@@ -309,6 +314,7 @@ def test_sigterm_to_a_sweep_with_workers_stops_them_and_queues_their_trials(tmp_
     assert all(f"(resuming s/trial-000{i})" in result.stderr for i in (0, 1)), result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
 def test_ctrl_c_in_a_terminal_stops_a_sweep_with_workers_once(tmp_path):
     # A terminal's Ctrl-C reaches every process of the group: the workers stop their trials
@@ -371,6 +377,7 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_started_apart_share_one_study_on_postgresql(tmp_path, postgres):
     flags = ["--dry-run", "--epochs", "1", "--param", "lr=log:1e-3:0.5", "--trials", "6",
              "--storage", postgres, "--study-name", "shared", "--json"]

@@ -27,6 +27,7 @@ def _train(tmp, name, *flags, capsys):
     return last_json(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_same_seed_gives_identical_losses(tmp_path, loader, capsys):
     # --deterministic: on CUDA some backward kernels otherwise add in a varying order.
@@ -241,6 +242,7 @@ def test_an_operation_without_a_deterministic_kernel_ends_in_one_sentence():
                                "Connection reset by peer")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, code", [([], 0), (["--lr", "1e10"], 1)],
                          ids=["finished", "diverged"])
 def test_files_and_the_bar_are_closed_however_training_ends(flags, code, tmp_path):
@@ -315,6 +317,7 @@ def test_a_dry_run_learns_and_a_broken_step_shows(tmp_path, capsys, monkeypatch)
     assert broken["test_accuracy"] < 0.2
 
 
+@pytest.mark.slow
 def test_on_test_sees_each_test_and_may_end_the_run(tmp_path):
     seen = []
     config = torchmnist.TrainConfig(dry_run=True, epochs=3, quiet=True,
