@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from torchmnist import rundir
 from torchmnist.errors import UsageError, is_utf8, printable
 
 RECIPE_NAMES = ("guide", "official", "fast", "fast-gpu", "best")  # the keys of RECIPES
@@ -697,8 +698,6 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"--config {path} has unknown settings: {', '.join(unknown)}")
     values.pop("resume", None)  # what to resume is said on the command line, never in a file
-    from torchmnist import rundir
-
     if rundir.is_run(path.parent):  # a run's own config.json: a new run, not that folder
         values.pop("run_dir", None)
     try:

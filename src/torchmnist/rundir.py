@@ -35,19 +35,9 @@ TEMPORARY_PREFIX = ".torchmnist-tmp."
 
 
 def is_run(folder: Path) -> bool:
-    """A folder torchmnist made: its marker, or (runs from before the marker) a last.pt that is
-    a torchmnist training checkpoint."""
-    if (folder / MARKER).is_file():
-        return True
-    last = folder / "last.pt"
-    if not last.is_file():
-        return False
-    from torchmnist import checkpoint
-
-    try:
-        return checkpoint.is_training_checkpoint(checkpoint.load(last))
-    except UsageError:
-        return False
+    """A folder torchmnist made: it holds the marker. A marker that is not a plain file (a link,
+    a pipe) still counts here, so that the check of the run's files names what it is."""
+    return os.path.lexists(folder / MARKER)
 
 
 # What a run keeps in its folder: its checkpoints, settings, records and the marker and lock.
