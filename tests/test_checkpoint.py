@@ -12,6 +12,7 @@ import torch
 from conftest import assert_one_sentence_error, read_metrics, run_main
 
 from torchmnist import checkpoint, exporting, models
+from torchmnist.trained import load_model
 
 
 def _test(path, capsys, *flags):
@@ -194,9 +195,9 @@ def test_a_loaded_model_carries_its_runs_epoch_records(tmp_path, capsys):
     code, _, _ = run_main(["train", "--dry-run", "--epochs", "2", "--run-dir",
                            str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0
-    trained = checkpoint.load_model(tmp_path / "run")
+    trained = load_model(tmp_path / "run")
     assert trained.history == read_metrics(tmp_path / "run")  # what metrics.jsonl holds
     assert sorted({r["epoch"] for r in trained.history}) == [1, 2]
     bare = tmp_path / "weights.pt"
     torch.save(trained.model.state_dict(), bare)
-    assert checkpoint.load_model(bare).history == []
+    assert load_model(bare).history == []

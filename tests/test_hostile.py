@@ -24,6 +24,7 @@ from PIL import Image
 from torchmnist import checkpoint, data, models
 from torchmnist import config as cfg
 from torchmnist.errors import UsageError
+from torchmnist.trained import load_model
 
 
 def _ring(size: int = 200) -> np.ndarray:
@@ -640,7 +641,7 @@ def test_export_takes_any_suffix_and_a_folder(weights_file, tmp_path, capsys):
                                "model.bin", "--data-dir", "data", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["file"] == "model.bin"
-    assert checkpoint.load_model("model.bin").name == "guide"  # readable under any name
+    assert load_model("model.bin").name == "guide"  # readable under any name
     (tmp_path / "exports").mkdir()
     code, out, err = run_main(["export", str(weights_file), "--format", "safetensors", "--out",
                                "exports", "--data-dir", "data", "--json"], capsys)

@@ -21,6 +21,7 @@ from PIL import Image
 
 import torchmnist
 from torchmnist import checkpoint, data
+from torchmnist.trained import load_model
 
 NAMES = ("zero", "one", "two", "three")  # the first four synthetic classes, as folder names
 
@@ -97,7 +98,7 @@ def test_float_images_and_a_dataset_of_pil_images_are_taken_as_well(tmp_path):
     own = torchmnist.OwnData(train=Pictures(), test=floats)
     result = _train(torchmnist.TrainConfig(dataset=own, epochs=1, run_dir=str(tmp_path / "r")))
     assert result["dataset"] == "own:own"
-    spec = checkpoint.load_model(tmp_path / "r").spec
+    spec = load_model(tmp_path / "r").spec
     assert spec.classes == ("h0", "v1", "h2", "v3")  # the Dataset's own class names
     # Floats in [0, 1] are stored as MNIST stores pixels, so they test as the uint8 images do.
     assert (torchmnist.evaluate(tmp_path / "r", test=floats)["correct"]
@@ -192,7 +193,7 @@ def test_dark_ink_on_white_paper_is_augmented_over_white(tmp_path, monkeypatch):
         background) or real(x, kind, background))
     _train(torchmnist.TrainConfig(dataset=paper, epochs=1, augment="translate",
                                   run_dir=str(tmp_path / "run")))
-    spec = checkpoint.load_model(tmp_path / "run").spec
+    spec = load_model(tmp_path / "run").spec
     assert spec.background == 1.0 and data.DATASETS["mnist"].background == 0.0
     assert filled == {(1.0 - spec.mean) / spec.std}  # white, normalised, not MNIST's black
     # A checkpoint from before the background was stored reads as black; a bad one is damage.
@@ -249,7 +250,7 @@ def test_an_image_folder_trains_tests_predicts_and_exports_alike(tmp_path, capsy
     assert run_dir.name.endswith("-shapes-guide")  # named after the folder
     assert summary["dataset"] == f"folder:{tmp_path / 'shapes'}"  # absolute, found from anywhere
     assert summary["test_accuracy"] > 0.7
-    spec = checkpoint.load_model(run_dir).spec
+    spec = load_model(run_dir).spec
     assert spec.classes == tuple(sorted(NAMES))  # as torchvision's ImageFolder orders them
     # `test` reads only the test folder, from anywhere, and agrees with training.
     run_dir = run_dir.resolve()

@@ -24,7 +24,7 @@ _LAZY = {
     "OwnData": ("torchmnist.data", "OwnData"),
     "evaluate": ("torchmnist.evaluation", "evaluate"),
     "export": ("torchmnist.exporting", "export"),
-    "load": ("torchmnist.checkpoint", "load_network"),
+    "load": ("torchmnist.trained", "load_network"),
     "predict": ("torchmnist.prediction", "predict"),
     "report": ("torchmnist.reporting", "report"),
     "train": ("torchmnist.training", "train"),

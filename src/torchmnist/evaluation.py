@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import checkpoint, data, devices
 from torchmnist import config as cfg
+from torchmnist import data, devices
 from torchmnist.augment import TTA_SHIFTS, shift
 from torchmnist.errors import UsageError
+from torchmnist.trained import Trained, load_model
 
 
 @dataclass
@@ -87,7 +88,7 @@ def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
                           for chunk in x.split(batch_size)])
 
 
-def test_data(trained: checkpoint.Trained, data_dir: str | os.PathLike | None = None,
+def test_data(trained: Trained, data_dir: str | os.PathLike | None = None,
               download: bool = True, test: object = None) -> data.DigitData:
     """The test set a trained model is scored on, with the normalisation and classes it was
     trained with: `test` when given (images and labels, or a Dataset, as data.OwnData takes
@@ -134,7 +135,7 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     if exit_threshold is not None and not 0 < exit_threshold <= 1:
         raise UsageError(f"--exit-threshold must be above 0 and at most 1, not {exit_threshold}")
     target = devices.resolve_device(device)
-    trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
+    trained = load_model(checkpoint_path, model=model, dataset=dataset)
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
     digits = test_data(trained, data_dir, download=download, test=test)
     test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)

@@ -26,6 +26,7 @@ from torch import nn
 from torchmnist import __version__, checkpoint, data, rundir
 from torchmnist.errors import TorchMnistError, UsageError, printable
 from torchmnist.evaluation import test_data
+from torchmnist.trained import load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 KINDS = {"onnx": "an ONNX", "torchscript": "a TorchScript", "safetensors": "a safetensors"}
@@ -96,7 +97,7 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
     if out.is_file() and rundir.is_run_file(out):
         raise UsageError(f"exporting would overwrite {out}, which its run keeps; choose "
                          "another --out")
-    trained = checkpoint.load_model(source, model=model, dataset=dataset)
+    trained = load_model(source, model=model, dataset=dataset)
     spec = trained.spec
     network = trained.model.float().eval()
     if hasattr(network, "exit_threshold"):  # early-exit: the file holds the whole network
@@ -248,7 +249,7 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
 
 
 def _run_safetensors(path: Path, name: str, x: torch.Tensor) -> np.ndarray:
-    reloaded = checkpoint.load_model(path, model=name).model
+    reloaded = load_model(path, model=name).model
     if hasattr(reloaded, "exit_threshold"):  # early-exit: compared as the whole network
         reloaded.exit_threshold = 1.0
     with torch.inference_mode():

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchmnist import checkpoint, devices, rundir
 from torchmnist import config as cfg
+from torchmnist import devices, rundir
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities
 from torchmnist.preprocess import ImageError, normalise, prepare, prepare_bytes, prepare_picture
+from torchmnist.trained import load_model
 
 _GLOB_CHARACTERS = set("*?[")
 # What a directory scan takes, by extension, as torchvision's ImageFolder does; a file named
@@ -146,7 +147,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
         what = "None" if inputs is None else type(inputs).__name__
         raise UsageError(f"predict takes an image or a list of them (paths, folders, globs, PIL "
                          f"images, arrays or tensors), not {what}") from None
-    trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
+    trained = load_model(checkpoint_path, model=model, dataset=dataset)
     spec = trained.spec
     target = devices.resolve_device(device)
     network = trained.model.to(target)

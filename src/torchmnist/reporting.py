@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from torchmnist import checkpoint, data, devices, rundir
 from torchmnist import config as cfg
+from torchmnist import data, devices, rundir
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
+from torchmnist.trained import load_model
 
 REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
 FIGURES = ("curves", "confusion", "mistakes")  # each written as NAME.png beside report.md
@@ -59,7 +60,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     written = {"report.md", *(f"{name}.png" for name in FIGURES)}
     rundir.refuse_foreign(out, _is_report, "a torchmnist report's folder or a run folder",
                           "--out", writes=written.__contains__)
-    trained = checkpoint.load_model(chosen if chosen.is_file() else run_dir / "last.pt")
+    trained = load_model(chosen if chosen.is_file() else run_dir / "last.pt")
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)
     target = devices.resolve_device(device)

@@ -37,6 +37,7 @@ from torchmnist.config import FOLDER_PREFIX
 from torchmnist.errors import UsageError, printable
 from torchmnist.prediction import answer
 from torchmnist.preprocess import ImageError, normalise, prepare_bytes
+from torchmnist.trained import load_model
 
 STATIC = Path(__file__).parent / "static"
 MAX_BYTES = 5 * 1024 * 1024  # an upload larger than this is refused (413)
@@ -162,7 +163,7 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
                          "pip install 'torchmnist[serve]'") from None
     from contextlib import asynccontextmanager
 
-    trained = checkpoint.load_model(checkpoint_path, model=model, dataset=dataset)
+    trained = load_model(checkpoint_path, model=model, dataset=dataset)
     target = devices.resolve_device(device)
     network = trained.model.to(target).eval()
     spec = trained.spec
