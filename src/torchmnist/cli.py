@@ -61,8 +61,11 @@ def _default_text(name: str) -> str:
     return text
 
 
-def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field, made from its metadata, in --help's sections."""
+def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                     helps: dict[str, str] | None = None) -> None:
+    """One flag per TrainConfig field, made from its metadata, in --help's sections; `helps`
+    gives another command's own words for some of them."""
+    helps = helps or {}
     groups = {name: parser.add_argument_group(name) for name in cfg.GROUPS}
     groups["recipe"].add_argument(
         "--config", metavar="FILE", help="read settings from a TOML, YAML or JSON file (a run's "
@@ -72,8 +75,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if f.name in skip:
             continue
         group, flag = groups[f.metadata["group"]], "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        if "default:" not in help_text:  # some fields explain their default themselves
+        help_text = helps.get(f.name, f.metadata["help"])
+        # Some fields explain their default themselves, and another command's words are whole.
+        if "default:" not in help_text and f.name not in helps:
             help_text += f" ({_default_text(f.name)})"
         if f.metadata["switch"] == "flag":
             group.add_argument(flag, action="store_true", help=help_text)
@@ -318,15 +322,12 @@ def _add_sweep_parser(commands) -> None:
     # One of --jobs' processes, and how many trials it runs.
     s.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     s.add_argument("--share", type=int, help=argparse.SUPPRESS)
-    _add_train_flags(sweep, skip=("resume", "allow_new_world_size"))
-    for action in sweep._actions:  # the three train flags that speak for the sweep here
-        if action.dest == "run_dir":
-            action.help = "the sweep's folder: the study, trial-NNNN/ run folders, best.toml, " \
-                "plots (default: runs/sweep-<date-time>)"
-        elif action.dest == "json":
-            action.help = "print the sweep's summary as JSON on stdout, the rest on stderr"
-        elif action.dest == "quiet":
-            action.help = "print nothing but errors (and the --json line)"
+    _add_train_flags(sweep, skip=("resume", "allow_new_world_size"), helps={
+        # The three train flags that speak for the sweep here.
+        "run_dir": "the sweep's folder: the study, trial-NNNN/ run folders, best.toml, plots "
+                   "(default: runs/sweep-<date-time>)",
+        "json": "print the sweep's summary as JSON on stdout, the rest on stderr",
+        "quiet": "print nothing but errors (and the --json line)"})
 
 
 def _train(explicit: dict[str, Any]) -> int:
