@@ -3,6 +3,9 @@
 `train(config)` is the whole run. `setup` builds everything from the config (and a checkpoint,
 when resuming); `_train_epoch` is the loop the guide teaches, readable in one screen; `_save`
 writes everything needed to continue from the very next batch.
+
+Read top-down: what a run holds, `train`, the loop (`_train_epochs` -> `_train_epoch` ->
+`train_step`), testing, saving, and last the setup that builds a `Run`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from torchmnist.errors import TrainingError, UsageError
 from torchmnist.evaluation import Evaluation, evaluate_model, test_sums, to_evaluation
 from torchmnist.runlog import RunLog
 from torchmnist.signals import Stopped, StopSignals
+
+# ---------------------------------------------------------------------------------------------
+# What a run holds
 
 
 @dataclass
@@ -167,145 +173,6 @@ class Run:
         self.close()
 
 
-def _replace(config: TrainConfig, **changes) -> TrainConfig:
-    """dataclasses.replace that keeps what the config was given from Python (your own model
-    instance and data), which a copy would otherwise lose."""
-    new = dataclasses.replace(config, **changes)
-    for key in ("network", "own_data"):
-        if key in config.__dict__:
-            new.__dict__[key] = config.__dict__[key]
-    return new
-
-
-def _hold_out(digits: data.DigitData, config: TrainConfig, saved_index: torch.Tensor | None,
-              ) -> tuple[data.DigitData, torch.Tensor]:
-    """Split --val-size images off the training set: a permutation of its own (epoch 0 of the
-    seed's orders, which training never uses), or the split a checkpoint recorded."""
-    n = len(digits.train)
-    if config.val_size >= n:
-        raise UsageError(f"--val-size {config.val_size} leaves nothing to train on: the "
-                         f"training set has {n} images")
-    if saved_index is None:
-        index = data.epoch_order(n, config.seed, 0)[:config.val_size].sort().values
-    elif not (isinstance(saved_index, torch.Tensor) and saved_index.dim() == 1
-              and saved_index.dtype == torch.int64 and len(saved_index) == config.val_size
-              and bool(((saved_index >= 0) & (saved_index < n)).all())
-              and len(saved_index.unique()) == len(saved_index)):
-        raise UsageError(f"the checkpoint's validation split is damaged: it is not "
-                         f"{config.val_size} different training images of the {n}")
-    else:
-        index = saved_index
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[index] = False
-    images, labels = digits.train.images, digits.train.labels
-    held = dataclasses.replace(digits, train=data.Split(images[keep], labels[keep]),
-                               val=data.Split(images[index], labels[index]))
-    return held, index
-
-
-def _load_initial_weights(model: nn.Module, source: str) -> str:
-    """--init-from: copy another run's weights in (fine-tuning); return the line to log."""
-    path = checkpoint.file_in(source)
-    state, _ = checkpoint.weights(checkpoint.load(path), path)
-    own = model.state_dict()
-    extra = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    if extra or missing:
-        name = (extra or missing)[0]
-        raise UsageError(f"--init-from {path} does not fit this model: {name} is "
-                         f"{'only there' if extra else 'missing there'}")
-    # The final layer is the one whose size is the number of classes.
-    final = next(reversed([n for n, _ in model.named_parameters()])).rsplit(".", 1)[0]
-    fresh = []
-    for key, value in own.items():
-        if state[key].shape != value.shape:
-            if key.rsplit(".", 1)[0] != final:
-                raise UsageError(f"--init-from {path} does not fit this model: {key} is "
-                                 f"{tuple(state[key].shape)} there, {tuple(value.shape)} here")
-            fresh.append(key)
-    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
-    kept = f", except {final} (another number of classes), which starts afresh" if fresh else ""
-    return f"initial weights from {path}{kept}"
-
-
-def _freeze(model: nn.Module, config: TrainConfig) -> None:
-    """--freeze: parameters under these name prefixes get no gradient, so the optimiser never
-    sees them (the guide's requires_grad=False aside)."""
-    names = [name for name, _ in model.named_parameters()]
-    prefixes = frozen_prefixes(config)
-    for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
-            raise UsageError(f"--freeze {prefix} names no parameter of the {config.model} model "
-                             f"(its parameters: {', '.join(names)})")
-    for name, parameter in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            parameter.requires_grad_(False)
-    if prefixes and not any(p.requires_grad for p in model.parameters()):
-        raise UsageError(f"--freeze {config.freeze} leaves no parameter to train")
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module) -> optim.Optimizer:
-    # Only what trains (--freeze leaves some out); already on its device, as the guide says.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = config.weight_decay
-    on_cuda = params[0].device.type == "cuda"
-    # On CUDA one fused kernel updates every parameter; elsewhere torch picks its default.
-    fused = {"fused": True} if on_cuda else {}
-    # Optimisers that count steps keep the count on the device when a CUDA graph replays them.
-    capturable = {"capturable": True} if on_cuda and config.cuda_graph else {}
-    if config.optimizer == "sgd":
-        return optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                         nesterov=config.nesterov and config.momentum > 0, weight_decay=decay,
-                         **fused)
-    if config.optimizer == "adadelta":
-        return optim.Adadelta(params, lr=config.lr, weight_decay=decay, **capturable)
-    if config.optimizer == "adam":
-        return optim.Adam(params, lr=config.lr, weight_decay=decay, **fused, **capturable)
-    return optim.AdamW(params, lr=config.lr, weight_decay=decay, **fused, **capturable)
-
-
-def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_epoch: int):
-    """`step` is stepped once an epoch; `onecycle` once a step (see `_train_epoch`)."""
-    if config.scheduler == "step":
-        return optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
-    if config.scheduler == "onecycle":
-        return optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr,
-            total_steps=schedule_length(config, steps_per_epoch).steps,
-            pct_start=config.warmup, anneal_strategy="linear", div_factor=10,
-            final_div_factor=100, cycle_momentum=False)
-    return None
-
-
-def from_flags(explicit: dict) -> tuple[TrainConfig, dict | None]:
-    """The config of `torchmnist train` from the flags a user set (and a config file's), with
-    the checkpoint a --resume names, read once. A resumed run keeps its saved settings; only
-    flags given now may change them."""
-    if not explicit.get("resume"):
-        return resolve(explicit), None
-    path = checkpoint.find_resume(explicit["resume"], explicit.get("run_dir"))
-    resumed = checkpoint.load_training(path)
-    saved_config = resumed[checkpoint.CONFIG]
-    saved_model = str(saved_config.get("model", ""))
-    if ":" in saved_model and explicit.get("model") != saved_model:
-        raise UsageError(f"{path} was trained with your own model {saved_model}; pass "
-                         f"--model {saved_model} to resume it (torchmnist imports no code "
-                         "that a checkpoint names by itself)")
-    return resolve({**explicit, "resume": str(path)}, saved=saved_config), resumed
-
-
-def _new_run_dir(config: TrainConfig) -> Path:
-    dataset = ("synthetic" if config.dry_run and data.is_builtin(config.dataset)
-               else data.short_name(config.dataset))
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path("runs") / f"{stamp}-{dataset}-{config.model}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = Path("runs") / f"{stamp}-{dataset}-{config.model}-{suffix}"
-    return run_dir
-
-
 class TrainResult(dict):
     """What `train` returns: the run's summary (the CLI's --json), as a dict, and `model`, the
     trained network (the weight average, with --ema) in eval mode on the training device."""
@@ -317,6 +184,10 @@ class TrainResult(dict):
     @property
     def summary(self) -> dict:
         return dict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# train: setup -> the epochs -> the summary
 
 
 def train(config: TrainConfig, *, resumed: dict | None = None,
@@ -355,6 +226,10 @@ def train(config: TrainConfig, *, resumed: dict | None = None,
         return TrainResult(summary, run.tested_model.eval())
 
 
+# ---------------------------------------------------------------------------------------------
+# The loop: epochs, batches, and the guide's training step
+
+
 def _train_epochs(run: Run) -> tuple[Evaluation | None, Evaluation | None] | None:
     """The guide's loop over epochs: train, test, log, save; stop early at --target-accuracy,
     for --patience, or on SIGINT/SIGTERM (saving first). Returns the last (test, validation)
@@ -382,6 +257,159 @@ def _train_epochs(run: Run) -> tuple[Evaluation | None, Evaluation | None] | Non
             if _signalled(run, stop) and epoch < run.epochs:
                 _stop(run, stop)  # between epochs
     return result
+
+
+def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
+                 ) -> tuple[Evaluation | None, Evaluation | None] | None:
+    """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
+    return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
+    config, progress, log = run.config, run.progress, run.log
+    run.epoch_began = progress.seconds
+    run.model.train()  # dropout on, BatchNorm uses batch statistics
+    total = run.epoch_steps(epoch)
+    log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{run.epochs}")
+    mark, hit = time.perf_counter(), None
+    # With --cuda-graph, the same train_step replayed from its captured kernels.
+    step = run.graphed_step or functools.partial(train_step, run)
+    batches = run.train_batches.batches(epoch, start=progress.batch)
+    for x, y in itertools.islice(batches, total - progress.batch):  # x: (B, 1, 28, 28)
+        loss, correct = step(x, y)
+        # One-cycle sets the rate of the next step; after the run's last step there is none
+        # (its line would run on below zero), so the rate logged last is the one last used.
+        if (config.scheduler == "onecycle"
+                and run.scheduler.last_epoch + 1 < run.scheduler.total_steps):
+            run.scheduler.step()
+        progress.count(loss, correct, len(y))
+        log.advance_bar()
+        last_batch = progress.batch == total
+
+        logging = progress.batch % config.log_interval == 0 or last_batch
+        if logging:
+            mark = _log_window(run, epoch, total, mark)  # the one wait for the device
+        if test_every and progress.step % test_every == 0 and not last_batch:
+            progress.seconds += time.perf_counter() - mark
+            test, val = _test(run, epoch)  # adds its own time
+            mark = time.perf_counter()
+            run.model.train()
+            if _reached(run, test):
+                hit = test, val
+                break
+        if config.save_interval and progress.batch % config.save_interval == 0 and not last_batch:
+            _save(run, run.last_path)  # the end of the epoch is saved after testing
+        if _signalled(run, stop, now=logging):
+            break  # the caller saves and stops (after testing, if the epoch is complete)
+    progress.seconds += time.perf_counter() - mark
+    log.close_bar()
+    return hit
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on one batch, as the guide teaches it: zero_grad, forward, loss,
+    backward, step (plus the recipe's augmentation, precision and average). Returns the loss
+    and how many of the batch the model got right, as tensors on the device: nothing here
+    waits for the device, so with --cuda-graph this very function is captured and replayed."""
+    config, optimizer = run.config, run.optimizer
+    x = _layout(run, augment(x, config.augment, run.background))
+    optimizer.zero_grad(set_to_none=True)
+    with devices.autocast(run.device, config.amp):
+        output = run.forward(x).float()  # (B, classes) log-probabilities
+    if config.label_smoothing:
+        # cross_entropy applies log_softmax itself, and log_softmax of log-probabilities is
+        # the same log-probabilities (they already sum to one in probability): so on the
+        # model's output it is nll_loss with smoothing, not a softmax taken twice.
+        loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
+    else:
+        loss = F.nll_loss(output, y)
+    run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        update_average(run.ema, run.model, config.ema)
+    correct = (output.detach().argmax(1) == y).sum()
+    return loss.detach(), correct
+
+
+@torch.no_grad()
+def update_average(average: AveragedModel, model: nn.Module, decay: float) -> None:
+    """What `average.update_parameters(model)` does with an EMA, without its host-side test of
+    `n_averaged` (a wait for the device every step, which a CUDA graph cannot hold): the first
+    update copies the weights and buffers, each later one moves them `1 - decay` of the way."""
+    first = average.n_averaged == 0  # a tensor on the device, not a Python bool
+    weight = torch.where(first, 1.0, 1.0 - decay)  # lerp by 1 is an exact copy
+    kept = itertools.chain(average.module.parameters(), average.module.buffers())
+    current = itertools.chain(model.parameters(), model.buffers())
+    for average_value, value in zip(kept, current, strict=True):
+        if average_value.is_floating_point():
+            average_value.lerp_(value, weight)
+        else:  # BatchNorm's batch counter, averaged as AveragedModel averages integers
+            average_value.copy_(torch.where(first, value, average_value * decay
+                                            + value * (1 - decay)))
+    average.n_averaged += 1
+
+
+def _layout(run: Run, x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if run.config.channels_last else x
+
+
+def _rate(run: Run) -> float:
+    """The current learning rate, as a number (with --cuda-graph it lives on the device)."""
+    return float(run.optimizer.param_groups[0]["lr"])
+
+
+def _log_window(run: Run, epoch: int, total: int, mark: float) -> float:
+    """The logging branch: the mean loss since the last log line (the one place a training
+    step waits for the device), as a metric and a line. Returns the new time mark."""
+    progress, world = run.progress, run.world
+    window_loss = (distributed.all_sum(progress.window_loss_sum, world).item()
+                   / (progress.window_batches * world.size))
+    if not math.isfinite(window_loss):
+        _check_finite(run)  # raises
+    now = time.perf_counter()
+    progress.seconds += now - mark
+    run.log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
+                    "batch": progress.batch, "train_loss": window_loss, "test_loss": None,
+                    "test_accuracy": None, "seconds": round(progress.seconds, 3),
+                    "lr": _rate(run)})
+    run.log.step_line(f"epoch {epoch} [{progress.batch}/{total}] loss {window_loss:.4f}",
+                      postfix=f"loss {window_loss:.4f}")
+    progress.window_loss_sum.zero_()
+    progress.window_batches = 0
+    return now
+
+
+def _signalled(run: Run, stop: StopSignals, now: bool = True) -> bool:
+    """Whether a SIGINT/SIGTERM asks the run to stop. A single process looks after every
+    step. The ranks of a distributed run must all stop after the same step, so they agree on
+    it (one tiny all-reduce) where they already wait for each other: at each log line
+    (`now`) and between epochs."""
+    if run.world.distributed:
+        if not now:
+            return False
+        stop.signum = distributed.agree_on_signal(stop.signum, run.world, run.device)
+    return stop.signum is not None
+
+
+def _stop(run: Run, stop: StopSignals) -> None:
+    """Save where the run stands and leave with 128 + the signal's number."""
+    progress = run.progress
+    _save(run, run.last_path)
+    run.log.print(f"stopped by {stop.name} at epoch {progress.epoch}, batch {progress.batch}; "
+                  f"saved {run.last_path}")
+    run.log.close()
+    raise Stopped(f"{stop.name} at epoch {progress.epoch}, batch {progress.batch} (step "
+                  f"{progress.step}); checkpoint saved; resume with: "
+                  f"{'the same torchrun command and ' if run.world.distributed else ''}"
+                  f"torchmnist train --resume {run.last_path}", stop.signum)
+
+
+def _reached(run: Run, result: Evaluation | None) -> bool:
+    target = run.config.target_accuracy
+    if target is None or result is None or result.accuracy < target:
+        return False
+    if run.progress.target_seconds is None:
+        run.progress.target_seconds = run.progress.seconds
+    return True
 
 
 def _stopping_early(run: Run, reached: bool) -> bool:
@@ -435,12 +463,113 @@ def _end_epoch(run: Run, epoch: int,
             old.unlink()
 
 
-def _start_tensorboard(run: Run) -> None:
-    run.log.start_tensorboard(run.progress.step)
-    x, _ = next(iter(run.test_batches.batches()))  # the test set's first images, unshuffled
-    spec = run.spec
-    run.log.images("test images", (x[:64].float().cpu() * spec.std + spec.mean).clamp(0, 1),
-                   run.progress.step)
+# ---------------------------------------------------------------------------------------------
+# Testing
+
+
+def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
+    """Validate (with --val-size) and test, log, keep best.pt and count --patience; return
+    (test, validation) results. With a validation set the test set is only scored here when
+    --target-accuracy watches it. The time counts as training time (it is how a target is
+    seen)."""
+    progress, config = run.progress, run.config
+    start = time.perf_counter()
+    val = test = None
+    # In fp32 whatever --amp trains in: every accuracy torchmnist reports then comes from the
+    # one evaluation that `torchmnist test`, report and the exported files compute, and they
+    # agree to the image.
+    if run.val_batches is not None:
+        val = _evaluate(run, run.val_batches)
+    if run.val_batches is None or config.target_accuracy is not None:
+        test = (run.graphed_test() if run.graphed_test is not None
+                else _evaluate(run, run.test_batches))
+    progress.seconds += time.perf_counter() - start
+    # The line that stays for each test, as Keras keeps one per epoch. The training loss and
+    # accuracy are over this epoch's batches so far, as trained: augmented, with dropout on,
+    # each batch scored just before its own update (and the loss label-smoothed when the
+    # recipe smooths), so they are not the test set's measures on training images.
+    shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
+    train_loss, train_accuracy = _train_measures(run)
+    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: train loss "
+                  f"{train_loss:.4f}, accuracy {100 * train_accuracy:.2f}%; "
+                  + "; ".join(
+                      f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} "
+                      f"({100 * r.accuracy:.2f}%)" for name, r in shown)
+                  + f"; epoch {progress.seconds - run.epoch_began:.2f} s, lr {_rate(run):.4g}, "
+                  f"{progress.seconds:.2f} s so far")
+    chosen = val if val is not None else test  # what best.pt and --patience follow
+    if chosen.accuracy > (progress.best_accuracy or 0.0):
+        progress.best_accuracy, progress.stale_tests = chosen.accuracy, 0
+        _save(run, run.run_dir / "best.pt")
+    else:
+        progress.stale_tests += 1
+    if run.on_test is not None:
+        total = schedule_length(config, len(run.train_batches)).steps
+        run.on_test(chosen.accuracy, progress.step, epoch, progress.step >= total)
+    return test, val
+
+
+def _evaluate(run: Run, batches) -> Evaluation:
+    """Score the tested weights on `batches`; in a distributed run each rank scores its part
+    of the images and the sums are added up, so every rank gets the same, whole result."""
+    config, world = run.config, run.world
+    if not world.distributed:
+        return evaluate_model(run.tested_model, batches, channels_last=config.channels_last)
+    distributed.same_buffers(run.tested_model, world)  # every rank tests rank 0's weights
+    run.tested_model.eval()
+    loss_sum, correct, total = test_sums(run.tested_model, batches,
+                                         channels_last=config.channels_last)
+    sums = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(
+        float(total), dtype=torch.float64, device=loss_sum.device)]), world)
+    return to_evaluation(sums[0], sums[1], int(sums[2].item()))
+
+
+def _train_measures(run: Run) -> tuple[float, float]:
+    """This epoch's mean training loss and accuracy so far, over the batches of every rank."""
+    progress, world = run.progress, run.world
+    sums = distributed.all_sum(torch.stack([
+        progress.epoch_loss_sum.float(), progress.epoch_correct_sum.float(),
+        torch.tensor(float(progress.epoch_images), device=progress.epoch_loss_sum.device)]),
+        world).tolist()
+    # Each rank's loss is the mean over its equal share of a batch: their mean is the batch's.
+    return sums[0] / max(progress.batch * world.size, 1), sums[1] / max(sums[2], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and finishing
+
+
+def _save(run: Run, path: Path) -> None:
+    # Never replace a good checkpoint with a diverged state: a save waits for the device
+    # anyway, so checking the weights here costs nothing extra.
+    _check_finite(run)
+    # Each rank's random streams and running sums, so that every rank continues exactly; a
+    # collective, so every rank saves at the same points, and rank 0 writes the file.
+    ranks = distributed.gather({checkpoint.RNG: devices.rng_state(),
+                                checkpoint.PROGRESS: run.progress.state_dict()}, run.world)
+    if not run.world.main:
+        return
+    optimizer_state = run.optimizer.state_dict()
+    for group in optimizer_state["param_groups"]:  # a rate on the device (--cuda-graph) is
+        group["lr"] = float(group["lr"])  # saved as a number, so any device can resume it
+    checkpoint.save(path, checkpoint.training_payload(
+        config=run.config.to_dict(), model=run.model.state_dict(), optimizer=optimizer_state,
+        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        ema=run.ema.state_dict() if run.ema is not None else None,
+        progress=ranks[0][checkpoint.PROGRESS], rng=ranks[0][checkpoint.RNG],
+        val_index=run.val_index, dataset_spec=run.spec.to_dict(), metrics=run.log.history,
+        world_size=run.world.size, ranks=ranks[1:], hardware=run.hardware))
+
+
+def _check_finite(run: Run) -> None:
+    finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
+    if not (finite.item() and run.progress.epoch_loss_sum.isfinite().item()):
+        raise TrainingError(
+            f"training diverged: the loss or the weights became NaN or infinite by epoch "
+            f"{run.progress.epoch}, batch {run.progress.batch}; the last checkpoint written, if "
+            "any, holds the state before that, so try again with a lower --lr "
+            "(--detect-anomaly finds the operation)")
 
 
 def _finish(run: Run, result: Evaluation, val: Evaluation | None, saved_from: Path | None,
@@ -502,22 +631,26 @@ def _explained_errors(run: Run):
         raise
 
 
-def _load_data(config: TrainConfig, saved: dict | None) -> data.DigitData:
-    """The run's data: a built-in dataset's files, your image folder, or the OwnData given
-    to the config; for a dry run, synthetic images (built-in datasets) or a small sample of
-    yours. Resuming on data other than the checkpoint's is refused."""
-    own = config.__dict__.get("own_data")
-    if config.dry_run and data.is_builtin(config.dataset):
-        return data.synthetic(config.dataset, seed=config.seed)
-    if own is not None:
-        digits = data.from_own(own, config.dataset)
-    else:
-        digits = data.load(config.dataset, config.data_dir, download=config.download)
-    stored = (saved or {}).get(checkpoint.DATASET_SPEC) or {}
-    if stored.get("fingerprint") and stored["fingerprint"] != digits.spec.fingerprint:
-        raise UsageError(f"cannot resume: the images or labels of {config.dataset} differ from "
-                         "the ones this run was trained on (their checksums differ)")
-    return data.subset(digits, config.seed) if config.dry_run else digits
+# ---------------------------------------------------------------------------------------------
+# Setup: config (and the checkpoint, when resuming) -> device -> data -> model -> optimiser
+# -> run folder
+
+
+def from_flags(explicit: dict) -> tuple[TrainConfig, dict | None]:
+    """The config of `torchmnist train` from the flags a user set (and a config file's), with
+    the checkpoint a --resume names, read once. A resumed run keeps its saved settings; only
+    flags given now may change them."""
+    if not explicit.get("resume"):
+        return resolve(explicit), None
+    path = checkpoint.find_resume(explicit["resume"], explicit.get("run_dir"))
+    resumed = checkpoint.load_training(path)
+    saved_config = resumed[checkpoint.CONFIG]
+    saved_model = str(saved_config.get("model", ""))
+    if ":" in saved_model and explicit.get("model") != saved_model:
+        raise UsageError(f"{path} was trained with your own model {saved_model}; pass "
+                         f"--model {saved_model} to resume it (torchmnist imports no code "
+                         "that a checkpoint names by itself)")
+    return resolve({**explicit, "resume": str(path)}, saved=saved_config), resumed
 
 
 def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path | None]:
@@ -611,14 +744,6 @@ def setup(config: TrainConfig, resumed: dict | None = None) -> tuple[Run, Path |
     return run, resume_path
 
 
-def _same_place(a: Path, b: Path) -> bool:
-    """Whether two paths name one file or folder, however each is spelled."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
-
-
 def _absolute_dataset(config: TrainConfig) -> TrainConfig:
     """--dataset folder:PATH with PATH absolute, so that a resume, test or export finds it
     from anywhere."""
@@ -656,6 +781,50 @@ def _read_resume(config: TrainConfig, resumed: dict | None, world: distributed.W
                          "so it would not continue the same run; pass --allow-new-world-size "
                          "to go on all the same")
     return saved, changes, resume_path
+
+
+def _load_data(config: TrainConfig, saved: dict | None) -> data.DigitData:
+    """The run's data: a built-in dataset's files, your image folder, or the OwnData given
+    to the config; for a dry run, synthetic images (built-in datasets) or a small sample of
+    yours. Resuming on data other than the checkpoint's is refused."""
+    own = config.__dict__.get("own_data")
+    if config.dry_run and data.is_builtin(config.dataset):
+        return data.synthetic(config.dataset, seed=config.seed)
+    if own is not None:
+        digits = data.from_own(own, config.dataset)
+    else:
+        digits = data.load(config.dataset, config.data_dir, download=config.download)
+    stored = (saved or {}).get(checkpoint.DATASET_SPEC) or {}
+    if stored.get("fingerprint") and stored["fingerprint"] != digits.spec.fingerprint:
+        raise UsageError(f"cannot resume: the images or labels of {config.dataset} differ from "
+                         "the ones this run was trained on (their checksums differ)")
+    return data.subset(digits, config.seed) if config.dry_run else digits
+
+
+def _hold_out(digits: data.DigitData, config: TrainConfig, saved_index: torch.Tensor | None,
+              ) -> tuple[data.DigitData, torch.Tensor]:
+    """Split --val-size images off the training set: a permutation of its own (epoch 0 of the
+    seed's orders, which training never uses), or the split a checkpoint recorded."""
+    n = len(digits.train)
+    if config.val_size >= n:
+        raise UsageError(f"--val-size {config.val_size} leaves nothing to train on: the "
+                         f"training set has {n} images")
+    if saved_index is None:
+        index = data.epoch_order(n, config.seed, 0)[:config.val_size].sort().values
+    elif not (isinstance(saved_index, torch.Tensor) and saved_index.dim() == 1
+              and saved_index.dtype == torch.int64 and len(saved_index) == config.val_size
+              and bool(((saved_index >= 0) & (saved_index < n)).all())
+              and len(saved_index.unique()) == len(saved_index)):
+        raise UsageError(f"the checkpoint's validation split is damaged: it is not "
+                         f"{config.val_size} different training images of the {n}")
+    else:
+        index = saved_index
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[index] = False
+    images, labels = digits.train.images, digits.train.labels
+    held = dataclasses.replace(digits, train=data.Split(images[keep], labels[keep]),
+                               val=data.Split(images[index], labels[index]))
+    return held, index
 
 
 def _make_batches(config: TrainConfig, digits: data.DigitData, device: torch.device,
@@ -703,6 +872,80 @@ def _build_model(config: TrainConfig, digits: data.DigitData, device: torch.devi
     return model, notes
 
 
+def _load_initial_weights(model: nn.Module, source: str) -> str:
+    """--init-from: copy another run's weights in (fine-tuning); return the line to log."""
+    path = checkpoint.file_in(source)
+    state, _ = checkpoint.weights(checkpoint.load(path), path)
+    own = model.state_dict()
+    extra = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    if extra or missing:
+        name = (extra or missing)[0]
+        raise UsageError(f"--init-from {path} does not fit this model: {name} is "
+                         f"{'only there' if extra else 'missing there'}")
+    # The final layer is the one whose size is the number of classes.
+    final = next(reversed([n for n, _ in model.named_parameters()])).rsplit(".", 1)[0]
+    fresh = []
+    for key, value in own.items():
+        if state[key].shape != value.shape:
+            if key.rsplit(".", 1)[0] != final:
+                raise UsageError(f"--init-from {path} does not fit this model: {key} is "
+                                 f"{tuple(state[key].shape)} there, {tuple(value.shape)} here")
+            fresh.append(key)
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    kept = f", except {final} (another number of classes), which starts afresh" if fresh else ""
+    return f"initial weights from {path}{kept}"
+
+
+def _freeze(model: nn.Module, config: TrainConfig) -> None:
+    """--freeze: parameters under these name prefixes get no gradient, so the optimiser never
+    sees them (the guide's requires_grad=False aside)."""
+    names = [name for name, _ in model.named_parameters()]
+    prefixes = frozen_prefixes(config)
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise UsageError(f"--freeze {prefix} names no parameter of the {config.model} model "
+                             f"(its parameters: {', '.join(names)})")
+    for name, parameter in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            parameter.requires_grad_(False)
+    if prefixes and not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"--freeze {config.freeze} leaves no parameter to train")
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> optim.Optimizer:
+    # Only what trains (--freeze leaves some out); already on its device, as the guide says.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = config.weight_decay
+    on_cuda = params[0].device.type == "cuda"
+    # On CUDA one fused kernel updates every parameter; elsewhere torch picks its default.
+    fused = {"fused": True} if on_cuda else {}
+    # Optimisers that count steps keep the count on the device when a CUDA graph replays them.
+    capturable = {"capturable": True} if on_cuda and config.cuda_graph else {}
+    if config.optimizer == "sgd":
+        return optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                         nesterov=config.nesterov and config.momentum > 0, weight_decay=decay,
+                         **fused)
+    if config.optimizer == "adadelta":
+        return optim.Adadelta(params, lr=config.lr, weight_decay=decay, **capturable)
+    if config.optimizer == "adam":
+        return optim.Adam(params, lr=config.lr, weight_decay=decay, **fused, **capturable)
+    return optim.AdamW(params, lr=config.lr, weight_decay=decay, **fused, **capturable)
+
+
+def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_epoch: int):
+    """`step` is stepped once an epoch; `onecycle` once a step (see `_train_epoch`)."""
+    if config.scheduler == "step":
+        return optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
+    if config.scheduler == "onecycle":
+        return optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr,
+            total_steps=schedule_length(config, steps_per_epoch).steps,
+            pct_start=config.warmup, anneal_strategy="linear", div_factor=10,
+            final_div_factor=100, cycle_momentum=False)
+    return None
+
+
 def _open_run_dir(config: TrainConfig, run_dir: Path, world: distributed.World,
                   saved: dict | None) -> tuple[TrainConfig, rundir.RunLock, RunLog]:
     """Claim and lock the run folder (rank 0), write the config as it will be saved, and
@@ -726,6 +969,26 @@ def _open_run_dir(config: TrainConfig, run_dir: Path, world: distributed.World,
         lock.release()
         raise
     return config, lock, log
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    dataset = ("synthetic" if config.dry_run and data.is_builtin(config.dataset)
+               else data.short_name(config.dataset))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path("runs") / f"{stamp}-{dataset}-{config.model}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path("runs") / f"{stamp}-{dataset}-{config.model}-{suffix}"
+    return run_dir
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder, however each is spelled."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _announce(run: Run, digits: data.DigitData, notes: list[str]) -> None:
@@ -768,126 +1031,12 @@ def _restore_rank(saved: dict, world: distributed.World, progress: Progress,
     progress.epoch_images = 0
 
 
-def _save(run: Run, path: Path) -> None:
-    # Never replace a good checkpoint with a diverged state: a save waits for the device
-    # anyway, so checking the weights here costs nothing extra.
-    _check_finite(run)
-    # Each rank's random streams and running sums, so that every rank continues exactly; a
-    # collective, so every rank saves at the same points, and rank 0 writes the file.
-    ranks = distributed.gather({checkpoint.RNG: devices.rng_state(),
-                                checkpoint.PROGRESS: run.progress.state_dict()}, run.world)
-    if not run.world.main:
-        return
-    optimizer_state = run.optimizer.state_dict()
-    for group in optimizer_state["param_groups"]:  # a rate on the device (--cuda-graph) is
-        group["lr"] = float(group["lr"])  # saved as a number, so any device can resume it
-    checkpoint.save(path, checkpoint.training_payload(
-        config=run.config.to_dict(), model=run.model.state_dict(), optimizer=optimizer_state,
-        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
-        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        ema=run.ema.state_dict() if run.ema is not None else None,
-        progress=ranks[0][checkpoint.PROGRESS], rng=ranks[0][checkpoint.RNG],
-        val_index=run.val_index, dataset_spec=run.spec.to_dict(), metrics=run.log.history,
-        world_size=run.world.size, ranks=ranks[1:], hardware=run.hardware))
-
-
-def _check_finite(run: Run) -> None:
-    finite = torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()
-    if not (finite.item() and run.progress.epoch_loss_sum.isfinite().item()):
-        raise TrainingError(
-            f"training diverged: the loss or the weights became NaN or infinite by epoch "
-            f"{run.progress.epoch}, batch {run.progress.batch}; the last checkpoint written, if "
-            "any, holds the state before that, so try again with a lower --lr "
-            "(--detect-anomaly finds the operation)")
-
-
-def _test(run: Run, epoch: int) -> tuple[Evaluation | None, Evaluation | None]:
-    """Validate (with --val-size) and test, log, keep best.pt and count --patience; return
-    (test, validation) results. With a validation set the test set is only scored here when
-    --target-accuracy watches it. The time counts as training time (it is how a target is
-    seen)."""
-    progress, config = run.progress, run.config
-    start = time.perf_counter()
-    val = test = None
-    # In fp32 whatever --amp trains in: every accuracy torchmnist reports then comes from the
-    # one evaluation that `torchmnist test`, report and the exported files compute, and they
-    # agree to the image.
-    if run.val_batches is not None:
-        val = _evaluate(run, run.val_batches)
-    if run.val_batches is None or config.target_accuracy is not None:
-        test = (run.graphed_test() if run.graphed_test is not None
-                else _evaluate(run, run.test_batches))
-    progress.seconds += time.perf_counter() - start
-    # The line that stays for each test, as Keras keeps one per epoch. The training loss and
-    # accuracy are over this epoch's batches so far, as trained: augmented, with dropout on,
-    # each batch scored just before its own update (and the loss label-smoothed when the
-    # recipe smooths), so they are not the test set's measures on training images.
-    shown = [(name, r) for name, r in (("validation", val), ("test", test)) if r is not None]
-    train_loss, train_accuracy = _train_measures(run)
-    run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: train loss "
-                  f"{train_loss:.4f}, accuracy {100 * train_accuracy:.2f}%; "
-                  + "; ".join(
-                      f"{name} loss {r.loss:.4f}, accuracy {r.correct}/{r.total} "
-                      f"({100 * r.accuracy:.2f}%)" for name, r in shown)
-                  + f"; epoch {progress.seconds - run.epoch_began:.2f} s, lr {_rate(run):.4g}, "
-                  f"{progress.seconds:.2f} s so far")
-    chosen = val if val is not None else test  # what best.pt and --patience follow
-    if chosen.accuracy > (progress.best_accuracy or 0.0):
-        progress.best_accuracy, progress.stale_tests = chosen.accuracy, 0
-        _save(run, run.run_dir / "best.pt")
-    else:
-        progress.stale_tests += 1
-    if run.on_test is not None:
-        total = schedule_length(config, len(run.train_batches)).steps
-        run.on_test(chosen.accuracy, progress.step, epoch, progress.step >= total)
-    return test, val
-
-
-def _train_measures(run: Run) -> tuple[float, float]:
-    """This epoch's mean training loss and accuracy so far, over the batches of every rank."""
-    progress, world = run.progress, run.world
-    sums = distributed.all_sum(torch.stack([
-        progress.epoch_loss_sum.float(), progress.epoch_correct_sum.float(),
-        torch.tensor(float(progress.epoch_images), device=progress.epoch_loss_sum.device)]),
-        world).tolist()
-    # Each rank's loss is the mean over its equal share of a batch: their mean is the batch's.
-    return sums[0] / max(progress.batch * world.size, 1), sums[1] / max(sums[2], 1)
-
-
-def _evaluate(run: Run, batches) -> Evaluation:
-    """Score the tested weights on `batches`; in a distributed run each rank scores its part
-    of the images and the sums are added up, so every rank gets the same, whole result."""
-    config, world = run.config, run.world
-    if not world.distributed:
-        return evaluate_model(run.tested_model, batches, channels_last=config.channels_last)
-    distributed.same_buffers(run.tested_model, world)  # every rank tests rank 0's weights
-    run.tested_model.eval()
-    loss_sum, correct, total = test_sums(run.tested_model, batches,
-                                         channels_last=config.channels_last)
-    sums = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(
-        float(total), dtype=torch.float64, device=loss_sum.device)]), world)
-    return to_evaluation(sums[0], sums[1], int(sums[2].item()))
-
-
-def _signalled(run: Run, stop: StopSignals, now: bool = True) -> bool:
-    """Whether a SIGINT/SIGTERM asks the run to stop. A single process looks after every
-    step. The ranks of a distributed run must all stop after the same step, so they agree on
-    it (one tiny all-reduce) where they already wait for each other: at each log line
-    (`now`) and between epochs."""
-    if run.world.distributed:
-        if not now:
-            return False
-        stop.signum = distributed.agree_on_signal(stop.signum, run.world, run.device)
-    return stop.signum is not None
-
-
-def _reached(run: Run, result: Evaluation | None) -> bool:
-    target = run.config.target_accuracy
-    if target is None or result is None or result.accuracy < target:
-        return False
-    if run.progress.target_seconds is None:
-        run.progress.target_seconds = run.progress.seconds
-    return True
+def _start_tensorboard(run: Run) -> None:
+    run.log.start_tensorboard(run.progress.step)
+    x, _ = next(iter(run.test_batches.batches()))  # the test set's first images, unshuffled
+    spec = run.spec
+    run.log.images("test images", (x[:64].float().cpu() * spec.std + spec.mean).clamp(0, 1),
+                   run.progress.step)
 
 
 def warm_up(run: Run) -> float:
@@ -927,133 +1076,11 @@ def warm_up(run: Run) -> float:
     return time.perf_counter() - start
 
 
-def _rate(run: Run) -> float:
-    """The current learning rate, as a number (with --cuda-graph it lives on the device)."""
-    return float(run.optimizer.param_groups[0]["lr"])
-
-
-def _layout(run: Run, x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if run.config.channels_last else x
-
-
-def _stop(run: Run, stop: StopSignals) -> None:
-    """Save where the run stands and leave with 128 + the signal's number."""
-    progress = run.progress
-    _save(run, run.last_path)
-    run.log.print(f"stopped by {stop.name} at epoch {progress.epoch}, batch {progress.batch}; "
-                  f"saved {run.last_path}")
-    run.log.close()
-    raise Stopped(f"{stop.name} at epoch {progress.epoch}, batch {progress.batch} (step "
-                  f"{progress.step}); checkpoint saved; resume with: "
-                  f"{'the same torchrun command and ' if run.world.distributed else ''}"
-                  f"torchmnist train --resume {run.last_path}", stop.signum)
-
-
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on one batch, as the guide teaches it: zero_grad, forward, loss,
-    backward, step (plus the recipe's augmentation, precision and average). Returns the loss
-    and how many of the batch the model got right, as tensors on the device: nothing here
-    waits for the device, so with --cuda-graph this very function is captured and replayed."""
-    config, optimizer = run.config, run.optimizer
-    x = _layout(run, augment(x, config.augment, run.background))
-    optimizer.zero_grad(set_to_none=True)
-    with devices.autocast(run.device, config.amp):
-        output = run.forward(x).float()  # (B, classes) log-probabilities
-    if config.label_smoothing:
-        # cross_entropy applies log_softmax itself, and log_softmax of log-probabilities is
-        # the same log-probabilities (they already sum to one in probability): so on the
-        # model's output it is nll_loss with smoothing, not a softmax taken twice.
-        loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
-    else:
-        loss = F.nll_loss(output, y)
-    run.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
-    run.scaler.step(optimizer)
-    run.scaler.update()
-    if run.ema is not None:
-        update_average(run.ema, run.model, config.ema)
-    correct = (output.detach().argmax(1) == y).sum()
-    return loss.detach(), correct
-
-
-@torch.no_grad()
-def update_average(average: AveragedModel, model: nn.Module, decay: float) -> None:
-    """What `average.update_parameters(model)` does with an EMA, without its host-side test of
-    `n_averaged` (a wait for the device every step, which a CUDA graph cannot hold): the first
-    update copies the weights and buffers, each later one moves them `1 - decay` of the way."""
-    first = average.n_averaged == 0  # a tensor on the device, not a Python bool
-    weight = torch.where(first, 1.0, 1.0 - decay)  # lerp by 1 is an exact copy
-    kept = itertools.chain(average.module.parameters(), average.module.buffers())
-    current = itertools.chain(model.parameters(), model.buffers())
-    for average_value, value in zip(kept, current, strict=True):
-        if average_value.is_floating_point():
-            average_value.lerp_(value, weight)
-        else:  # BatchNorm's batch counter, averaged as AveragedModel averages integers
-            average_value.copy_(torch.where(first, value, average_value * decay
-                                            + value * (1 - decay)))
-    average.n_averaged += 1
-
-
-def _log_window(run: Run, epoch: int, total: int, mark: float) -> float:
-    """The logging branch: the mean loss since the last log line (the one place a training
-    step waits for the device), as a metric and a line. Returns the new time mark."""
-    progress, world = run.progress, run.world
-    window_loss = (distributed.all_sum(progress.window_loss_sum, world).item()
-                   / (progress.window_batches * world.size))
-    if not math.isfinite(window_loss):
-        _check_finite(run)  # raises
-    now = time.perf_counter()
-    progress.seconds += now - mark
-    run.log.metric({"kind": "train", "epoch": epoch, "step": progress.step,
-                    "batch": progress.batch, "train_loss": window_loss, "test_loss": None,
-                    "test_accuracy": None, "seconds": round(progress.seconds, 3),
-                    "lr": _rate(run)})
-    run.log.step_line(f"epoch {epoch} [{progress.batch}/{total}] loss {window_loss:.4f}",
-                      postfix=f"loss {window_loss:.4f}")
-    progress.window_loss_sum.zero_()
-    progress.window_batches = 0
-    return now
-
-
-def _train_epoch(run: Run, epoch: int, stop: StopSignals, test_every: int = 0,
-                 ) -> tuple[Evaluation | None, Evaluation | None] | None:
-    """Train one epoch from `progress.batch` on. With `test_every` steps, test as it goes and
-    return the test that reached --target-accuracy, if one did (the epoch then ends early)."""
-    config, progress, log = run.config, run.progress, run.log
-    run.epoch_began = progress.seconds
-    run.model.train()  # dropout on, BatchNorm uses batch statistics
-    total = run.epoch_steps(epoch)
-    log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{run.epochs}")
-    mark, hit = time.perf_counter(), None
-    # With --cuda-graph, the same train_step replayed from its captured kernels.
-    step = run.graphed_step or functools.partial(train_step, run)
-    batches = run.train_batches.batches(epoch, start=progress.batch)
-    for x, y in itertools.islice(batches, total - progress.batch):  # x: (B, 1, 28, 28)
-        loss, correct = step(x, y)
-        # One-cycle sets the rate of the next step; after the run's last step there is none
-        # (its line would run on below zero), so the rate logged last is the one last used.
-        if (config.scheduler == "onecycle"
-                and run.scheduler.last_epoch + 1 < run.scheduler.total_steps):
-            run.scheduler.step()
-        progress.count(loss, correct, len(y))
-        log.advance_bar()
-        last_batch = progress.batch == total
-
-        logging = progress.batch % config.log_interval == 0 or last_batch
-        if logging:
-            mark = _log_window(run, epoch, total, mark)  # the one wait for the device
-        if test_every and progress.step % test_every == 0 and not last_batch:
-            progress.seconds += time.perf_counter() - mark
-            test, val = _test(run, epoch)  # adds its own time
-            mark = time.perf_counter()
-            run.model.train()
-            if _reached(run, test):
-                hit = test, val
-                break
-        if config.save_interval and progress.batch % config.save_interval == 0 and not last_batch:
-            _save(run, run.last_path)  # the end of the epoch is saved after testing
-        if _signalled(run, stop, now=logging):
-            break  # the caller saves and stops (after testing, if the epoch is complete)
-    progress.seconds += time.perf_counter() - mark
-    log.close_bar()
-    return hit
+def _replace(config: TrainConfig, **changes) -> TrainConfig:
+    """dataclasses.replace that keeps what the config was given from Python (your own model
+    instance and data), which a copy would otherwise lose."""
+    new = dataclasses.replace(config, **changes)
+    for key in ("network", "own_data"):
+        if key in config.__dict__:
+            new.__dict__[key] = config.__dict__[key]
+    return new
