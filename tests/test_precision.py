@@ -188,6 +188,12 @@ def test_a_run_on_a_crowded_cpu_says_what_its_threads_cost(monkeypatch, capsys):
     assert devices.crowding_note(torch.device("cuda"), threads=None) is None
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert devices.crowding_note(CPU, threads=None) is None
+    # A run says it among its first lines.
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    code, out, err = run_main(["train", "--dry-run", "--run-dir", "r", "--device", "cpu"],
+                              capsys)
+    assert code == 0, err
+    assert note in out.splitlines()[:6]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")

@@ -86,6 +86,20 @@ def test_an_output_folder_that_cannot_be_made_is_one_usage_sentence(command, fla
     assert Path("notes.txt").read_text() == "n\n"
 
 
+def test_a_folder_is_a_run_by_its_marker_alone(tmp_path, capsys):
+    # A checkpoint in a folder does not make it a run: without the marker, a resume there
+    # is refused and nothing in the folder changes.
+    assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
+    (tmp_path / "r" / rundir.MARKER).unlink()
+    assert not rundir.is_run(tmp_path / "r")
+    before = _snapshot(tmp_path / "r")
+    code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
+    assert code == 2
+    assert_one_sentence_error(err, "is not a torchmnist run folder", rundir.MARKER,
+                              "nothing in it was changed")
+    assert _snapshot(tmp_path / "r") == before
+
+
 def test_a_new_or_empty_folder_becomes_a_marked_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for name in ("empty", "new/deeper"):

@@ -34,6 +34,7 @@ from torchmnist.training import setup, train, train_step, warm_up
 def environment(device: torch.device) -> dict:
     from torchmnist import __version__
 
+    # The host's CPU even when the numbers are a GPU's; bf16 is the measured device's.
     cpu = {"cpu": devices.cpu_name(), "cpu_extensions": devices.cpu_extensions(),
            "bf16": "native" if devices.bf16_native(device) else "emulated"}
     return {"hardware": devices.describe(device), "torch": str(torch.__version__),

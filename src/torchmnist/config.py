@@ -344,7 +344,8 @@ RECIPES["fast-gpu"] = {**RECIPES["fast"], "lr": 0.4, "batch_size": 512, "epochs"
 # Where a recipe's values depend on the CPU it trains on. Without native bf16 (AVX2 CPUs) the
 # fast recipe trains in fp32, where FastNet's 16-channel first layer costs more than it gives:
 # 8 channels at batch 128 train 1.6 times as many images a second, and 0.85 epochs at rate
-# 0.3 average 99.03% over 10 seeds (docs/benchmarks.md, "The fast recipe without native bf16").
+# 0.3 average 99.03% over 10 seeds (docs/benchmarks.md, "The fast recipe on CPUs without
+# native bf16").
 CPU_FP32_RECIPES: dict[str, dict[str, Any]] = {
     "fast": {"model": "fast-narrow", "batch_size": 128, "lr": 0.3, "epochs": 0.85},
 }

@@ -42,7 +42,6 @@ def prepare_environment(*, cuda_launch_blocking: bool, deterministic: bool,
         torch.set_num_threads(threads)
 
 
-
 def resolve_device(name: str | torch.device) -> torch.device:
     """Turn --device auto|cpu|cuda|mps into a torch.device, or explain why it is unavailable.
     From Python, `cuda:N` and a torch.device are taken too."""
@@ -296,9 +295,12 @@ def crowding_note(device: torch.device, threads: int | None) -> str | None:
     if device.type != "cpu" or threads is not None or "OMP_NUM_THREADS" in os.environ:
         return None
     busy = busy_cores()
-    free = (os.cpu_count() or 1) - (busy or 0)
-    if busy is None or torch.get_num_threads() <= max(1, round(free)):
+    if busy is None:
         return None
-    return (f"note: other work keeps {busy:.1f} of {counted(os.cpu_count() or 1, 'core')} busy, "
-            f"and torch runs {counted(torch.get_num_threads(), 'thread')}: that can take several "
-            f"times as long as --threads {max(1, round(free))}, which runs beside it")
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    free = max(1, round(cores - busy))  # the threads that would run beside that work
+    if threads <= free:
+        return None
+    return (f"note: other work keeps {busy:.1f} of {counted(cores, 'core')} busy, and torch "
+            f"runs {counted(threads, 'thread')}: that can take several times as long as "
+            f"--threads {free}, which runs beside it")
