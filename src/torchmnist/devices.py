@@ -237,7 +237,7 @@ def bf16_native(device: torch.device) -> bool:
     On a CPU that takes the instructions (AVX512-BF16 or AMX on x86, BF16 on Arm) and kernels
     that use them: oneDNN's (which ONEDNN_MAX_CPU_ISA may cap) and torch's AVX-512 or SVE ones
     (which ATEN_CPU_CAPABILITY may cap). Elsewhere torch emulates bf16 in fp32 arithmetic with
-    conversions around it: the fast recipe's steps took 5 to 9 times as long as in fp32
+    conversions around it: the fast recipe's steps took 6 to 9 times as long as in fp32
     (docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
