@@ -27,8 +27,10 @@ from pathlib import Path
 import peer_fast_mnist
 import torch
 
-from torchmnist import bench, data, devices
+from torchmnist import data
+from torchmnist.commands import bench
 from torchmnist.config import TrainConfig, coerce
+from torchmnist.runtime import devices
 from torchmnist.training import train
 
 

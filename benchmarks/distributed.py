@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from torchmnist import bench, devices
+from torchmnist.commands import bench
+from torchmnist.runtime import devices
 
 
 def run(command: list[str], env: dict) -> tuple[dict, float]:

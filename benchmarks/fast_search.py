@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist.augment import TTA_SHIFTS, shift
+from torchmnist.data.augment import TTA_SHIFTS, shift
 
 
 class Candidate(nn.Module):

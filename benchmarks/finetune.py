@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torchmnist
-from torchmnist import bench, devices
+from torchmnist.commands import bench
+from torchmnist.runtime import devices
 
 FEATURES = "conv1,bn1,conv2,bn2"  # the fast network's convolutional part
 

@@ -16,8 +16,10 @@ import json
 import statistics
 import sys
 
-from torchmnist import bench, data, devices
+from torchmnist import data
+from torchmnist.commands import bench
 from torchmnist.config import resolve
+from torchmnist.runtime import devices
 
 # label -> values over the fast-gpu recipe; the test runs about 8 times an epoch.
 VARIANTS = {

@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 
 import torchmnist
-from torchmnist import bench, data, devices
+from torchmnist import data
+from torchmnist.commands import bench
+from torchmnist.runtime import devices
 
 
 def write_folder(digits: data.DigitData, root: Path) -> None:

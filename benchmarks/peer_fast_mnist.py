@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmnist import bench, data, devices
+from torchmnist import data
+from torchmnist.commands import bench
+from torchmnist.runtime import devices
 
 
 class PeerNet(nn.Module):

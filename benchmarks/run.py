@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from torchmnist import bench
+from torchmnist.commands import bench
 from torchmnist.config import resolve
 
 ALL_LOADERS = [("tensor", 0), ("premade", 0), ("dataloader", 0), ("dataloader", 2),

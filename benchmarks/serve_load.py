@@ -26,7 +26,7 @@ import urllib.request
 import torch
 from PIL import Image, ImageDraw
 
-from torchmnist import bench
+from torchmnist.commands import bench
 
 
 def digit_png() -> bytes:

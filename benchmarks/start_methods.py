@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from torchmnist import bench, data
+from torchmnist import data
+from torchmnist.commands import bench
 
 
 def measure(method: str, data_dir: str | None, workers: int, batches: int) -> dict:

@@ -3,7 +3,7 @@
     pip install onnxruntime numpy pillow   # and torchmnist, for its preprocess module
     python examples/onnx_predict.py runs/.../last.onnx my_digit.jpg another.png
 
-Only onnxruntime, NumPy and Pillow run here: `torchmnist.preprocess` needs no torch, and the
+Only onnxruntime, NumPy and Pillow run here: `torchmnist.data.preprocess` needs no torch, and the
 model file carries its own normalisation and class names as metadata. Prints one JSON object
 per image, as `torchmnist predict --json` does.
 """
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import onnxruntime
 
-from torchmnist.preprocess import ImageError, normalise, prepare
+from torchmnist.data.preprocess import ImageError, normalise, prepare
 
 
 def main(model_path: str, images: list[str]) -> int:

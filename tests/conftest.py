@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchmnist import cli, config, data, devices
+from torchmnist import config
+from torchmnist.commands import cli
+from torchmnist.data import datasets
+from torchmnist.runtime import devices
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
@@ -69,7 +72,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TORCHMNIST_DATA_DIR", raising=False)
     monkeypatch.setenv("TORCHMNIST_CACHE_DIR", str(tmp_path / "cache"))  # decoded image folders
-    monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", tmp_path / "no-system-datasets")
+    monkeypatch.setattr(datasets, "SYSTEM_DATASETS_DIR", tmp_path / "no-system-datasets")
     # A recipe's values for CPUs without native bf16 (config.CPU_FP32_RECIPES) are taken where
     # the CPU lacks it; here every machine gets the same values, so that the tests expect the
     # same models and schedules on any CI machine. What the run trains in (--amp auto) is

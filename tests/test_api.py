@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 import torchmnist
-from torchmnist import checkpoint
+from torchmnist.storage import checkpoint
 
 
 def _ring(size: int = 120) -> np.ndarray:

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import assert_one_sentence_error, read_metrics, run_main
 
-from torchmnist import checkpoint, exporting, models
+from torchmnist import models
+from torchmnist.commands import exporting
+from torchmnist.storage import checkpoint
 from torchmnist.trained import load_model
 
 

@@ -23,7 +23,8 @@ from conftest import (
 )
 
 import torchmnist
-from torchmnist import cli, config
+from torchmnist import config
+from torchmnist.commands import cli
 from torchmnist.errors import UsageError
 
 
@@ -134,7 +135,7 @@ def test_no_cuda_means_cpu():
     # Both once ended in a traceback from numpy's SeedSequence, or a segmentation fault.
     (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, not -1"),
     (["--seed", str(2**63)], f"--seed must be from 0 to 2**63 - 1, not {2**63}"),
-    (["--threads", "100000"], "--threads must be at most 1024, not 100000"),
+    (["--threads", "100000"], "--threads must be from 1 to 1024, not 100000"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_flags_exit_2_with_one_sentence(flags, fragment, capsys):
@@ -261,7 +262,7 @@ def test_environment_switches_reach_torch(tmp_path):
     # Run in a fresh process: these switches are process-wide.
     script = (
         "import os, torch\n"
-        "from torchmnist import cli\n"
+        "from torchmnist.commands import cli\n"
         "assert cli.main(['train', '--dry-run', '--deterministic', '--threads', '1',"
         " '--cuda-launch-blocking', '--run-dir', 'r']) == 0\n"
         "print(torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),"

@@ -15,8 +15,10 @@ import pytest
 from conftest import assert_one_sentence_error, last_json, run_main
 
 import torchmnist
-from torchmnist import cli, config, rundir
+from torchmnist import config
+from torchmnist.commands import cli
 from torchmnist.errors import UsageError
+from torchmnist.storage import rundir
 
 
 def test_a_recipe_named_in_python_applies_as_on_the_cli():
@@ -46,8 +48,7 @@ def test_a_dry_run_is_one_epoch_in_python_too():
     ({"nesterov": "yes"}, "nesterov must be true or false, not 'yes'"),
     # Checked here, where nothing runs: training once forked until memory ran out, and the
     # kernel killed other processes to make room.
-    ({"loader": "dataloader", "num_workers": 100_000}, "--num-workers must be at most 64, not "
-                                                       "100000"),
+    ({"loader": "dataloader", "num_workers": 100_000}, "--num-workers must be from 0 to 64"),
     # `--resume "$CKPT"` with CKPT unset started a fresh run, and `--init-from ""` trained from
     # scratch, without a word.
     ({"resume": ""}, "--resume was given an empty path: name a checkpoint or a run folder (or "
@@ -313,7 +314,7 @@ def test_version_and_help_answer_without_importing_torch(args):
     """`import torchmnist` imported torch (about 1.7 s) for every command, --version and
     --help included; the calls that need it are now imported when first used."""
     done = _fresh_python("import sys\n"
-                         "from torchmnist import cli\n"
+                         "from torchmnist.commands import cli\n"
                          "try:\n"
                          f"    cli.main({args!r})\n"
                          "except SystemExit as stop:\n"
@@ -342,7 +343,8 @@ def test_the_best_recipe_chooses_on_a_validation_split():
 
 
 def test_the_lists_that_must_agree_do():
-    from torchmnist import data, models, preprocess
+    from torchmnist import data, models
+    from torchmnist.data import preprocess
 
     assert tuple(models.MODELS) == config.MODELS
     assert tuple(data.DATASETS) == config.DATASETS
@@ -352,7 +354,7 @@ def test_the_lists_that_must_agree_do():
 
 
 def test_train_help_is_grouped_and_every_flag_has_help(capsys):
-    from torchmnist import cli
+    from torchmnist.commands import cli
 
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

@@ -24,6 +24,7 @@ from conftest import (
 
 from torchmnist import data
 from torchmnist.config import TrainConfig
+from torchmnist.data import datasets, loaders
 from torchmnist.errors import UsageError
 from torchmnist.training import train
 
@@ -42,7 +43,7 @@ def test_reads_plain_and_gzipped_files(tmp_path):
 def test_system_dataset_folder_is_searched(tmp_path, monkeypatch):
     system = tmp_path / "usr-share-datasets"
     make_dataset_files(system / "fashion-mnist", compress=True)  # as Debian's package has it
-    monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", system)
+    monkeypatch.setattr(datasets, "SYSTEM_DATASETS_DIR", system)
     digits = data.load("fashion-mnist", tmp_path / "empty-root", download=False)
     assert len(digits.train) == 256
     assert digits.source == str(system / "fashion-mnist")
@@ -91,7 +92,7 @@ def test_a_dataset_file_that_is_not_a_file_is_named_not_missing(kind, tmp_path, 
     images.unlink()
     {"pipe": os.mkfifo, "device": lambda p: p.symlink_to("/dev/zero"),
      "folder": lambda p: p.mkdir()}[kind](images)
-    monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("a download was tried"))
+    monkeypatch.setattr(datasets, "_download", lambda *a: pytest.fail("a download was tried"))
     code, _, err = run_main(["train", "--data-dir", str(tmp_path / "d"), "--run-dir", "r"],
                             capsys)
     assert code == 2
@@ -265,9 +266,9 @@ def test_spawned_workers_get_shared_tensors_or_numpy_copies_where_shared_memory_
     64 MiB /dev/shm). Either way the worker's samples are the parent's."""
     from multiprocessing.reduction import ForkingPickler
 
-    monkeypatch.setattr(data, "_shared_memory_holds", lambda size: room)
+    monkeypatch.setattr(loaders, "_shared_memory_holds", lambda size: room)
     digits = data.synthetic(n_train=100, n_test=10)
-    dataset = data._PILDigits(digits.train, digits.spec)
+    dataset = loaders._PILDigits(digits.train, digits.spec)
     sent = ForkingPickler.loads(ForkingPickler.dumps(dataset))
     assert (sent.split is not None) == room
     assert (sent._arrays is None) == room
@@ -316,11 +317,11 @@ class _ThreeClasses(torch.nn.Module):
 
 
 def test_a_model_refused_before_training_has_started_no_loader_workers(tmp_path):
-    config = TrainConfig(model=_ThreeClasses(), dry_run=True, loader="dataloader",
+    config = TrainConfig(dry_run=True, loader="dataloader",
                          num_workers=2, device="cpu", quiet=True, run_dir=str(tmp_path / "r"))
     before = set(multiprocessing.active_children())
     with pytest.raises(UsageError, match=r"must return \(2, 10\) log-probabilities") as caught:
-        train(config)
+        train(config, model=_ThreeClasses())
     # Its traceback, still held here, holds setup's loaders: none has started its workers.
     assert caught.value.__traceback__ is not None
     assert set(multiprocessing.active_children()) - before == set()

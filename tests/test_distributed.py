@@ -24,7 +24,8 @@ import pytest
 import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
-from torchmnist import data, distributed
+from torchmnist import data
+from torchmnist.runtime import distributed
 
 TINY_NET = '''
 import torch
@@ -215,7 +216,7 @@ import sys
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from torchmnist.cli import main
+from torchmnist.commands.cli import main
 
 leave = dist.destroy_process_group
 

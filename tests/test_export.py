@@ -22,10 +22,10 @@ from conftest import (
 from PIL import Image
 
 from torchmnist import models
-from torchmnist.prediction import predict
+from torchmnist.commands.prediction import predict
 
 ROOT = Path(__file__).resolve().parents[1]
-from torchmnist import exporting  # noqa: E402
+from torchmnist.commands import exporting  # noqa: E402
 
 
 @pytest.fixture

@@ -18,12 +18,8 @@ from conftest import read_metrics, run_main
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import torchmnist
-from torchmnist import (
-    devices,
-    graphs,
-    models,
-    training,  # noqa: E402
-)
+from torchmnist import models, setup, training  # noqa: E402
+from torchmnist.runtime import devices, graphs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -50,16 +46,16 @@ def test_graph_safe_average_equals_averaged_model_bit_for_bit():
     assert int(ours.n_averaged) == 5
 
 
-def _setup(tmp_path: Path, **values) -> training.Run:
+def _setup(tmp_path: Path, **values) -> setup.Run:
     config = torchmnist.TrainConfig.for_recipe(
         values.pop("recipe", "fast"), dry_run=True, device="cpu", run_dir=str(tmp_path),
         **values)
     with contextlib.redirect_stdout(io.StringIO()):
-        run, _ = training.setup(config)
+        run = setup.build(config)
     return run
 
 
-def _state(run: training.Run) -> dict[str, torch.Tensor]:
+def _state(run: setup.Run) -> dict[str, torch.Tensor]:
     state = {f"model.{k}": v.clone() for k, v in run.model.state_dict().items()}
     if run.ema is not None:
         state.update({f"ema.{k}": v.clone() for k, v in run.ema.state_dict().items()})
@@ -188,7 +184,7 @@ def test_the_graphed_test_pass_scores_as_the_eager_one(tmp_path):
                                                cuda_graph=True, run_dir=str(tmp_path),
                                                amp="bf16")
     with contextlib.redirect_stdout(io.StringIO()):
-        run, _ = training.setup(config)
+        run = setup.build(config)
     with run:  # closed however the test ends: an open log would warn in a later test
         with contextlib.redirect_stdout(io.StringIO()):
             training.warm_up(run)

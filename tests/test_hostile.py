@@ -21,9 +21,10 @@ import torch
 from conftest import assert_one_sentence_error, make_dataset_files, run_main, write_idx
 from PIL import Image
 
-from torchmnist import checkpoint, data, models
 from torchmnist import config as cfg
+from torchmnist import data, models
 from torchmnist.errors import UsageError
+from torchmnist.storage import checkpoint
 from torchmnist.trained import load_model
 
 
@@ -455,7 +456,7 @@ def test_a_damaged_schedule_or_weight_average_is_named_before_training(change, p
 ], ids=["guide", "official", "fast", "best", "adam-onecycle", "adamw-step"])
 def test_every_optimisers_saved_state_passes_its_own_check(settings):
     """The kinds compared are those each optimiser and schedule really save."""
-    from torchmnist.training import build_optimizer, build_scheduler
+    from torchmnist.setup import build_optimizer, build_scheduler
 
     config = cfg.TrainConfig(**settings)
     model = models.build(config.model)
@@ -737,7 +738,7 @@ def test_a_large_photo_is_reduced_while_read_and_stays_small_in_memory(weights_f
     # The peak resident memory of this process image alone: VmHWM (ru_maxrss would carry over
     # the memory of the pytest process it was forked from).
     script = ("import json, re\n"
-              "from torchmnist.prediction import predict\n"
+              "from torchmnist.commands.prediction import predict\n"
               f"result = predict({str(weights_file)!r}, ['photo.png'], device='cpu')[0]\n"
               "status = open('/proc/self/status').read()\n"
               "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) * 1024\n"

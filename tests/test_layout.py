@@ -1,30 +1,58 @@
-"""The package's shape: no module imports, at the top or inside a function, one that leads
-back to it."""
+"""The package's shape: no import circle; the lower layers (storage, data, runtime, models,
+config) never import the higher ones (setup, training, commands); and a module imports
+torchmnist's own modules at its top, where a reader sees the arrows, except where laziness is
+the point (the commands' code waits until a command runs, so that --help needs no torch)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torchmnist"
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "torchmnist"
+HIGHER = ("torchmnist.setup", "torchmnist.training", "torchmnist.commands")
+LOWER = ("torchmnist.storage", "torchmnist.data", "torchmnist.runtime", "torchmnist.models",
+         "torchmnist.config", "torchmnist.errors")
+# Function-local imports of torchmnist's modules, each for a reason: the CLI imports a
+# command's code when the command runs; sweep.py and config.py are read by --help, and import
+# what needs torch when it is used.
+LAZY = {"torchmnist.commands.cli": None,
+        "torchmnist.commands.sweep": {"torchmnist.setup", "torchmnist.training"},
+        "torchmnist.config": {"torchmnist.runtime.devices"}}
 
 
-def _imports() -> dict[str, set[str]]:
-    """Each module's torchmnist modules, wherever in the module they are imported."""
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
+def _name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def _imported(node: ast.AST) -> set[str]:
+    """The torchmnist modules an import statement names."""
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchmnist"):
+        found = set()
+        for alias in node.names:  # from torchmnist.data import datasets: the module itself
+            module = f"{node.module}.{alias.name}"
+            found.add(module if module in MODULES else node.module)
+        return found
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.startswith("torchmnist")}
+    return set()
+
+
+def _imports(local: bool = False) -> dict[str, set[str]]:
+    """Each module's torchmnist modules: all of them, or those imported inside a function."""
     found: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchmnist"):
-                if "." in node.module:
-                    names.add(node.module.split(".")[1])
-                else:  # from torchmnist import data, devices
-                    names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[1] for alias in node.names
-                             if alias.name.startswith("torchmnist."))
-        found[path.stem] = names & modules - {path.stem}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        nodes = ast.walk(tree)
+        if local:
+            nodes = (inner for outer in ast.walk(tree)
+                     if isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef)
+                     for inner in ast.walk(outer))
+        found[name] = set().union(*map(_imported, nodes)) - {name, "torchmnist"}
     return found
 
 
@@ -53,8 +81,24 @@ def _circle(imports: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_module_imports_its_way_back_to_itself():
     imports = _imports()
-    assert {"training", "checkpoint", "data", "config"} <= set(imports)  # read the package
+    assert {"torchmnist.training", "torchmnist.storage.checkpoint",
+            "torchmnist.data.loaders"} <= set(imports)  # the package was read
     assert _circle(imports) is None, " -> ".join(_circle(imports))
+
+
+def test_lower_layers_never_import_higher_ones():
+    upward = {module: sorted(i for i in imported if i.startswith(HIGHER))
+              for module, imported in _imports().items() if module.startswith(LOWER)}
+    assert {m: i for m, i in upward.items() if i} == {}
+
+
+def test_own_modules_are_imported_at_the_top_except_where_laziness_is_the_point():
+    hidden = {module: imported for module, imported in _imports(local=True).items()
+              if imported and module not in LAZY}
+    assert hidden == {}
+    for module, allowed in LAZY.items():
+        if allowed is not None:
+            assert _imports(local=True)[module] <= allowed
 
 
 def test_the_circle_finder_finds_one():

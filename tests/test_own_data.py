@@ -20,7 +20,8 @@ from conftest import assert_one_sentence_error, last_json, run_main
 from PIL import Image
 
 import torchmnist
-from torchmnist import checkpoint, data
+from torchmnist import data
+from torchmnist.storage import checkpoint
 from torchmnist.trained import load_model
 
 NAMES = ("zero", "one", "two", "three")  # the first four synthetic classes, as folder names
@@ -37,9 +38,9 @@ def _bars(n_train: int = 600, n_test: int = 200, seed: int = 3, classes: int = 4
     return keep(made.train), keep(made.test)
 
 
-def _train(config: torchmnist.TrainConfig):
+def _train(config: torchmnist.TrainConfig, own: torchmnist.OwnData | None = None):
     with contextlib.redirect_stdout(io.StringIO()):
-        return torchmnist.train(config)
+        return torchmnist.train(config, data=own)
 
 
 def _folder(root: Path, size: int = 28, seed: int = 5) -> Path:
@@ -60,8 +61,8 @@ def _folder(root: Path, size: int = 28, seed: int = 5) -> Path:
 def test_own_tensors_train_a_model_with_their_own_classes(tmp_path):
     train, test = _bars()
     own = torchmnist.OwnData(train=train, test=test, classes=["a", "b", "c", "d"], name="bars")
-    result = _train(torchmnist.TrainConfig(dataset=own, epochs=2, lr=0.05,
-                                           run_dir=str(tmp_path / "run")))
+    result = _train(torchmnist.TrainConfig(epochs=2, lr=0.05,
+                                           run_dir=str(tmp_path / "run")), own)
     assert result["dataset"] == "own:bars"
     assert result.model.fc2.out_features == 4  # the guide's network, four outputs
     assert result["test_accuracy"] > 0.7  # chance is 25%
@@ -96,7 +97,7 @@ def test_float_images_and_a_dataset_of_pil_images_are_taken_as_well(tmp_path):
 
     floats = (test_x.unsqueeze(1).float() / 255, test_y)  # (N, 1, 28, 28) in [0, 1]
     own = torchmnist.OwnData(train=Pictures(), test=floats)
-    result = _train(torchmnist.TrainConfig(dataset=own, epochs=1, run_dir=str(tmp_path / "r")))
+    result = _train(torchmnist.TrainConfig(epochs=1, run_dir=str(tmp_path / "r")), own)
     assert result["dataset"] == "own:own"
     spec = load_model(tmp_path / "r").spec
     assert spec.classes == ("h0", "v1", "h2", "v3")  # the Dataset's own class names
@@ -116,10 +117,8 @@ def test_float_images_and_a_dataset_of_pil_images_are_taken_as_well(tmp_path):
 ])
 def test_own_data_that_cannot_work_is_refused_in_one_sentence(train, fragment):
     test = (torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
-    config = torchmnist.TrainConfig(dataset=torchmnist.OwnData(train=train, test=test),
-                                    epochs=1)
     with pytest.raises(torchmnist.UsageError, match=None) as caught:
-        _train(config)
+        _train(torchmnist.TrainConfig(epochs=1), torchmnist.OwnData(train=train, test=test))
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -129,7 +128,7 @@ def test_labels_beyond_the_named_classes_are_refused():
     own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=["a", "b", "c"])
     with pytest.raises(torchmnist.UsageError, match="the training labels must run from 0 to 2 "
                                                     "for 3 classes"):
-        _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+        _train(torchmnist.TrainConfig(epochs=1), own)
 
 
 @pytest.mark.parametrize(("classes", "fragment"), [
@@ -147,7 +146,7 @@ def test_class_names_that_cannot_be_told_apart_or_printed_are_refused(classes, f
     (train_x, train_y), test = _bars(100, 40)
     own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=classes)
     with pytest.raises(torchmnist.UsageError) as caught:
-        _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+        _train(torchmnist.TrainConfig(epochs=1), own)
     assert f"the classes of the own data cannot be used: {fragment}" in str(caught.value)
 
 
@@ -157,7 +156,7 @@ def test_any_name_makes_a_run_folder_inside_runs():
     (train_x, train_y), test = _bars(100, 40)
     for name in ("ü" * 300, "../../escape"):
         own = torchmnist.OwnData(train=(train_x, train_y), test=test, name=name)
-        result = _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+        result = _train(torchmnist.TrainConfig(epochs=1), own)
         folder = Path(result["run_dir"])
         assert folder.parent == Path("runs") and folder.is_dir()
         assert len(folder.name.encode()) <= 255
@@ -171,14 +170,14 @@ def test_a_test_class_the_training_labels_lack_is_refused():
     assert int(test_y.max()) >= 2
     own = torchmnist.OwnData(train=(train_x, train_y), test=(test_x, test_y))
     with pytest.raises(torchmnist.UsageError) as caught:
-        _train(torchmnist.TrainConfig(dataset=own, epochs=1))
+        _train(torchmnist.TrainConfig(epochs=1), own)
     assert str(caught.value).startswith("the test labels must run from 0 to 1 for 2 classes, "
                                         "not 0 to ")
     assert "OwnData(classes=...)" in str(caught.value)
     # Naming the classes says the training labels need not reach them all.
     named = torchmnist.OwnData(train=(train_x, train_y), test=(test_x, test_y),
                                classes=[str(k) for k in range(int(test_y.max()) + 1)])
-    assert _train(torchmnist.TrainConfig(dataset=named, epochs=1))["test_accuracy"] >= 0
+    assert _train(torchmnist.TrainConfig(epochs=1), named)["test_accuracy"] >= 0
 
 
 def test_dark_ink_on_white_paper_is_augmented_over_white(tmp_path, monkeypatch):
@@ -191,8 +190,8 @@ def test_dark_ink_on_white_paper_is_augmented_over_white(tmp_path, monkeypatch):
     real = training.augment
     monkeypatch.setattr(training, "augment", lambda x, kind, background: filled.add(
         background) or real(x, kind, background))
-    _train(torchmnist.TrainConfig(dataset=paper, epochs=1, augment="translate",
-                                  run_dir=str(tmp_path / "run")))
+    _train(torchmnist.TrainConfig(epochs=1, augment="translate",
+                                  run_dir=str(tmp_path / "run")), paper)
     spec = load_model(tmp_path / "run").spec
     assert spec.background == 1.0 and data.DATASETS["mnist"].background == 0.0
     assert filled == {(1.0 - spec.mean) / spec.std}  # white, normalised, not MNIST's black
@@ -209,20 +208,20 @@ def test_dark_ink_on_white_paper_is_augmented_over_white(tmp_path, monkeypatch):
 def test_a_run_on_own_data_resumes_only_on_the_same_data(tmp_path):
     train, test = _bars(300, 100)
     own = torchmnist.OwnData(train=train, test=test, name="bars")
-    _train(torchmnist.TrainConfig(dataset=own, epochs=1, run_dir=str(tmp_path / "r")))
+    _train(torchmnist.TrainConfig(epochs=1, run_dir=str(tmp_path / "r")), own)
     changed = train[0].clone()
     changed[0, 0, 0] ^= 1  # one pixel of one image
     other = torchmnist.OwnData(train=(changed, train[1]), test=test, name="bars")
     with pytest.raises(torchmnist.UsageError, match="differ from the ones this run was trained"):
-        _train(torchmnist.TrainConfig(dataset=other, epochs=2, resume=str(tmp_path / "r")))
-    resumed = _train(torchmnist.TrainConfig(dataset=own, epochs=2, resume=str(tmp_path / "r")))
+        _train(torchmnist.TrainConfig(epochs=2, resume=str(tmp_path / "r")), other)
+    resumed = _train(torchmnist.TrainConfig(epochs=2, resume=str(tmp_path / "r")), own)
     assert resumed["epochs"] == 2
 
 
 def test_the_command_line_cannot_resume_or_test_data_given_from_python(tmp_path, capsys):
     train, test = _bars(200, 60)
-    _train(torchmnist.TrainConfig(dataset=torchmnist.OwnData(train=train, test=test),
-                                  epochs=1, run_dir=str(tmp_path / "r")))
+    _train(torchmnist.TrainConfig(epochs=1, run_dir=str(tmp_path / "r")),
+           torchmnist.OwnData(train=train, test=test))
     for args in (["test", str(tmp_path / "r")], ["train", "--resume", str(tmp_path / "r"),
                                                   "--epochs", "2"]):
         code, _, err = run_main(args, capsys)
@@ -268,7 +267,7 @@ def test_an_image_folder_trains_tests_predicts_and_exports_alike(tmp_path, capsy
     assert code == 0, err
     predicted = json.loads(out.strip().splitlines()[-1])
     predicted = predicted[0] if isinstance(predicted, list) else predicted
-    from torchmnist import preprocess
+    from torchmnist.data import preprocess
 
     image = preprocess.as_stored(preprocess.read_grey(picture))
     x = torch.from_numpy(preprocess.normalise(image, spec.mean, spec.std))[None]
@@ -356,7 +355,7 @@ def test_an_image_folder_that_cannot_work_is_refused_in_one_sentence(layout, fra
 def test_dataset_names_are_checked_before_anything_runs():
     with pytest.raises(torchmnist.UsageError, match="folder:PATH for your own images"):
         torchmnist.TrainConfig(dataset="cifar10")
-    with pytest.raises(torchmnist.UsageError, match="must be a name, folder:PATH"):
+    with pytest.raises(torchmnist.UsageError, match="must be a name or folder:PATH"):
         torchmnist.TrainConfig(dataset=[1, 2])
 
 
@@ -384,7 +383,7 @@ def _settle(root: Path) -> None:
 
 def _reads(monkeypatch) -> list[Path]:
     """The image files decoded from now on."""
-    from torchmnist import preprocess
+    from torchmnist.data import preprocess
 
     decoded, read_grey = [], preprocess.read_grey
     monkeypatch.setattr(preprocess, "read_grey",

@@ -11,7 +11,8 @@ import torch
 from conftest import assert_one_sentence_error, last_json, run_main
 
 import torchmnist
-from torchmnist import checkpoint
+from torchmnist import setup
+from torchmnist.storage import checkpoint
 
 NETS = '''
 import torch.nn.functional as F
@@ -71,8 +72,8 @@ def test_an_instance_is_trained_as_given(nets):
     import mynets
 
     network = mynets.TinyNet()
-    result = torchmnist.train(torchmnist.TrainConfig(model=network, dry_run=True, quiet=True,
-                                                     run_dir="r", device="cpu"))
+    result = torchmnist.train(torchmnist.TrainConfig(dry_run=True, quiet=True, run_dir="r",
+                                                     device="cpu"), model=network)
     assert result.model is network
     assert result["model"] == "mynets:TinyNet"
 
@@ -133,13 +134,12 @@ def test_freeze_names_the_parameters_when_a_prefix_matches_none(capsys):
 def test_a_final_layer_for_another_number_of_classes_starts_afresh(tmp_path):
     from torch import nn
 
-    from torchmnist import training
     torch.manual_seed(0)
     ten = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     torch.save(ten.state_dict(), tmp_path / "ten.pt")
     five = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 5))
     fresh = five[2].weight.clone()
-    line = training._load_initial_weights(five, str(tmp_path / "ten.pt"))
+    line = setup._load_initial_weights(five, str(tmp_path / "ten.pt"))
     assert "except 2 (another number of classes), which starts afresh" in line
     assert torch.equal(five[0].weight, ten[0].weight)
     assert torch.equal(five[2].weight, fresh)

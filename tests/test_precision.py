@@ -18,8 +18,10 @@ import torch
 from conftest import last_json, run_main
 
 import torchmnist
-from torchmnist import checkpoint, config, devices
+from torchmnist import config
 from torchmnist.errors import UsageError
+from torchmnist.runtime import devices
+from torchmnist.storage import checkpoint
 
 # The real functions, taken before conftest's fixture puts stand-ins in their place for each
 # test (runs read neither in the suite).

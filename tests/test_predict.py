@@ -17,9 +17,8 @@ from everyday import STYLES, write
 from PIL import Image
 
 from torchmnist import data, models
-from torchmnist.errors import UsageError
-from torchmnist.prediction import expand, predict
-from torchmnist.preprocess import (
+from torchmnist.commands.prediction import expand, predict
+from torchmnist.data.preprocess import (
     ImageError,
     as_stored,
     ink_map,
@@ -28,6 +27,7 @@ from torchmnist.preprocess import (
     read_grey,
     to_28x28,
 )
+from torchmnist.errors import UsageError
 
 
 def _digit_like(size: int = 200, dark_on_light: bool = True) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from conftest import assert_one_sentence_error, read_metrics, run_main
 from PIL import Image
 
-from torchmnist import checkpoint
+from torchmnist.storage import checkpoint
 
 
 def _dry_run(capsys, *flags, run_dir="r"):
@@ -46,7 +46,7 @@ def test_report_draws_the_figures_and_ties_them_together(capsys):
 
 
 def test_report_curves_fit_the_run(capsys):
-    from torchmnist import reporting
+    from torchmnist.commands import reporting
 
     # A constant rate gets no panel of its own; the accuracy axis stays within the data and
     # never passes 100%, also for a run with one test.
@@ -129,7 +129,7 @@ def test_a_run_on_many_classes_gets_a_report_that_reads(capsys):
 
 
 def test_the_confusion_matrix_shows_counts_and_names_while_they_fit():
-    from torchmnist import reporting
+    from torchmnist.commands import reporting
 
     for n, counted, named in ((10, True, 10), (30, True, 30), (60, False, 30), (300, False, 50)):
         confusion = np.eye(n, dtype=np.int64) * 5 + 1

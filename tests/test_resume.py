@@ -23,8 +23,9 @@ from conftest import (
     start_until,
 )
 
-from torchmnist import checkpoint, models
-from torchmnist.signals import StopSignals
+from torchmnist import models
+from torchmnist.runtime.signals import StopSignals
+from torchmnist.storage import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_DRY_RUN = ["--dry-run", "--epochs", "30", "--save-interval", "3", "--log-interval", "4",

@@ -22,8 +22,8 @@ from conftest import (
     start_until,
 )
 
-from torchmnist import checkpoint, rundir
 from torchmnist.errors import UsageError
+from torchmnist.storage import checkpoint, rundir
 
 
 def _listing(folder: Path) -> dict[str, bytes]:
@@ -301,7 +301,7 @@ def test_a_log_that_cannot_be_written_is_named_and_the_checkpoints_kept(tmp_path
                                                                         monkeypatch):
     """A full disk while appending to train.log: one sentence naming the file, not a bare
     "No space left on device"."""
-    from torchmnist import runlog
+    from torchmnist.runtime import runlog
 
     assert run_main(["train", "--dry-run", "--run-dir", "r"], capsys)[0] == 0
     kept = _listing(tmp_path / "r")

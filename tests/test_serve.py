@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import torchmnist  # noqa: E402
-from torchmnist import serving  # noqa: E402
+from torchmnist.commands import serving  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
 

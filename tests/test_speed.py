@@ -17,8 +17,11 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 import torchmnist
-from torchmnist import bench, checkpoint, devices, models
-from torchmnist.augment import ERASE_MAX, MAX_SHIFT, affine, augment, erase, translate
+from torchmnist import models
+from torchmnist.commands import bench
+from torchmnist.data.augment import ERASE_MAX, MAX_SHIFT, affine, augment, erase, translate
+from torchmnist.runtime import devices
+from torchmnist.storage import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +106,7 @@ def test_eval_interval_in_epochs_skips_tests_but_not_the_last(capsys):
 @pytest.mark.parametrize("flags, fragment", [
     (["--eval-interval", "ten"], "--eval-interval must be a number of epochs"),
     (["--eval-interval", "0s"], "--eval-interval must be a number of epochs"),
-    (["--target-accuracy", "99"], "--target-accuracy is a fraction"),
+    (["--target-accuracy", "99"], "--target-accuracy must be a fraction"),
     (["--ema", "1.5"], "--ema must be at least 0 and below 1"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
 ])

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import TORCHMNIST, assert_one_sentence_error, run_main, start_until
 
-from torchmnist import config, sweep
+from torchmnist import config
+from torchmnist.commands import sweep
 
 pytest.importorskip("optuna")
 

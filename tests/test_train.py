@@ -12,8 +12,10 @@ import torch
 from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
 
 import torchmnist
-from torchmnist import checkpoint, devices, distributed, training
+from torchmnist import setup, training
 from torchmnist.errors import TrainingError
+from torchmnist.runtime import devices, distributed
+from torchmnist.storage import checkpoint
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -77,7 +79,7 @@ def test_the_step_counts_what_the_model_got_right_before_its_update(tmp_path):
     config = torchmnist.TrainConfig.for_recipe("fast", dry_run=True, device="cpu", amp="none",
                                                channels_last=False, run_dir=str(tmp_path / "r"),
                                                quiet=True)
-    run, _ = training.setup(config)
+    run = setup.build(config)
     try:
         for x, y in itertools.islice(run.train_batches.batches(1), 3):
             with torch.no_grad():
@@ -98,7 +100,7 @@ def test_closing_a_run_takes_every_step_even_when_one_fails(tmp_path, monkeypatc
     left = []
     monkeypatch.setattr(training.distributed, "finish", lambda: left.append(True))
     before = set(multiprocessing.active_children())
-    run, _ = training.setup(config)
+    run = setup.build(config)
     next(iter(run.train_batches.batches(1)))  # the workers are running
 
     def full_disk():

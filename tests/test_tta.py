@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from torchmnist import models
-from torchmnist.augment import TTA_SHIFTS, shift
+from torchmnist.commands.prediction import predict
+from torchmnist.data.augment import TTA_SHIFTS, shift
 from torchmnist.evaluation import evaluate, log_probabilities
-from torchmnist.prediction import predict
 
 
 def test_shift_moves_whole_pixels_and_fills_with_the_background():

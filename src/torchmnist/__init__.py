@@ -3,7 +3,7 @@
     import torchmnist
     result = torchmnist.train(torchmnist.TrainConfig(recipe="fast"))
     network = result.model  # the trained nn.Module; torchmnist.load(run_dir) gives it back
-    # your own images: TrainConfig(dataset=torchmnist.OwnData(train=(x, y), test=(x, y)))
+    # your own images: torchmnist.train(config, data=torchmnist.OwnData(train=(x, y), test=(x, y)))
     summary = torchmnist.evaluate(result["run_dir"])
     for p in torchmnist.predict(result["run_dir"], ["my_digit.jpg"]):
         print(p["file"], p["class"], p["probability"])
@@ -18,15 +18,15 @@ from torchmnist.errors import TorchMnistError, TrainingError, UsageError  # noqa
 
 # The calls that need torch are imported when first used, not with the package: importing
 # torch takes about 1.7 s, which `torchmnist --version` and `--help` need not wait for, and
-# without torch `torchmnist.preprocess` (NumPy and Pillow only) still works, for a program
+# without torch `torchmnist.data.preprocess` (NumPy and Pillow only) still works, for a program
 # that runs an exported ONNX model with onnxruntime.
 _LAZY = {
     "OwnData": ("torchmnist.data", "OwnData"),
     "evaluate": ("torchmnist.evaluation", "evaluate"),
-    "export": ("torchmnist.exporting", "export"),
+    "export": ("torchmnist.commands.exporting", "export"),
     "load": ("torchmnist.trained", "load_network"),
-    "predict": ("torchmnist.prediction", "predict"),
-    "report": ("torchmnist.reporting", "report"),
+    "predict": ("torchmnist.commands.prediction", "predict"),
+    "report": ("torchmnist.commands.reporting", "report"),
     "train": ("torchmnist.training", "train"),
 }
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from torchmnist.cli import main
+from torchmnist.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from torchmnist import rundir
 from torchmnist.errors import UsageError, is_utf8, printable
+from torchmnist.storage import rundir
 
 RECIPE_NAMES = ("guide", "official", "fast", "fast-gpu", "best")  # the keys of RECIPES
 DATASETS = ("mnist", "fashion-mnist", "kmnist")  # besides folder:PATH and own data
@@ -256,25 +256,21 @@ class TrainConfig:
                          "touches the data directory)", group="data", switch="flag")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dataset, str | _Unset):  # your own data (data.OwnData)
-            if not all(hasattr(self.dataset, a) for a in ("train", "test", "name")):
-                raise UsageError(f"dataset must be a name, folder:PATH or torchmnist.OwnData, "
-                                 f"not {type(self.dataset).__name__}")
-            # Trained as given; the config records its name, as it records a model's path.
-            self.__dict__["own_data"] = self.dataset
-            name = re.sub(r"[^\w.-]", "-", str(self.dataset.name)) or "own"
-            self.dataset = OWN_PREFIX + name
+        # Settings only: your own data and network objects go to torchmnist.train itself.
+        if not isinstance(self.dataset, str | _Unset):
+            raise UsageError(f"dataset must be a name or folder:PATH, not "
+                             f"{type(self.dataset).__name__}; your own data goes to train: "
+                             "torchmnist.train(config, data=OwnData(...))")
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if getattr(self, f.name) is not UNSET}
         for name, value in _recipe_values(given).items():
             setattr(self, name, value)
-        if not isinstance(self.model, str):  # your own network, as a class or an instance
-            network_class = self.model if isinstance(self.model, type) else type(self.model)
-            if not isinstance(self.model, type):
-                # Trained as given (not a fresh copy); a copy of this config made with
-                # dataclasses.replace builds a fresh one from the import path instead.
-                self.__dict__["network"] = self.model
-            self.model = f"{network_class.__module__}:{network_class.__qualname__}"
+        if isinstance(self.model, type):  # your own network's class: recorded by import path
+            self.model = f"{self.model.__module__}:{self.model.__qualname__}"
+        elif not isinstance(self.model, str):
+            raise UsageError(f"model must be a name, an import path or a class, not a "
+                             f"{type(self.model).__name__}; a network object goes to train: "
+                             "torchmnist.train(config, model=network)")
         # Values given from Python are checked as a config file's are: lr="abc" is named here
         # rather than failing as a TypeError wherever it is first compared.
         for f in dataclasses.fields(self):
@@ -410,7 +406,7 @@ def _on_cpu_without_bf16(device: Any) -> bool:
     """Whether --device `device` trains on a CPU that only emulates bf16 (devices.py decides)."""
     # Imported here, not at the top: this module stays free of torch so that `torchmnist
     # --help` answers at once, and only recipes with a CPU variant need to ask.
-    from torchmnist import devices
+    from torchmnist.runtime import devices
 
     try:
         chosen = devices.resolve_device(device)
@@ -477,6 +473,43 @@ def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> Tr
     return TrainConfig(**{**base, **explicit})
 
 
+MAX_THREADS = 1024  # far more than any machine's cores; tens of thousands crash OpenMP
+MAX_WORKERS = 64  # DataLoader processes, each a Python of its own; MNIST needs a few
+MAX_SEED = 2**63 - 1  # the range torch, numpy and SeedSequence all take
+MAX_SETTINGS_BYTES = 10 * 1024 * 1024  # --config and --space files
+PATH_FIELDS = ("run_dir", "data_dir", "resume", "init_from")  # "~" is the home folder in each
+
+# The one table of value checks: setting -> (test, what it must be). However a value arrives (a
+# flag, a config file, a checkpoint, Python), a failing one is named in one sentence:
+# "--lr must be positive, not -1". Types and choices come from each field's metadata.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("batch_size", "test_batch_size", "log_interval"),
+                    (lambda v: v >= 1, "be at least 1")),
+    **dict.fromkeys(("save_interval", "keep", "val_size", "patience", "momentum",
+                     "weight_decay"), (lambda v: v >= 0, "not be negative")),
+    **dict.fromkeys(("epochs", "lr", "gamma"), (lambda v: v > 0, "be positive")),
+    **dict.fromkeys(("warmup", "label_smoothing", "ema"),
+                    (lambda v: 0 <= v < 1, "be at least 0 and below 1")),
+    "threads": (lambda v: v is None or 1 <= v <= MAX_THREADS, f"be from 1 to {MAX_THREADS}"),
+    "num_workers": (lambda v: 0 <= v <= MAX_WORKERS, f"be from 0 to {MAX_WORKERS} (each worker "
+                    "is a process of its own)"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, "be from 0 to 2**63 - 1"),
+    "exit_threshold": (lambda v: 0 < v <= 1, "be above 0 and at most 1"),
+    "target_accuracy": (lambda v: v is None or 0 < v <= 1, "be a fraction in (0, 1], such as "
+                        "0.99"),
+}
+
+
+def check(name: str, value: Any) -> Any:
+    """`value` if it passes the table's check for setting `name`, else one sentence."""
+    if isinstance(value, float) and not math.isfinite(value):  # inf and nan pass comparisons
+        raise UsageError(f"--{_flag(name)} must be a finite number, not {value}")
+    test, what = CHECKS.get(name, (lambda v: True, ""))
+    if not test(value):
+        raise UsageError(f"--{_flag(name)} must {what}, not {_shown(value)}")
+    return value
+
+
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot work, with one sentence naming the setting."""
     if config.model not in MODELS and not _IMPORT_PATH.fullmatch(config.model):
@@ -488,90 +521,38 @@ def validate(config: TrainConfig) -> None:
             or dataset.startswith(OWN_PREFIX)):
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, or folder:PATH for "
                          f"your own images, not {_shown(dataset)}")
-    for name in dataclasses.fields(config):
-        choices = name.metadata.get("choices")
-        value = getattr(config, name.name)
+    for f in dataclasses.fields(config):
+        value, choices = getattr(config, f.name), f.metadata["choices"]
         if choices and value not in choices:
-            hint = gpu_index_problem(value) if name.name == "device" else None
-            raise UsageError(f"--device {value}: {hint}" if hint else
-                             f"--{_flag(name.name)} must be one of {', '.join(choices)}, "
-                             f"not {_shown(value)}")
-    positive = {"batch_size": config.batch_size, "test_batch_size": config.test_batch_size,
-                "log_interval": config.log_interval}
-    if config.threads is not None:
-        positive["threads"] = config.threads
-    for name in dataclasses.fields(config):  # inf or nan would pass the range checks below
-        value = getattr(config, name.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{_flag(name.name)} must be a finite number, not {value}")
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{_flag(name)} must be at least 1, not {value}")
-    if config.threads is not None and config.threads > MAX_THREADS:
-        # Far more than any machine has cores; tens of thousands of OpenMP threads crash the
-        # process (a segmentation fault, or libgomp failing to create them).
-        raise UsageError(f"--threads must be at most {MAX_THREADS}, not {config.threads}")
-    if config.num_workers > MAX_WORKERS:
-        # Each worker is a process of its own, about 60 MB (measured with 8 workers on MNIST):
-        # 100,000 of them filled 24 GB of memory, and other processes were killed.
-        raise UsageError(f"--num-workers must be at most {MAX_WORKERS}, not "
-                         f"{config.num_workers} (each worker is a process of its own)")
-    for name in PATH_FIELDS:
-        value = getattr(config, name)
-        if not isinstance(value, str):
-            continue
-        if not is_utf8(value):
-            raise UsageError(f"--{_flag(name)} {printable(value)} is not valid UTF-8, so it "
-                             "cannot be written to train.log and config.json; rename it")
-        if not value.isprintable():
-            # A newline would split train.log's lines ("checkpoint runs/a" and "b/last.pt").
-            raise UsageError(f"--{_flag(name)} {printable(value)} holds a control character "
-                             "(a newline, a tab, an escape), which the log would print as it "
-                             "is; rename it")
-        if name in ("resume", "init_from") and not value.strip():
-            # `--resume "$CKPT"` with CKPT unset would otherwise start a fresh run without a
-            # word. (An empty --run-dir or --data-dir means the default, as it always has.)
-            raise UsageError(f"--{_flag(name)} was given an empty path: name a checkpoint or a "
-                             "run folder" + (" (or give --resume alone to continue the newest "
-                                             "run)" if name == "resume" else ""))
-    if not 0 <= config.seed <= MAX_SEED:
-        # The seed goes to torch, numpy and SeedSequence, whose common range this is.
-        raise UsageError(f"--seed must be from 0 to 2**63 - 1, not {config.seed}")
-    for name in ("save_interval", "num_workers", "keep", "val_size", "patience"):
-        if getattr(config, name) < 0:
-            raise UsageError(f"--{_flag(name)} must not be negative, not {getattr(config, name)}")
-    if not (config.epochs > 0 and math.isfinite(config.epochs)):
-        raise UsageError(f"--epochs must be positive, not {config.epochs}")
-    if not config.lr > 0:
-        raise UsageError(f"--lr must be positive, not {config.lr}")
-    if config.momentum < 0:
-        raise UsageError(f"--momentum must not be negative, not {config.momentum}")
-    if not config.gamma > 0:
-        raise UsageError(f"--gamma must be positive, not {config.gamma}")
-    if not config.weight_decay >= 0:
-        raise UsageError(f"--weight-decay must not be negative, not {config.weight_decay}")
+            hint = gpu_index_problem(value) if f.name == "device" else None
+            raise UsageError(f"--device {value}: {hint}" if hint else f"--{_flag(f.name)} must "
+                             f"be one of {', '.join(choices)}, not {_shown(value)}")
+        check(f.name, value)
+        if f.name in PATH_FIELDS and isinstance(value, str):
+            _check_path(f.name, value)
     if config.model == "early-exit" and config.label_smoothing:
         raise UsageError("--model early-exit trains its heads on the mean of their F.nll_loss, "
                          "which label smoothing would turn into a reward for disagreeing "
                          "heads: pass --label-smoothing 0")
-    if not 0 < config.exit_threshold <= 1:
-        raise UsageError(f"--exit-threshold must be above 0 and at most 1, not "
-                         f"{config.exit_threshold}")
-    for name in ("warmup", "label_smoothing", "ema"):
-        if not 0 <= getattr(config, name) < 1:
-            raise UsageError(f"--{_flag(name)} must be at least 0 and below 1, not "
-                             f"{getattr(config, name)}")
-    if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
-        raise UsageError(f"--target-accuracy is a fraction in (0, 1], such as 0.99, not "
-                         f"{config.target_accuracy}")
     eval_interval(config)
 
 
-MAX_THREADS = 1024
-PATH_FIELDS = ("run_dir", "data_dir", "resume", "init_from")  # "~" is the home folder in each
-MAX_WORKERS = 64  # DataLoader processes; the guide uses 4, and MNIST never needs more than a few
-MAX_SETTINGS_BYTES = 10 * 1024 * 1024  # --config and --space files
-MAX_SEED = 2**63 - 1
+def _check_path(name: str, value: str) -> None:
+    """A path is written to train.log and config.json, so it must be printable UTF-8 (a
+    newline would split the log's lines); --resume "$UNSET" must not start a fresh run."""
+    if not is_utf8(value):
+        raise UsageError(f"--{_flag(name)} {printable(value)} is not valid UTF-8, so it cannot "
+                         "be written to train.log and config.json; rename it")
+    if not value.isprintable():
+        raise UsageError(f"--{_flag(name)} {printable(value)} holds a control character (a "
+                         "newline, a tab, an escape), which the log would print as it is; "
+                         "rename it")
+    if name in ("resume", "init_from") and not value.strip():
+        raise UsageError(f"--{_flag(name)} was given an empty path: name a checkpoint or a run "
+                         "folder" + (" (or give --resume alone to continue the newest run)"
+                                     if name == "resume" else ""))
+
+
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.<>]*")
 
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchmnist import config as cfg
-from torchmnist import data, devices
-from torchmnist.augment import TTA_SHIFTS, shift
+from torchmnist.data import datasets, loaders, own
+from torchmnist.data.augment import TTA_SHIFTS, shift
 from torchmnist.errors import UsageError
+from torchmnist.runtime import devices
 from torchmnist.trained import Trained, load_model
 
 
@@ -89,26 +90,26 @@ def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
 
 
 def test_data(trained: Trained, data_dir: str | os.PathLike | None = None,
-              download: bool = True, test: object = None) -> data.DigitData:
+              download: bool = True, test: object = None) -> datasets.DigitData:
     """The test set a trained model is scored on, with the normalisation and classes it was
-    trained with: `test` when given (images and labels, or a Dataset, as data.OwnData takes
+    trained with: `test` when given (images and labels, or a Dataset, as OwnData takes
     them); its run's own synthetic data (or sample) for a dry run; else its dataset's test
     files (only those) from `data_dir`, else from the folder its run was trained from, else
     the default places."""
     config = trained.config or {}
     if test is not None:
-        digits = data.DigitData(trained.spec, data.Split.empty(),
-                                data.to_split(test, "the test data"),
-                                source="data given from Python")
-    elif config.get("dry_run") and data.is_builtin(trained.dataset):
-        digits = data.synthetic(trained.dataset, seed=config.get("seed", 1))
+        digits = datasets.DigitData(trained.spec, datasets.Split.empty(),
+                                    own.to_split(test, "the test data"),
+                                    source="data given from Python")
+    elif config.get("dry_run") and datasets.is_builtin(trained.dataset):
+        digits = own.synthetic(trained.dataset, seed=config.get("seed", 1))
     else:
         if data_dir is None:
             data_dir = config.get("data_dir")
-        digits = data.load(trained.dataset, data_dir, download=download, splits=("test",),
-                           classes=trained.spec.classes)
+        digits = own.load_dataset(trained.dataset, data_dir, download=download,
+                                  splits=("test",), classes=trained.spec.classes)
         if config.get("dry_run"):  # the sample of your data that the dry run tested on
-            digits = data.subset(digits, config.get("seed", 1))
+            digits = own.subset(digits, config.get("seed", 1))
     if len(digits.test):
         low, top, classes = (int(digits.test.labels.min()), int(digits.test.labels.max()),
                              len(trained.spec.classes))
@@ -128,17 +129,18 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
 
     The model and dataset come from the checkpoint's config when it has one; for a plain
     state_dict the model is recognised from its parameter names and shapes. `test` scores
-    test images of your own instead: (images, labels) or a Dataset, as data.OwnData takes
+    test images of your own instead: (images, labels) or a Dataset, as OwnData takes
     them.
     """
     batch_size = cfg.count("--batch-size", batch_size)
-    if exit_threshold is not None and not 0 < exit_threshold <= 1:
-        raise UsageError(f"--exit-threshold must be above 0 and at most 1, not {exit_threshold}")
+    if exit_threshold is not None:
+        cfg.check("exit_threshold", exit_threshold)
     target = devices.resolve_device(device)
     trained = load_model(checkpoint_path, model=model, dataset=dataset)
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
     digits = test_data(trained, data_dir, download=download, test=test)
-    test_batches = data.TensorBatches(digits.test, digits.spec, batch_size, target, shuffle=False)
+    test_batches = loaders.TensorBatches(digits.test, digits.spec, batch_size, target,
+                                         shuffle=False)
     early_exit = hasattr(network, "exits")
     if early_exit:
         if exit_threshold is not None:

@@ -7,9 +7,13 @@ All return log-probabilities, so the loss is `F.nll_loss`, as in the originals.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torchmnist.errors import UsageError
 
 
 class GuideNet(nn.Module):
@@ -188,8 +192,6 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     try:
         return network_class()
     except Exception as error:  # noqa: BLE001 - the user's constructor may fail in any way
-        from torchmnist.errors import UsageError
-
         kind = type(error).__name__
         raise UsageError(f"--model {name}: {network_class.__name__}() failed ({kind}: "
                          f"{error}); an imported model is made with no arguments") from None
@@ -199,12 +201,13 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
+def import_path(network_class: type) -> str:
+    """How the config records your own network: package.module:Class."""
+    return f"{network_class.__module__}:{network_class.__qualname__}"
+
+
 def import_model(path: str) -> type[nn.Module]:
     """The nn.Module class an import path names, or one sentence saying why not."""
-    import importlib
-
-    from torchmnist.errors import UsageError
-
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise UsageError(f"--model {path!r} is neither a built-in model ({', '.join(MODELS)}) "
@@ -224,8 +227,6 @@ def import_model(path: str) -> type[nn.Module]:
 def check_output(network: nn.Module, x: torch.Tensor, classes: int) -> None:
     """Refuse, in one sentence, a network that does not map (B, 1, 28, 28) images to (B,
     classes) log-probabilities, which the loss (F.nll_loss, as in the guide) expects."""
-    from torchmnist.errors import UsageError
-
     training = network.training
     network.eval()
     try:

@@ -16,8 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from torchmnist import checkpoint, data, devices, models
+from torchmnist import models
+from torchmnist.data import datasets
 from torchmnist.errors import UsageError
+from torchmnist.runtime import devices
+from torchmnist.storage import checkpoint
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Trained:
     name: str  # the --model name
     dataset: str  # the --dataset value
     config: dict | None  # the run's config, for a full checkpoint
-    spec: Any = None  # data.DatasetSpec: the normalisation and the class names
+    spec: Any = None  # datasets.DatasetSpec: the normalisation and the class names
     history: list = field(default_factory=list)  # a full checkpoint's metrics.jsonl records
 
 
@@ -102,20 +105,20 @@ def _dataset_spec(saved: Any, config: dict, dataset: str | None, path: Path):
     from before specs were stored, or bare weights) the built-in dataset named by --dataset,
     by its config, else MNIST."""
     if dataset is not None:
-        if not data.is_builtin(dataset):
+        if not datasets.is_builtin(dataset):
             raise UsageError(f"--dataset {dataset} cannot be given for {path}: only a "
                              "checkpoint of a run on that data knows its normalisation and "
                              "classes")
-        return data.DATASETS[dataset]
+        return datasets.DATASETS[dataset]
     stored = (saved.get(checkpoint.DATASET_SPEC) if checkpoint.is_training_checkpoint(saved)
               else _safetensors_spec(path))
     if stored is not None:
         try:
-            return data.DatasetSpec.from_dict(stored)
+            return datasets.DatasetSpec.from_dict(stored)
         except ValueError as error:
             raise UsageError(f"{path} is a damaged checkpoint: {error}") from None
     name = config.get("dataset") or "mnist"
-    if not isinstance(name, str) or not data.is_builtin(name):
+    if not isinstance(name, str) or not datasets.is_builtin(name):
         raise UsageError(f"{path} is a damaged checkpoint: it was trained on {name!r} but does "
                          "not say how that data was normalised")
-    return data.DATASETS[name]
+    return datasets.DATASETS[name]

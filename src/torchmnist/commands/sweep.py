@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from torchmnist import config as cfg
-from torchmnist import rundir
 from torchmnist.errors import TorchMnistError, TrainingError, UsageError, counted
-from torchmnist.signals import Stopped, StopSignals
+from torchmnist.runtime.signals import Stopped, StopSignals
+from torchmnist.storage import rundir
 
 KINDS = ("log", "float", "int", "choice")
 OBJECTIVES = ("accuracy", "val_accuracy", "test_accuracy", "time")
@@ -474,7 +474,7 @@ def _trial_folder(sweep: Sweep, trial) -> Path:
 
 def _objective(sweep: Sweep, trial, worker: int) -> float:
     optuna = _optuna()
-    from torchmnist import training
+    from torchmnist import setup, training
 
     params = {p.name: p.suggest(trial) for p in sweep.space}
     folder = _trial_folder(sweep, trial)
@@ -482,7 +482,7 @@ def _objective(sweep: Sweep, trial, worker: int) -> float:
     resumed_from = (folder / "last.pt").exists()
     if resumed_from:  # the trial whose worker died: on from its checkpoint
         explicit["resume"] = str(folder)
-    config, resumed = training.from_flags(explicit)
+    config, resumed = setup.from_flags(explicit)
     trial.set_user_attr("run_dir", str(folder))
     shown = ", ".join(f"{k} {_short(v)}" for k, v in params.items())
 

@@ -23,17 +23,16 @@ from pathlib import Path
 
 import torch
 
+from torchmnist import __version__, setup
 from torchmnist import config as cfg
-from torchmnist import devices
 from torchmnist.errors import UsageError, counted
 from torchmnist.evaluation import evaluate_model
-from torchmnist.signals import Stopped
-from torchmnist.training import setup, train, train_step, warm_up
+from torchmnist.runtime import devices
+from torchmnist.runtime.signals import Stopped
+from torchmnist.training import train, train_step, warm_up
 
 
 def environment(device: torch.device) -> dict:
-    from torchmnist import __version__
-
     # The host's CPU even when the numbers are a GPU's; bf16 is the measured device's.
     cpu = {"cpu": devices.cpu_name(), "cpu_extensions": devices.cpu_extensions(),
            "bf16": "native" if devices.bf16_native(device) else "emulated"}
@@ -119,7 +118,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
         config = dataclasses.replace(config, loader="tensor" if premade else loader,
                                      num_workers=workers, epochs=10_000, run_dir=run_dir,
                                      resume=None, cuda_graph=graph)
-        run, _ = _quietly(setup, config)
+        run = _quietly(setup.build, config)
         try:
             if graph:
                 _quietly(warm_up, run)

@@ -18,8 +18,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from torchmnist import rundir
 from torchmnist.errors import TorchMnistError
+from torchmnist.storage import rundir
 
 
 class Stopped(TorchMnistError):

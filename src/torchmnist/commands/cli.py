@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchmnist import __version__
 from torchmnist import config as cfg
-from torchmnist import signals
 from torchmnist.errors import TorchMnistError, counted, printable
+from torchmnist.runtime import signals
 
 _BENCH_LOADERS = ("tensor", "dataloader:0", "dataloader:2", "dataloader:4")
 
@@ -140,8 +141,6 @@ def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
-
-    from torchmnist import __version__
 
     try:
         torch_version = version("torch")  # without importing torch, which takes seconds
@@ -281,7 +280,7 @@ _SWEEP_OPTIONS = ("param", "space", "trials", "jobs", "objective", "sampler", "p
 
 
 def _add_sweep_parser(commands) -> None:
-    from torchmnist.sweep import BEST_FORMATS, OBJECTIVES, SAMPLERS
+    from torchmnist.commands.sweep import BEST_FORMATS, OBJECTIVES, SAMPLERS
 
     sweep = commands.add_parser(
         "sweep", help="search hyper-parameters with Optuna, over any train flag",
@@ -330,27 +329,8 @@ def _add_sweep_parser(commands) -> None:
         "quiet": "print nothing but errors (and the --json line)"})
 
 
-def _train(explicit: dict[str, Any]) -> int:
-    from torchmnist import distributed
-    from torchmnist.training import from_flags, train
-
-    if "config" in explicit:  # the file's settings, then the flags typed, which win
-        explicit = {**cfg.read_config_file(explicit.pop("config")), **explicit}
-    run_dir = explicit.get("run_dir")
-    if (not explicit.get("resume") and distributed.restart_count() and run_dir
-            and (Path(run_dir) / "last.pt").exists()):
-        # torchrun --max-restarts started this job again after a process died: the same
-        # command then continues from the checkpoint the run had written.
-        explicit["resume"] = run_dir
-    config, resumed = from_flags(explicit)
-    summary = train(config, resumed=resumed)
-    if config.json and distributed.from_environment().main:
-        print(json.dumps(summary, allow_nan=False))
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from torchmnist import serving
+    from torchmnist.commands import serving
 
     app = serving.create_app(args.checkpoint, device=args.device, model=args.model,
                              dataset=args.dataset, max_bytes=args.max_bytes,
@@ -360,7 +340,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sweep(explicit: dict[str, Any], argv: list[str]) -> int:
-    from torchmnist import sweep
+    from torchmnist.commands import sweep
 
     options = {k: explicit.pop(k) for k in _SWEEP_OPTIONS if k in explicit}
     summary = sweep.main(options, explicit, argv)
@@ -370,7 +350,7 @@ def _sweep(explicit: dict[str, Any], argv: list[str]) -> int:
 
 
 def _bench(explicit: dict[str, Any]) -> int:
-    from torchmnist import bench
+    from torchmnist.commands import bench
 
     options = {k: explicit.pop(k) for k in ("trials", "steps", "loaders", "accuracy_trials",
                                             "json") if k in explicit}
@@ -391,7 +371,7 @@ def _bench(explicit: dict[str, Any]) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from torchmnist.data import dry_run_words
+    from torchmnist.data.datasets import dry_run_words
     from torchmnist.evaluation import evaluate
 
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
@@ -412,7 +392,7 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from torchmnist.exporting import export
+    from torchmnist.commands.exporting import export
 
     result = export(args.checkpoint, args.format, args.out, model=args.model,
                     dataset=args.dataset, data_dir=args.data_dir, download=args.download)
@@ -430,7 +410,7 @@ def _show(args: argparse.Namespace, result: dict, sentence: str) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from torchmnist.reporting import report
+    from torchmnist.commands.reporting import report
 
     result = report(args.checkpoint, args.out, data_dir=args.data_dir, download=args.download,
                     device=args.device, mistakes=args.mistakes)
@@ -441,7 +421,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from torchmnist.prediction import predict
+    from torchmnist.commands.prediction import predict
 
     results = predict(args.checkpoint, args.inputs, top=args.top, model=args.model,
                       dataset=args.dataset, device=args.device,
@@ -479,7 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         explicit = {k: v for k, v in vars(args).items() if k != "command"}
         if args.command == "train":
-            return _train(explicit)
+            # Imported here, as every command's code is: --help and --version answer without
+            # importing torch, which takes seconds.
+            from torchmnist import setup, training
+
+            config, resumed = setup.from_flags(explicit)
+            summary = training.train(config, resumed=resumed)
+            if config.json and setup.distributed.from_environment().main:
+                print(json.dumps(summary, allow_nan=False))
+            return 0
         if args.command == "bench":
             return _bench(explicit)
         if args.command == "serve":

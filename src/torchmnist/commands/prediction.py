@@ -16,10 +16,17 @@ import numpy as np
 import torch
 
 from torchmnist import config as cfg
-from torchmnist import devices, rundir
+from torchmnist.data.preprocess import (
+    ImageError,
+    normalise,
+    prepare,
+    prepare_bytes,
+    prepare_picture,
+)
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities
-from torchmnist.preprocess import ImageError, normalise, prepare, prepare_bytes, prepare_picture
+from torchmnist.runtime import devices
+from torchmnist.storage import rundir
 from torchmnist.trained import load_model
 
 _GLOB_CHARACTERS = set("*?[")

@@ -29,6 +29,7 @@ Everything in it is a tensor or a plain Python value, so it loads with
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import pickle
@@ -42,9 +43,11 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
+from torchmnist import __version__
+from torchmnist.config import DATASETS, RESULT_KEYS, TrainConfig, checked, is_number
 from torchmnist.errors import UsageError, is_utf8, printable
-from torchmnist.rundir import write_atomically
+from torchmnist.runtime import devices
+from torchmnist.storage.rundir import write_atomically
 
 FORMAT_VERSION = 1
 # The keys of a training checkpoint, one constant each: `training_payload` builds the dict,
@@ -73,8 +76,6 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
             ema) -> None:
     """Put a training checkpoint's state back: weights, optimiser, schedule, scaler, weight
     average and every RNG stream (the progress counters are the caller's, Progress)."""
-    from torchmnist import devices
-
     try:
         model.load_state_dict(saved[MODEL])
         _check_hyperparameters(optimizer.param_groups, saved[OPTIMIZER]["param_groups"])
@@ -173,8 +174,6 @@ def _check_optimizer_state(optimizer) -> None:
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write a training checkpoint atomically (see `rundir.write_atomically`)."""
-    from torchmnist import __version__
-
     payload = {"format_version": FORMAT_VERSION, "torchmnist_version": __version__,
                "torch_version": str(torch.__version__), **payload}
     write_atomically(Path(path), lambda f: torch.save(payload, f))
@@ -447,8 +446,6 @@ def _training_state_problem(saved: dict) -> str | None:
     """What is wrong with the parts of a checkpoint only a resume reads, or None. Checked here,
     before anything is written, so that a damaged or crafted file is named in one sentence
     and never half-rewrites the run folder (metrics.jsonl is rebuilt from it)."""
-    from torchmnist import devices
-
     if not isinstance(saved.get(RANKS) or [], list):
         return "its per-process states are not a list"
     for own in [saved, *(saved.get(RANKS) or [])]:
@@ -541,3 +538,20 @@ def file_in(path: str | os.PathLike) -> Path:
         raise UsageError("the checkpoint path is empty: name a checkpoint or a run folder")
     path = Path(path)
     return path / "last.pt" if path.is_dir() else path
+
+
+def contract(name: str, spec: Any) -> dict[str, str]:
+    """What an exported file (and a run's model.safetensors) expects and returns, stored inside
+    it as metadata; `spec` is the data's DatasetSpec."""
+    made = ("white ink on black, MNIST-style" if spec.name in DATASETS
+            else "made as the training images were")
+    return {
+        "torchmnist_version": __version__, "model": name, "dataset": spec.name,
+        DATASET_SPEC: json.dumps(spec.to_dict(), allow_nan=False),
+        "mean": repr(spec.mean), "std": repr(spec.std),
+        "classes": json.dumps(spec.classes, allow_nan=False),
+        "input": f"float32 (N, 1, 28, 28): 28x28 images in [0, 1], {made} "
+                 f"(torchmnist.data.preprocess), then (x - {spec.mean}) / {spec.std}",
+        "output": f"float32 (N, {len(spec.classes)}) log-probabilities (logits): softmax gives "
+                  "probabilities",
+    }

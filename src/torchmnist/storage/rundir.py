@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from torchmnist import __version__
 from torchmnist.errors import TrainingError, UsageError
 
 MARKER = ".torchmnist-run"
@@ -181,8 +182,6 @@ def make_sweep_folder(folder: Path) -> None:
 
 def claim(folder: Path) -> RunLock:
     """Check the folder, make it, lock it and mark it as a run; return the held lock."""
-    from torchmnist import __version__
-
     check_writable(folder)
     make_folder(folder, "--run-dir")
     lock = RunLock(folder)

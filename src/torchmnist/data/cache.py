@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from torchmnist import rundir
+from torchmnist.data import preprocess
 from torchmnist.errors import TrainingError
+from torchmnist.storage import checkpoint, rundir
 
 FORMAT = 1  # raised when what an entry holds changes
 UNSETTLED_NS = 2_000_000_000  # files changed this recently (2 s) may still be being written
@@ -49,8 +50,6 @@ def _paths(root: Path, entries: list[Entry]) -> tuple[Path, str] | None:
         return None
     from PIL import __version__ as pillow
 
-    from torchmnist import preprocess
-
     decoder = hashlib.sha256(Path(preprocess.__file__).read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps([FORMAT, decoder, pillow, entries]).encode()).hexdigest()
     name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
@@ -64,8 +63,6 @@ def load(root: Path, entries: list[Entry]) -> torch.Tensor | None:
     if where is None or not where[0].is_file():
         return None
     path, key = where
-    from torchmnist import checkpoint
-
     try:
         # checkpoint.load, not torch.load: the cache folder may be shared (TORCHMNIST_CACHE_DIR),
         # and an entry that unpacks to more than it holds is refused unread.

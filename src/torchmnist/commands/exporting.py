@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchmnist import __version__, checkpoint, data, rundir
+from torchmnist.data import datasets, loaders, own
 from torchmnist.errors import TorchMnistError, UsageError, printable
 from torchmnist.evaluation import test_data
+from torchmnist.storage import checkpoint, rundir
 from torchmnist.trained import load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -38,22 +39,6 @@ class ExportError(TorchMnistError):
     """The exported file does not compute what the model computes: exit 1."""
 
     exit_code = 1
-
-
-def contract(name: str, spec: data.DatasetSpec) -> dict[str, str]:
-    """What an exported file expects and returns, stored inside it as metadata."""
-    made = ("white ink on black, MNIST-style" if data.is_builtin(spec.name)
-            else "made as the training images were")
-    return {
-        "torchmnist_version": __version__, "model": name, "dataset": spec.name,
-        checkpoint.DATASET_SPEC: json.dumps(spec.to_dict(), allow_nan=False),
-        "mean": repr(spec.mean), "std": repr(spec.std),
-        "classes": json.dumps(spec.classes, allow_nan=False),
-        "input": f"float32 (N, 1, 28, 28): 28x28 images in [0, 1], {made} "
-                 f"(torchmnist.preprocess), then (x - {spec.mean}) / {spec.std}",
-        "output": f"float32 (N, {len(spec.classes)}) log-probabilities (logits): softmax gives "
-                  "probabilities",
-    }
 
 
 def format_named_by(out: str | os.PathLike) -> str | None:
@@ -103,13 +88,13 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
     if hasattr(network, "exit_threshold"):  # early-exit: the file holds the whole network
         network.exit_threshold = 1.0
 
-    if trained.dataset.startswith(data.OWN_PREFIX):
+    if trained.dataset.startswith(datasets.OWN_PREFIX):
         # Data given from Python is not on disk; parity needs inputs, not labels, and
         # synthetic images exercise every layer just as well.
-        test = data.synthetic(seed=0).test
+        test = own.synthetic(seed=0).test
     else:
         test = test_data(trained, data_dir, download=download).test
-    x = data.normalize(test.images[:PARITY_IMAGES], spec.mean, spec.std)  # (256, 1, 28, 28)
+    x = loaders.normalize(test.images[:PARITY_IMAGES], spec.mean, spec.std)  # (256, 1, 28, 28)
     with torch.inference_mode():
         expected = network(x).numpy()
 
@@ -125,14 +110,14 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
     try:
         try:
             if format == "onnx":
-                _write_onnx(network, x, partial, contract(trained.name, spec))
+                _write_onnx(network, x, partial, checkpoint.contract(trained.name, spec))
                 actual = _run_onnx(partial, x.numpy())
             elif format == "torchscript":
-                _write_torchscript(network, x, partial, contract(trained.name, spec))
+                _write_torchscript(network, x, partial, checkpoint.contract(trained.name, spec))
                 actual = _run_torchscript(partial, x)
             else:
                 checkpoint.save_weights(partial, network.state_dict(),
-                                        contract(trained.name, spec))
+                                        checkpoint.contract(trained.name, spec))
                 actual = _run_safetensors(partial, trained.name, x)
         except TorchMnistError:
             raise

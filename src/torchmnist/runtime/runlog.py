@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from torchmnist import rundir
 from torchmnist.errors import UsageError
+from torchmnist.storage import rundir
 
 # metrics.jsonl record (kind, key) -> TensorBoard scalar tag
 _TENSORBOARD_TAGS = {

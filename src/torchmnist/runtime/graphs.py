@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from torchmnist import devices
 from torchmnist.evaluation import Evaluation, test_sums, to_evaluation
+from torchmnist.runtime import devices
 
 REHEARSALS = 3  # eager calls before a capture, as torch's own examples make
 

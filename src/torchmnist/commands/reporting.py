@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from torchmnist import config as cfg
-from torchmnist import data, devices, rundir
 from torchmnist.config import RESULT_KEYS, TrainConfig, checked, is_number
+from torchmnist.data import loaders
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities as class_probabilities
 from torchmnist.evaluation import test_data
+from torchmnist.runtime import devices
+from torchmnist.storage import rundir
 from torchmnist.trained import load_model
 
 REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
@@ -64,7 +66,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     spec = trained.spec
     digits = test_data(trained, data_dir, download=download, test=test)
     target = devices.resolve_device(device)
-    x = data.normalize(digits.test.images, spec.mean, spec.std)
+    x = loaders.normalize(digits.test.images, spec.mean, spec.std)
     probabilities = class_probabilities(trained.model.to(target), x, target).numpy()
     labels = digits.test.labels.numpy()
     predictions = probabilities.argmax(1)

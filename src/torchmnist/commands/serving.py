@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchmnist import checkpoint, devices
+from torchmnist import __version__
+from torchmnist.commands.prediction import answer
 from torchmnist.config import FOLDER_PREFIX
+from torchmnist.data.preprocess import ImageError, normalise, prepare_bytes
 from torchmnist.errors import UsageError, printable
-from torchmnist.prediction import answer
-from torchmnist.preprocess import ImageError, normalise, prepare_bytes
+from torchmnist.runtime import devices
+from torchmnist.storage import checkpoint
 from torchmnist.trained import load_model
 
 STATIC = Path(__file__).parent / "static"
@@ -320,8 +322,6 @@ def _transfer_decoded(content: bytes, encoding: str) -> bytes:
 
 
 def _about(path: Path, trained, network) -> dict[str, Any]:
-    from torchmnist import __version__
-
     tested = [r["test_accuracy"] for r in trained.history if r.get("test_accuracy") is not None]
     # Folders by their own names, not their full paths (folder:letters, run/last.pt): the page
     # may be served to other machines, which have no business learning the server's layout.
