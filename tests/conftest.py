@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from torchmnist import config
+from torchmnist import config, models
 from torchmnist.commands import cli
 from torchmnist.data import datasets
 from torchmnist.runtime import devices
@@ -115,6 +116,15 @@ def run_main(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def dry_train(run_dir: Path | str, *flags: str, capsys) -> dict:
+    """`torchmnist train --dry-run --run-dir RUN_DIR --json FLAGS`, in this process: its
+    summary, or the test fails with what the run printed."""
+    code, out, err = run_main(["train", "--dry-run", "--run-dir", str(run_dir), "--json",
+                               *flags], capsys)
+    assert code == 0, err
+    return last_json(out)
+
+
 def run_subprocess(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600,
                    input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run `python -m torchmnist ARGS` as a user would, in a fresh process; `input`, if given,
@@ -171,6 +181,15 @@ def assert_one_sentence_error(stderr: str, *fragments: str) -> None:
     assert "Traceback" not in stderr
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def weights_file(tmp_path) -> Path:
+    """A bare state_dict of the guide's network, as the guide's own script saves one."""
+    torch.manual_seed(0)
+    path = tmp_path / "guide.pth"
+    torch.save(models.build("guide").state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import torch
 from conftest import (
     TORCHMNIST,
     assert_one_sentence_error,
+    dry_train,
     last_json,
     read_metrics,
     run_main,
@@ -23,7 +24,6 @@ from conftest import (
     start_until,
 )
 
-from torchmnist import models
 from torchmnist.runtime.signals import StopSignals
 from torchmnist.storage import checkpoint
 
@@ -137,68 +137,6 @@ def test_a_signal_caught_just_before_training_began_is_acted_on():
         assert alone.signum is None
 
 
-class _Payload:
-    """Unpickling this runs code (here: it creates a file), the classic malicious pickle."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, capsys):
-    marker = tmp_path / "payload-ran"
-    path = tmp_path / "evil.pt"
-    torch.save({"format_version": 1, "model": {"w": torch.zeros(1)}, "progress": {},
-                "config": {}, "hook": _Payload(marker)}, path)
-    for args in (["test", str(path), "--data-dir", "x", "--no-download"],
-                 ["train", "--resume", str(path)]):
-        code, _, err = run_main(args, capsys)
-        assert code == 2
-        assert_one_sentence_error(err, "refusing to load", str(path), "exec")
-    assert not marker.exists()
-    torch.load(path, weights_only=False)  # the control: unsafe loading does run the payload
-    assert marker.exists()
-
-
-def _good_checkpoint(tmp_path: Path, capsys) -> Path:
-    code, _, err = run_main(["train", "--dry-run", "--run-dir", "good"], capsys)
-    assert code == 0, err
-    return tmp_path / "good" / "last.pt"
-
-
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable checkpoint"),
-    (lambda p: p.write_bytes(b""), "is empty"),
-    (lambda p: p.write_bytes(bytes(range(256)) * 64), "not a readable checkpoint"),
-])
-def test_damaged_checkpoints_are_refused_on_resume(damage, fragment, tmp_path, capsys):
-    path = _good_checkpoint(tmp_path, capsys)
-    damage(path)
-    code, _, err = run_main(["train", "--resume", str(path)], capsys)
-    assert code == 2
-    assert_one_sentence_error(err, str(path), fragment)
-
-
-def test_wrong_model_checkpoint_is_refused_on_resume(tmp_path, capsys):
-    path = _good_checkpoint(tmp_path, capsys)
-    saved = torch.load(path, weights_only=True)
-    saved["model"] = models.OfficialNet().state_dict()  # config still says "guide"
-    torch.save(saved, path)
-    code, _, err = run_main(["train", "--resume", str(path)], capsys)
-    assert code == 2
-    assert_one_sentence_error(err, str(path), "does not fit the 'guide' model")
-
-
-def test_weights_only_files_cannot_be_resumed(tmp_path, capsys):
-    path = tmp_path / "model.pth"
-    torch.save(models.GuideNet().state_dict(), path)
-    code, _, err = run_main(["train", "--resume", str(path)], capsys)
-    assert code == 2
-    assert_one_sentence_error(err, "holds model weights only", "torchmnist test")
-
-
 def test_diverged_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     code, _, err = run_main(["train", "--dry-run", "--lr", "1e10", "--save-interval", "1",
                              "--log-interval", "1", "--run-dir", "r"], capsys)
@@ -282,7 +220,7 @@ def test_more_epochs_continue_training(tmp_path, capsys):
 
 
 def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, capsys, monkeypatch):
-    path = _good_checkpoint(tmp_path, capsys)
+    path = Path(dry_train("good", capsys=capsys)["checkpoint"])
     saved = torch.load(path, weights_only=True)
     # Save it the way a CUDA run would: every storage tagged with the location "cuda:0".
     # (A context of its own: undoing the whole monkeypatch would also undo the test's chdir.)

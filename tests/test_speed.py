@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
+from conftest import assert_one_sentence_error, dry_train, last_json, read_metrics, run_main
 
 import torchmnist
 from torchmnist import models
@@ -26,13 +26,6 @@ from torchmnist.storage import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(*flags, capsys, run_dir="r"):
-    code, out, err = run_main(["train", "--dry-run", "--run-dir", run_dir, "--json", *flags],
-                              capsys)
-    assert code == 0, err
-    return last_json(out)
-
-
 @pytest.mark.parametrize("recipe, flags, floor", [
     ("fast", ["--epochs", "3"], 0.9),
     # 8 steps an epoch on this data: a 0.999 average would still be the initial weights.
@@ -41,7 +34,7 @@ def _train(*flags, capsys, run_dir="r"):
 def test_recipes_run_and_learn(recipe, flags, floor, capsys):
     # The floors were measured on the CPU; on a GPU, bf16 and cuDNN's kernels take these few
     # steps another way (best: 48% after 6 epochs on an H200).
-    summary = _train("--recipe", recipe, *flags, "--device", "cpu", capsys=capsys)
+    summary = dry_train("r", "--recipe", recipe, *flags, "--device", "cpu", capsys=capsys)
     assert summary["model"] == recipe
     assert summary["test_accuracy"] > floor  # chance is 0.1
     losses = [r["train_loss"] for r in read_metrics(Path("r")) if r["kind"] == "epoch"]
@@ -81,8 +74,8 @@ def test_augmentation_is_seeded_and_keeps_the_background():
 
 
 def test_target_accuracy_stops_early_and_reports_its_time(capsys):
-    summary = _train("--recipe", "fast", "--epochs", "10", "--target-accuracy", "0.5",
-                     "--eval-interval", "4s", capsys=capsys)
+    summary = dry_train("r", "--recipe", "fast", "--epochs", "10", "--target-accuracy", "0.5",
+                        "--eval-interval", "4s", capsys=capsys)
     assert summary["epochs"] < 10
     assert summary["target_seconds"] is not None
     assert summary["target_seconds"] <= summary["train_seconds"]
@@ -92,12 +85,12 @@ def test_target_accuracy_stops_early_and_reports_its_time(capsys):
 
 
 def test_unreached_target_trains_every_epoch(capsys):
-    summary = _train("--epochs", "2", "--target-accuracy", "1.0", capsys=capsys)
+    summary = dry_train("r", "--epochs", "2", "--target-accuracy", "1.0", capsys=capsys)
     assert summary["epochs"] == 2 and summary["target_seconds"] is None
 
 
 def test_eval_interval_in_epochs_skips_tests_but_not_the_last(capsys):
-    _train("--epochs", "3", "--eval-interval", "2", capsys=capsys)
+    dry_train("r", "--epochs", "3", "--eval-interval", "2", capsys=capsys)
     tested = [r["epoch"] for r in read_metrics(Path("r"))
               if r["kind"] == "epoch" and r["test_accuracy"] is not None]
     assert tested == [2, 3]
@@ -134,7 +127,7 @@ def test_ema_weights_are_the_ones_tested_and_shipped(tmp_path, capsys):
 
 
 def test_onecycle_run_cannot_be_stretched_on_resume(capsys):
-    _train("--recipe", "fast", capsys=capsys)
+    dry_train("r", "--recipe", "fast", capsys=capsys)
     code, _, err = run_main(["train", "--resume", "--run-dir", "r", "--epochs", "2"], capsys)
     assert code == 2
     assert_one_sentence_error(err, "epochs (checkpoint: 1, now: 2)")
@@ -153,7 +146,7 @@ def test_resume_is_exact_with_augmentation_ema_bf16_and_onecycle(tmp_path):
 
 
 def test_compile_saves_the_plain_module_and_reports_compile_time(capsys):
-    summary = _train("--recipe", "fast", "--compile", capsys=capsys)
+    summary = dry_train("r", "--recipe", "fast", "--compile", capsys=capsys)
     assert summary["warmup_seconds"] > 0
     saved = checkpoint.load(summary["checkpoint"])
     assert not any(k.startswith("_orig_mod.") for k in saved["model"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_sentence_error, last_json, read_metrics, run_main
+from conftest import assert_one_sentence_error, dry_train, last_json, read_metrics, run_main
 
 import torchmnist
 from torchmnist import setup, training
@@ -22,21 +22,15 @@ def _losses(run_dir: Path) -> list[float]:
     return [(r["kind"], r["train_loss"], r["test_loss"]) for r in read_metrics(run_dir)]
 
 
-def _train(tmp, name, *flags, capsys):
-    code, out, err = run_main(["train", "--dry-run", "--run-dir", str(tmp / name), "--json",
-                               "--log-interval", "4", *flags], capsys)
-    assert code == 0, err
-    return last_json(out)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_same_seed_gives_identical_losses(tmp_path, loader, capsys):
     # --deterministic: on CUDA some backward kernels otherwise add in a varying order.
-    flags = ["--epochs", "2", "--loader", loader, "--num-workers", "0", "--deterministic"]
-    _train(tmp_path, "a", *flags, capsys=capsys)
-    _train(tmp_path, "b", *flags, capsys=capsys)
-    _train(tmp_path, "c", *flags, "--seed", "2", capsys=capsys)
+    flags = ["--epochs", "2", "--loader", loader, "--num-workers", "0", "--deterministic",
+             "--log-interval", "4"]
+    dry_train(tmp_path / "a", *flags, capsys=capsys)
+    dry_train(tmp_path / "b", *flags, capsys=capsys)
+    dry_train(tmp_path / "c", *flags, "--seed", "2", capsys=capsys)
     a, b, c = (_losses(tmp_path / n) for n in "abc")
     assert len(a) == 2 * (4 + 1)  # 16 batches / 4 per log line, plus one record per epoch
     assert a == b
@@ -46,15 +40,15 @@ def test_same_seed_gives_identical_losses(tmp_path, loader, capsys):
 def test_both_loaders_train_the_same_model(tmp_path, capsys):
     # Same order, same normalisation arithmetic: the two loaders give the same run, bit for bit
     # (on the CPU; on a GPU the tensor loader normalises there, with the GPU's rounding).
-    tensor = _train(tmp_path, "t", "--loader", "tensor", "--device", "cpu", capsys=capsys)
-    loader = _train(tmp_path, "d", "--loader", "dataloader", "--num-workers", "2", "--device",
-                    "cpu", capsys=capsys)
+    tensor = dry_train(tmp_path / "t", "--loader", "tensor", "--device", "cpu", capsys=capsys)
+    loader = dry_train(tmp_path / "d", "--loader", "dataloader", "--num-workers", "2",
+                       "--device", "cpu", capsys=capsys)
     assert _losses(tmp_path / "t") == _losses(tmp_path / "d")
     assert tensor["test_accuracy"] == loader["test_accuracy"]
 
 
 def test_training_learns_the_synthetic_task(tmp_path, capsys):
-    summary = _train(tmp_path, "r", "--epochs", "8", "--lr", "0.05", capsys=capsys)
+    summary = dry_train(tmp_path / "r", "--epochs", "8", "--lr", "0.05", capsys=capsys)
     metrics = read_metrics(tmp_path / "r")
     epochs = [r for r in metrics if r["kind"] == "epoch"]
     assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
@@ -62,7 +56,7 @@ def test_training_learns_the_synthetic_task(tmp_path, capsys):
 
 
 def test_metrics_records_have_the_documented_fields(tmp_path, capsys):
-    _train(tmp_path, "r", "--recipe", "official", "--epochs", "2", capsys=capsys)
+    dry_train(tmp_path / "r", "--recipe", "official", "--epochs", "2", capsys=capsys)
     records = read_metrics(tmp_path / "r")
     for record in records:
         assert {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "seconds",
@@ -116,7 +110,7 @@ def test_closing_a_run_takes_every_step_even_when_one_fails(tmp_path, monkeypatc
 
 def test_the_epoch_record_holds_the_training_accuracy_over_every_image(tmp_path, capsys):
     # The dry run's 1,024 images in batches of 100: the last batch has 24, and counts as 24.
-    _train(tmp_path, "r", "--epochs", "2", "--batch-size", "100", capsys=capsys)
+    dry_train(tmp_path / "r", "--epochs", "2", "--batch-size", "100", capsys=capsys)
     epochs = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "epoch"]
     for record in epochs:
         assert 0 < record["train_accuracy"] <= 1
@@ -126,7 +120,7 @@ def test_the_epoch_record_holds_the_training_accuracy_over_every_image(tmp_path,
 
 
 def test_checkpoint_holds_model_optimiser_and_progress(tmp_path, capsys):
-    summary = _train(tmp_path, "r", "--save-model", capsys=capsys)
+    summary = dry_train(tmp_path / "r", "--save-model", capsys=capsys)
     saved = checkpoint.load(summary["checkpoint"])  # weights_only=True
     assert saved["format_version"] == checkpoint.FORMAT_VERSION
     assert saved["config"]["model"] == "guide"
@@ -137,21 +131,9 @@ def test_checkpoint_holds_model_optimiser_and_progress(tmp_path, capsys):
     assert torch.equal(weights["fc2.weight"], saved["model"]["fc2.weight"])
 
 
-def test_resume_continues_to_the_same_result(tmp_path, capsys):
-    # --deterministic: bit for bit on CUDA too (its convolution backward adds in any order)
-    full = _train(tmp_path, "full", "--epochs", "3", "--deterministic", capsys=capsys)
-    _train(tmp_path, "part", "--epochs", "1", "--deterministic", capsys=capsys)
-    resumed = _train(tmp_path, "part", "--resume", "--epochs", "3", capsys=capsys)
-    assert resumed["epochs"] == 3
-    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
-    a = checkpoint.load(full["checkpoint"])["model"]
-    b = checkpoint.load(resumed["checkpoint"])["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_a_fractional_epoch_count_ends_the_last_epoch_early(tmp_path, capsys):
-    summary = _train(tmp_path, "r", "--recipe", "fast", "--epochs", "1.5", "--lr", "0.2",
-                     capsys=capsys)
+    summary = dry_train(tmp_path / "r", "--recipe", "fast", "--epochs", "1.5", "--lr", "0.2",
+                        capsys=capsys)
     assert summary["steps"] == 24  # 16 batches an epoch, then half of one
     records = read_metrics(tmp_path / "r")
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -165,16 +147,8 @@ def test_a_fractional_epoch_count_ends_the_last_epoch_early(tmp_path, capsys):
     assert saved["config"]["epochs"] == 1.5 and saved["progress"]["step"] == 24
 
 
-def test_a_fractional_run_resumes_to_the_same_result(tmp_path, capsys):
-    _train(tmp_path, "full", "--epochs", "2.5", "--deterministic", capsys=capsys)
-    _train(tmp_path, "part", "--epochs", "1", "--deterministic", capsys=capsys)
-    resumed = _train(tmp_path, "part", "--resume", "--epochs", "2.5", capsys=capsys)
-    assert resumed["steps"] == 40
-    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
-
-
 def test_resume_keeps_the_saved_settings_unless_overridden(tmp_path, capsys):
-    _train(tmp_path, "r", "--recipe", "official", "--epochs", "1", capsys=capsys)
+    dry_train(tmp_path / "r", "--recipe", "official", "--epochs", "1", capsys=capsys)
     code, out, err = run_main(["train", "--run-dir", str(tmp_path / "r"), "--resume",
                                "--epochs", "2", "--json"], capsys)
     assert code == 0, err
@@ -183,7 +157,7 @@ def test_resume_keeps_the_saved_settings_unless_overridden(tmp_path, capsys):
 
 
 def test_resume_with_a_different_batch_size_is_refused(tmp_path, capsys):
-    _train(tmp_path, "r", capsys=capsys)
+    dry_train(tmp_path / "r", capsys=capsys)
     before = (tmp_path / "r" / "last.pt").read_bytes()
     code, _, err = run_main(["train", "--run-dir", str(tmp_path / "r"), "--resume",
                              "--batch-size", "32"], capsys)
@@ -193,7 +167,7 @@ def test_resume_with_a_different_batch_size_is_refused(tmp_path, capsys):
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
-    _train(tmp_path, "r", capsys=capsys)
+    dry_train(tmp_path / "r", capsys=capsys)
     code, _, err = run_main(["train", "--dry-run", "--run-dir", str(tmp_path / "r")], capsys)
     assert code == 2
     assert_one_sentence_error(err, "already holds a run's checkpoint", "--resume")
@@ -202,7 +176,7 @@ def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
 def test_python_api_matches_the_cli(tmp_path, capsys):
     summary = torchmnist.train(torchmnist.TrainConfig(dry_run=True, epochs=1,
                                                       run_dir=str(tmp_path / "api")))
-    cli_summary = _train(tmp_path, "cli", "--epochs", "1", capsys=capsys)
+    cli_summary = dry_train(tmp_path / "cli", "--epochs", "1", capsys=capsys)
     assert summary["test_accuracy"] == cli_summary["test_accuracy"]
     official = torchmnist.TrainConfig.for_recipe("official", epochs=1)
     assert (official.model, official.optimizer, official.epochs) == ("official", "adadelta", 1)
@@ -260,8 +234,8 @@ def test_files_and_the_bar_are_closed_however_training_ends(flags, code, tmp_pat
 
 
 def test_a_validation_split_chooses_and_the_test_set_is_scored_once(tmp_path, capsys):
-    summary = _train(tmp_path, "v", "--val-size", "256", "--epochs", "3", "--device", "cpu",
-                     capsys=capsys)
+    summary = dry_train(tmp_path / "v", "--val-size", "256", "--epochs", "3", "--device", "cpu",
+                        capsys=capsys)
     log = (tmp_path / "v" / "train.log").read_text()
     assert "data: 768 train / 256 validation / 512 test images" in log
     epochs = [r for r in read_metrics(tmp_path / "v") if r["kind"] == "epoch"]
@@ -275,29 +249,18 @@ def test_a_validation_split_chooses_and_the_test_set_is_scored_once(tmp_path, ca
     assert saved["config"]["val_size"] == 256
 
 
-def test_a_run_with_a_validation_split_resumes_exactly(tmp_path, capsys):
-    flags = ["--val-size", "256", "--device", "cpu"]
-    _train(tmp_path, "full", *flags, "--epochs", "3", capsys=capsys)
-    _train(tmp_path, "part", *flags, "--epochs", "1", capsys=capsys)
-    _train(tmp_path, "part", "--resume", "--epochs", "3", capsys=capsys)
-    a = checkpoint.load(tmp_path / "full" / "last.pt")
-    b = checkpoint.load(tmp_path / "part" / "last.pt")
-    assert torch.equal(a["val_index"], b["val_index"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
 def test_patience_stops_when_the_choice_no_longer_improves(tmp_path, capsys):
     # A rate so small the accuracy cannot move: the first test is the best there will be.
-    summary = _train(tmp_path, "p", "--val-size", "256", "--epochs", "10", "--patience", "2",
-                     "--lr", "1e-12", "--device", "cpu", capsys=capsys)
+    summary = dry_train(tmp_path / "p", "--val-size", "256", "--epochs", "10", "--patience", "2",
+                        "--lr", "1e-12", "--device", "cpu", capsys=capsys)
     assert summary["epochs"] == 3
     assert "stopping early: 2 tests in a row without a better validation accuracy" in \
         (tmp_path / "p" / "train.log").read_text()
 
 
 def test_target_accuracy_watches_the_test_set_even_with_validation(tmp_path, capsys):
-    summary = _train(tmp_path, "t", "--val-size", "256", "--target-accuracy", "0.01",
-                     "--eval-interval", "4s", "--epochs", "2", capsys=capsys)
+    summary = dry_train(tmp_path / "t", "--val-size", "256", "--target-accuracy", "0.01",
+                        "--eval-interval", "4s", "--epochs", "2", capsys=capsys)
     assert summary["target_seconds"] is not None and summary["steps"] == 4
 
 
@@ -309,13 +272,13 @@ def test_a_validation_split_must_leave_training_images(tmp_path, capsys):
 
 
 def test_a_dry_run_learns_and_a_broken_step_shows(tmp_path, capsys, monkeypatch):
-    summary = _train(tmp_path, "ok", "--device", "cpu", capsys=capsys)
+    summary = dry_train(tmp_path / "ok", "--device", "cpu", capsys=capsys)
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "ok") if r["kind"] == "train"]
     assert losses[-1] < losses[0]
     assert summary["test_accuracy"] > 0.3  # the guide's one epoch; chance is 0.1
     # The same dry run with the optimiser's step removed: the check above would catch it.
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
-    broken = _train(tmp_path, "broken", "--device", "cpu", capsys=capsys)
+    broken = dry_train(tmp_path / "broken", "--device", "cpu", capsys=capsys)
     assert broken["test_accuracy"] < 0.2
 
 

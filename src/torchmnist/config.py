@@ -305,8 +305,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "gamma": 0.7,
         "epochs": 14,
         "test_batch_size": 1000,
-        # Its checkpoint is 14 MB (1.2M parameters plus Adadelta's two buffers each); writing
-        # one every 10 batches costs about 15% of an epoch on 2 CPU cores.
+        # Its checkpoints are large (1.2M parameters and Adadelta's two buffers each).
         "save_interval": 100,
     },
     # The shortest time to 99% test accuracy; docs/benchmarks.md has the measurements behind
@@ -327,33 +326,25 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
-# On a GPU a step of the fast model costs about the same at any batch size up to 512 (it is
-# launch-bound), so fewer, larger steps win: 236 steps of 512 rather than the 704 of 64 of fast.
-# Each step is replayed from a CUDA graph (one launch instead of about fifty); in graphs, fp32
-# (cuDNN's TF32 convolutions) in NCHW order was quicker to 99% than bf16 in channels-last
-# order (0.093 s against 0.129 s median of 3 seeds on an H100), and the test set is scored in
-# one batch. docs/benchmarks.md has the search on the GPU.
+# On a GPU a step of the fast model is launch-bound, so fewer, larger steps win, each replayed
+# from a CUDA graph; in graphs fp32 (TF32 convolutions) in NCHW order beat bf16 in
+# channels-last order, and the test set is scored in one batch (docs/benchmarks.md).
 RECIPES["fast-gpu"] = {**RECIPES["fast"], "lr": 0.4, "batch_size": 512, "epochs": 2,
                        "cuda_graph": True, "amp": "none", "channels_last": False,
                        "test_batch_size": 10_000}
 
 # Where a recipe's values depend on the CPU it trains on. Without native bf16 (AVX2 CPUs) the
-# fast recipe trains in fp32, where FastNet's 16-channel first layer costs more than it gives:
-# 8 channels at batch 128 train 1.6 times as many images a second, and 0.85 epochs at rate
-# 0.3 average 99.03% over 10 seeds (docs/benchmarks.md, "The fast recipe on CPUs without
-# native bf16").
+# fast recipe trains in fp32, where FastNet's 16-channel first layer costs more than it gives
+# (docs/benchmarks.md, "The fast recipe on CPUs without native bf16").
 CPU_FP32_RECIPES: dict[str, dict[str, Any]] = {
     "fast": {"model": "fast-narrow", "batch_size": 128, "lr": 0.3, "epochs": 0.85},
 }
 
-# Where a recipe's values depend on the dataset (docs/benchmarks.md, Fashion-MNIST). Clothes
-# need more steps than digits: fast reaches 91% in 8 epochs (91.27%, mean of 3 seeds). They
-# are hurt by rotation and scaling, and keep improving for longer under best (means of 3 seeds:
-# 93.36% with affine, 93.95% with translate, 94.00% with translate for 45 epochs).
+# Where a recipe's values depend on the dataset (docs/benchmarks.md, Fashion-MNIST): clothes
+# need more steps than digits, are hurt by rotation and scaling, and keep improving for longer.
 DATASET_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("fast", "fashion-mnist"): {"lr": 0.1, "epochs": 8},
-    # All 60,000 images: holding 5,000 out for validation cost 0.13 points on seeds 1-2
-    # (93.93% against 94.06%), and choosing best.pt on them gained nothing on the test set.
+    # All 60,000 images: a validation split cost accuracy there and gained nothing.
     ("best", "fashion-mnist"): {"augment": "translate", "epochs": 45, "val_size": 0},
 }
 

@@ -29,9 +29,9 @@ from torchmnist.trained import load_model
 REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
 FIGURES = ("curves", "confusion", "mistakes")  # each written as NAME.png beside report.md
 # A dataset of your own may have many classes. Beyond these counts the confusion matrix's cells
-# are too small for their numbers (47 classes: two-digit counts overlap, and drawing 100
-# classes' took 3.6 s, 300's 30 s), the axes too crowded for every name, and the report's
-# per-class row too wide to read: each gives way to what still reads.
+# are too small for their numbers (and drawing them all grows slow), the axes too crowded for
+# every name, and the report's per-class row too wide to read: each gives way to what still
+# reads.
 MAX_COUNTED_CELLS, MAX_NAMED_CLASSES, MAX_CLASS_COLUMNS = 30, 50, 20
 # Training writes about 160 bytes a record: 256 MiB is over a million log lines, far beyond any
 # run's (a run folder handed over from elsewhere could hold a file of any size).

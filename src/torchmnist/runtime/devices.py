@@ -237,8 +237,7 @@ def bf16_native(device: torch.device) -> bool:
     On a CPU that takes the instructions (AVX512-BF16 or AMX on x86, BF16 on Arm) and kernels
     that use them: oneDNN's (which ONEDNN_MAX_CPU_ISA may cap) and torch's AVX-512 or SVE ones
     (which ATEN_CPU_CAPABILITY may cap). Elsewhere torch emulates bf16 in fp32 arithmetic with
-    conversions around it: the fast recipe's steps took 6 to 9 times as long as in fp32
-    (docs/benchmarks.md)."""
+    conversions around it, which is slower than fp32 itself (docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
@@ -289,9 +288,9 @@ def busy_cores(window: float = 0.05) -> float | None:
 
 def crowding_note(device: torch.device, threads: int | None) -> str | None:
     """A note when other work already keeps a core busy and torch will run a thread per core:
-    its threads then wait for each other behind that work (the fast recipe took 3 to 4 times
-    as long on 2 cores with one busy, docs/benchmarks.md). The thread count is not changed
-    for the user: it changes the arithmetic, and a rerun or resume must compute the same."""
+    its threads then wait for each other behind that work (docs/benchmarks.md). The thread
+    count is not changed for the user: it changes the arithmetic, and a rerun or resume must
+    compute the same."""
     if device.type != "cpu" or threads is not None or "OMP_NUM_THREADS" in os.environ:
         return None
     busy = busy_cores()

@@ -140,9 +140,9 @@ def finish() -> None:
         # The wrapper's Reducer holds the group as well. Were it freed after the group left
         # the registry, the Reducer's destructor would tear the gloo group down while holding
         # the GIL, waiting for gloo's worker thread, which waits for the GIL to free a
-        # finished collective's tensors: a hang at exit (seen once in a test-suite run, torch
-        # 2.11). Collected first, the wrapper leaves the group to destroy_process_group, whose
-        # destructor lets go of the GIL while it waits.
+        # finished collective's tensors: a hang at exit. Collected first, the wrapper leaves
+        # the group to destroy_process_group, whose destructor lets go of the GIL while it
+        # waits.
         gc.collect()
         dist.destroy_process_group()
     _joined = False

@@ -313,9 +313,9 @@ def _check_stored_sizes(path: Path, entries: list[zipfile.ZipInfo]) -> None:
     """Refuse an archive that unpacks to more bytes than it holds, before torch reads it.
 
     torch.save stores every entry as it is, so its tensors can never be larger than the file.
-    torch.load also reads compressed entries, and entries that share their bytes: a 2 MB file
-    of one deflated tensor took 2.7 GB of memory to load, and one 20 MB would take all this
-    machine has. Such a file is refused without reading its entries.
+    torch.load also reads compressed entries, and entries that share their bytes, so a file of
+    a few megabytes could unpack to all the memory there is. Such a file is refused without
+    reading its entries.
     """
     if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
         raise UsageError(f"{path} is a zip archive with compressed entries, which torch.save "
