@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("flags", nargs=argparse.REMAINDER, help="after --: bench's flags")
-    args = parser.parse_args()
-    flags = [f for f in args.flags if f != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, flags = parser.parse_args(argv[:split]), argv[split + 1:]  # after --: bench's flags
     seen: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
     hardware = ""
     for round_ in range(1, args.rounds + 1):

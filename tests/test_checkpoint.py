@@ -99,8 +99,8 @@ def test_tensors_with_no_values_are_named_wherever_they_are(tmp_path, capsys):
     code, _, err = run_main(["train", "--dry-run", "--init-from", "weights.pt", "--run-dir",
                              "fine"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "weights.pt is a damaged checkpoint: conv1.weight holds no "
-                              "values (a tensor on the meta device)")
+    assert_one_sentence_error(err, "weights.pt", "damaged", "conv1.weight",
+                              "meta device")
     code, _, err = _test("weights.pt", capsys)
     assert code == 2 and "conv1.weight holds no values" in err
     # Deep inside a run's checkpoint: the optimiser's momentum, on resume.
@@ -110,8 +110,8 @@ def test_tensors_with_no_values_are_named_wherever_they_are(tmp_path, capsys):
     torch.save(saved, "r/last.pt")
     code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: "
-                              "optimizer.state.0.momentum_buffer holds no values")
+    assert_one_sentence_error(err, "r/last.pt", "damaged",
+                              "optimizer.state.0.momentum_buffer")
 
 
 def test_a_pickle_that_holds_itself_is_looked_through_once(tmp_path, capsys):

@@ -383,8 +383,7 @@ def test_metrics_nested_deeper_than_the_stack_are_named_not_a_recursion_error(ca
         sys.setrecursionlimit(limit)
     code, _, err = run_main(["train", "--resume", "r", "--epochs", "2"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "r/last.pt is a damaged checkpoint: its metrics hold values "
-                                   "that are not plain JSON numbers or text")
+    assert_one_sentence_error(err, "r/last.pt", "damaged", "metrics")
 
 
 @pytest.mark.parametrize("index", [torch.tensor([5, 5]), torch.tensor([1.0, 2.0]),
@@ -398,8 +397,7 @@ def test_a_damaged_validation_split_is_named(index, capsys):
     torch.save(saved, "r/last.pt")
     code, _, err = run_main(["train", "--resume", "r", "--epochs", "1"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "the checkpoint's validation split is damaged: it is not 2 "
-                                   "different training images of the 1024")
+    assert_one_sentence_error(err, "validation split", "damaged")
 
 
 def test_a_wrongly_typed_setting_in_config_json_is_named(capsys):
@@ -409,7 +407,7 @@ def test_a_wrongly_typed_setting_in_config_json_is_named(capsys):
     (run / "config.json").write_text(json.dumps(config))
     code, _, err = run_main(["report", "r", "--no-download"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "config.json is damaged: lr must be a number, not 'fast'")
+    assert_one_sentence_error(err, "config.json", "damaged", "lr", "'fast'")
     assert not (run / "report").exists()
 
 

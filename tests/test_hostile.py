@@ -246,7 +246,7 @@ def test_report_writes_only_into_a_folder_it_may_fill(capsys):
     Path("notes/report.md").write_text("my own notes\n")
     code, _, err = run_main(["report", "r", "--out", "notes", "--mistakes", "4"], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "notes is not empty and is not a torchmnist report's folder")
+    assert_one_sentence_error(err, "notes", "not a torchmnist report's folder")
     assert [p.name for p in Path("notes").iterdir()] == ["report.md"]
     assert Path("notes/report.md").read_text() == "my own notes\n"
     # A report's own folder is written again; a run folder takes a report beside its files.
@@ -309,8 +309,7 @@ def test_swapped_train_and_test_files_are_refused(tmp_path, capsys):
     write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 100))
     write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10_001, 28, 28)))
     write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 10_001))
-    with pytest.raises(UsageError, match="holds 10001 items, more than the 10000 of its split: "
-                                         "are the train and test files swapped"):
+    with pytest.raises(UsageError, match="10001 items.*train and test files swapped"):
         data.load("mnist", tmp_path / "data", download=False)
 
 

@@ -126,8 +126,7 @@ def test_own_data_that_cannot_work_is_refused_in_one_sentence(train, fragment):
 def test_labels_beyond_the_named_classes_are_refused():
     (train_x, train_y), test = _bars(100, 40)
     own = torchmnist.OwnData(train=(train_x, train_y), test=test, classes=["a", "b", "c"])
-    with pytest.raises(torchmnist.UsageError, match="the training labels must run from 0 to 2 "
-                                                    "for 3 classes"):
+    with pytest.raises(torchmnist.UsageError, match="labels must run from 0 to 2"):
         _train(torchmnist.TrainConfig(epochs=1), own)
 
 

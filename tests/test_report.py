@@ -160,7 +160,7 @@ def test_a_report_file_that_is_a_link_is_refused_and_what_it_names_untouched(cap
     Path("r/report/curves.png").symlink_to(Path("mine.png").resolve())
     code, out, err = run_main(["report", "r"], capsys)
     assert code == 2 and out == ""
-    assert_one_sentence_error(err, "r/report/curves.png is a symbolic link, not a plain file",
+    assert_one_sentence_error(err, "r/report/curves.png", "symbolic link",
                               "nothing in r/report was changed", "--out")
     assert Path("mine.png").read_bytes() == b"my own figure"
     assert sorted(p.name for p in Path("r/report").iterdir()) == ["curves.png", "report.md"]
@@ -177,8 +177,8 @@ def test_a_report_made_again_on_a_failing_disk_leaves_the_old_one_whole(capsys, 
     monkeypatch.setattr(os, "fsync", full_disk)
     code, out, err = run_main(["report", "r"], capsys)
     assert code == 1 and out == ""
-    assert_one_sentence_error(err, "could not write r/report/curves.png (No space left on "
-                              "device", "the previous file there, if any, is unchanged")
+    assert_one_sentence_error(err, "r/report/curves.png", "No space left on device",
+                              "unchanged")
     assert {p.name: p.read_bytes() for p in Path("r/report").iterdir()} == before
 
 

@@ -183,7 +183,7 @@ def test_bench_prints_environment_and_every_loader(capsys):
 def test_bench_rejects_a_bad_loader_list(loaders, capsys):
     code, _, err = run_main(["bench", "--dry-run", "--loaders", loaders], capsys)
     assert code == 2
-    assert_one_sentence_error(err, "--loaders takes tensor, dataloader[:WORKERS] or premade")
+    assert_one_sentence_error(err, "--loaders", "dataloader[:WORKERS]")
 
 
 def test_erase_blanks_one_rectangle_in_about_half_the_images():
