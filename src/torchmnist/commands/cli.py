@@ -462,10 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             # Imported here, as every command's code is: --help and --version answer without
             # importing torch, which takes seconds.
             from torchmnist import setup, training
+            from torchmnist.runtime import distributed
 
             config, resumed = setup.from_flags(explicit)
             summary = training.train(config, resumed=resumed)
-            if config.json and setup.distributed.from_environment().main:
+            if config.json and distributed.from_environment().main:
                 print(json.dumps(summary, allow_nan=False))
             return 0
         if args.command == "bench":
