@@ -54,34 +54,8 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
            download: bool = True) -> dict:
     """Export, check parity on 256 test images, and return what was written and measured.
     Without `format`, the one `out`'s name ends as (model.onnx)."""
-    named = format_named_by(out) if out and not Path(out).is_dir() else None
-    if format is None:
-        if named is None:
-            raise UsageError("say which format to write: --format onnx, torchscript or "
-                             "safetensors, or an --out ending .onnx, .torchscript.pt or "
-                             ".safetensors")
-        format = named
-    if format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
-    if named not in (None, format):
-        # A file that says one format and holds another is opened by the wrong tool later.
-        raise UsageError(f"--out {printable(str(out))} is named as {KINDS[named]} file, but "
-                         f"--format is {format}: give an --out ending {FORMATS[format]}, or "
-                         "leave --format out")
     source = checkpoint.file_in(checkpoint_path)  # a run folder: its last.pt
-    default_name = source.name.split(".")[0] + FORMATS[format]
-    out = Path(out) if out else source.with_name(default_name)
-    if out.is_dir():  # a folder: the file goes inside it, named after the checkpoint
-        out = out / default_name
-    if out.exists() and out.resolve() == source.resolve():
-        raise UsageError(f"exporting would overwrite {source} itself; choose --out")
-    if out.exists() and not out.is_file():
-        # The export is renamed over --out: /dev/null itself would become the file.
-        raise UsageError(f"--out {out} is not a regular file (a device or a pipe), which "
-                         "exporting would replace; choose a file name")
-    if out.is_file() and rundir.is_run_file(out):
-        raise UsageError(f"exporting would overwrite {out}, which its run keeps; choose "
-                         "another --out")
+    format, out = _format_and_target(source, format, out)
     trained = load_model(source, model=model, dataset=dataset)
     spec = trained.spec
     network = trained.model.float().eval()
@@ -136,6 +110,41 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
     return {"file": str(out), "format": format, "model": trained.name, "dataset": spec.name,
             "parity_images": len(x), "max_abs_diff": difference, "same_predictions": agree,
             "tolerance": TOLERANCE, "bytes": out.stat().st_size}
+
+
+def _format_and_target(source: Path, format: str | None,
+                       out: str | os.PathLike | None) -> tuple[str, Path]:
+    """The format to write and the file to write it to, or one sentence: `out` names the
+    format when `format` does not, a folder takes a file named after the checkpoint, and
+    neither the checkpoint, a file its run keeps nor a device is ever written over."""
+    named = format_named_by(out) if out and not Path(out).is_dir() else None
+    if format is None:
+        if named is None:
+            raise UsageError("say which format to write: --format onnx, torchscript or "
+                             "safetensors, or an --out ending .onnx, .torchscript.pt or "
+                             ".safetensors")
+        format = named
+    if format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if named not in (None, format):
+        # A file that says one format and holds another is opened by the wrong tool later.
+        raise UsageError(f"--out {printable(str(out))} is named as {KINDS[named]} file, but "
+                         f"--format is {format}: give an --out ending {FORMATS[format]}, or "
+                         "leave --format out")
+    default_name = source.name.split(".")[0] + FORMATS[format]
+    out = Path(out) if out else source.with_name(default_name)
+    if out.is_dir():  # a folder: the file goes inside it, named after the checkpoint
+        out = out / default_name
+    if out.exists() and out.resolve() == source.resolve():
+        raise UsageError(f"exporting would overwrite {source} itself; choose --out")
+    if out.exists() and not out.is_file():
+        # The export is renamed over --out: /dev/null itself would become the file.
+        raise UsageError(f"--out {out} is not a regular file (a device or a pipe), which "
+                         "exporting would replace; choose a file name")
+    if out.is_file() and rundir.is_run_file(out):
+        raise UsageError(f"exporting would overwrite {out}, which its run keeps; choose "
+                         "another --out")
+    return format, out
 
 
 def _needs(*modules: str) -> None:
