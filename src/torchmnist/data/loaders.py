@@ -112,9 +112,8 @@ class _PILDigits(Dataset):
         from torchvision import transforms
 
         # Tensors, as torchvision keeps them: a worker started by spawn or forkserver (macOS,
-        # Windows; Linux from Python 3.14) is sent them through shared memory. A NumPy array
-        # was pickled to every worker, which kept the workers 1.4 s behind as a run began
-        # (benchmarks/start_methods.py); the parent waited forever if a worker died first.
+        # Windows; Linux from Python 3.14) is sent them through shared memory, where a NumPy
+        # array would be pickled to every worker, slowly (benchmarks/start_methods.py).
         self.split: Split | None = split
         self.n = len(split)
         self._arrays: tuple[np.ndarray, list[int]] | None = None
