@@ -155,3 +155,26 @@ def test_api_arguments_are_checked_as_their_flags_are(call, sentence, trained):
     # A numpy count and a torch.device are taken as they are meant.
     assert len(torchmnist.predict(trained["run_dir"], [_ring()], top=np.int64(2))[0]["top"]) == 2
     assert isinstance(torchmnist.load(trained["run_dir"], device=torch.device("cpu")), nn.Module)
+
+
+@pytest.mark.parametrize("settings, fix", [
+    ({"model": nn.Linear(784, 10)}, "torchmnist.train(config, model=network)"),
+    ({"dataset": torchmnist.OwnData(train=(torch.zeros(4, 28, 28), torch.zeros(4)),
+                                    test=(torch.zeros(4, 28, 28), torch.zeros(4)))},
+     "torchmnist.train(config, data=OwnData(...))"),
+])
+def test_a_config_holds_settings_and_names_where_objects_go(settings, fix):
+    with pytest.raises(torchmnist.UsageError) as caught:
+        torchmnist.TrainConfig(**settings)
+    assert fix in str(caught.value)
+
+
+@pytest.mark.parametrize("objects, fragment", [
+    ({"model": "guide"}, "model must be an nn.Module, not str"),
+    ({"data": (torch.zeros(4, 28, 28), torch.zeros(4))}, "data must be a torchmnist.OwnData"),
+])
+def test_train_names_an_object_it_cannot_take(objects, fragment, tmp_path):
+    config = torchmnist.TrainConfig(dry_run=True, quiet=True, run_dir=str(tmp_path / "r"))
+    with pytest.raises(torchmnist.UsageError, match=fragment):
+        torchmnist.train(config, **objects)
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made

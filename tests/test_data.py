@@ -190,6 +190,23 @@ def test_closing_a_loader_stops_its_workers_and_the_next_epoch_starts_new_ones()
     loader.close()
 
 
+def test_closing_a_loader_mid_epoch_stops_its_workers_while_its_batches_are_still_held():
+    # A run stopped by a signal or an error leaves its epoch's batches unfinished, held by the
+    # traceback's frames; closing the loader must still stop the workers then.
+    digits = data.synthetic(n_train=300, n_test=100)
+    loader = data.LoaderBatches(digits.train, digits.spec, 64, torch.device("cpu"),
+                                shuffle=True, seed=5, num_workers=2)
+    before = set(multiprocessing.active_children())
+    batches = loader.batches(1)
+    next(batches)  # one batch taken, the rest of the epoch still in flight
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    loader.close()
+    assert not any(worker.is_alive() for worker in workers)
+    assert next(batches, None) is None  # the epoch's batches ended with the loader
+    del batches
+
+
 @pytest.mark.slow
 def test_a_loader_still_open_when_python_exits_does_not_hang_it(tmp_path):
     # Workers ignore SIGTERM (so that a signal to the whole process group cannot kill them

@@ -287,9 +287,6 @@ def _settled(config: TrainConfig, amp: str, model: nn.Module | None,
         if not all(hasattr(data, a) for a in ("train", "test", "name")):
             raise UsageError(f"data must be a torchmnist.OwnData, not {type(data).__name__}")
         changes["dataset"] = OWN_PREFIX + (re.sub(r"[^\w.-]", "-", str(data.name)) or "own")
-    elif config.dataset.startswith(OWN_PREFIX):
-        raise UsageError(f"the data of this run ({config.dataset}) was given from Python: pass "
-                         "it again, as torchmnist.train(config, data=OwnData(...))")
     return dataclasses.replace(config, **changes)
 
 

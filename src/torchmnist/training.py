@@ -109,6 +109,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> Tested | None:
     total = run.epoch_steps(epoch)
     run.log.start_bar(total, progress.batch, desc=f"epoch {epoch}/{run.epochs}")
     step = run.graphed_step or functools.partial(train_step, run)  # --cuda-graph: replayed
+    test_every = run.test_every  # --eval-interval Ns, parsed once, not at every step
     mark, hit = time.perf_counter(), None  # progress.seconds counts the time to mark
     batches = run.train_batches.batches(epoch, start=progress.batch)
     for x, y in itertools.islice(batches, total - progress.batch):  # x: (B, 1, 28, 28)
@@ -120,7 +121,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> Tested | None:
         logging = progress.batch % config.log_interval == 0 or last
         if logging:
             mark = _log_window(run, epoch, total, mark)  # the one wait for the device
-        if run.test_every and progress.step % run.test_every == 0 and not last:
+        if test_every and progress.step % test_every == 0 and not last:
             progress.seconds += time.perf_counter() - mark
             tested = test(run, epoch)  # adds its own time
             mark = time.perf_counter()
