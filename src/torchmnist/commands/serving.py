@@ -22,8 +22,8 @@ import asyncio
 import base64
 import binascii
 import io
-import itertools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_BYTES = 5 * 1024 * 1024  # an upload larger than this is refused (413)
 MAX_PIXELS = 25_000_000  # an image with more pixels than this is refused (400)
 MAX_PARTS = 16  # a multipart body with more parts than this is refused (400)
-MAX_PART_HEADERS = 16 * 1024  # bytes of headers of one part, likewise
+MAX_PART_HEADERS = 16 * 1024  # bytes of one header line of a part, likewise
 BATCH = 64  # the most requests one forward pass takes
 WAIT = 0.002  # seconds a request waits for others to join its batch
 
@@ -165,6 +165,8 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
                          "pip install 'torchmnist[serve]'") from None
     from contextlib import asynccontextmanager
 
+    # A malformed body is answered to its client; python-multipart would also log a warning.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     trained = load_model(checkpoint_path, model=model, dataset=dataset)
     target = devices.resolve_device(device)
     network = trained.model.to(target).eval()
@@ -250,74 +252,41 @@ async def _image_bytes(request, max_bytes: int) -> tuple[str, bytes]:
 
 
 def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
-    """The first file part of a multipart body (its field named "image", or any file).
+    """The first file of a multipart body: its part named "image" (or "file"), or any file.
+    python-multipart reads it, within limits on the parts and their headers, and decodes the
+    base64 or quoted-printable that older mail-style clients still send."""
+    from python_multipart import FormParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
 
-    The body is split on its boundary here, and only each part's few header lines go to the
-    email parser, at most 16 KB of them: given a whole body of many tiny parts, or of parts
-    nested in parts, that parser would hold the event loop for seconds or exhaust Python's
-    stack. A form that uploads a drawing sends one or two parts, none nested.
-    """
-    from email.message import Message
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    header = Message()
-    header["content-type"] = content_type
-    boundary = header.get_boundary()
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise BadInput(400, "the multipart body cannot be read: its content type gives no "
                             "boundary")
-    # Each part follows a line "--boundary" and runs to the line break before the next; the
-    # last such line is "--boundary--". Whatever comes before the first is a preamble, ignored.
-    # Lines end in CRLF, as HTTP's do; a bare LF, which some hand-made clients send, is taken.
-    pieces = (b"\n" + body).split(b"\n--" + boundary.encode("latin-1"))[1:]
-    if not pieces:
-        raise BadInput(400, "the multipart body cannot be read: its boundary never appears")
-    parts = list(itertools.takewhile(lambda piece: not piece.startswith(b"--"), pieces))
-    if len(parts) > MAX_PARTS:
-        raise BadInput(400, f"the multipart body has {len(parts):,} parts, more than the "
-                            f"{MAX_PARTS} this server reads: send the image alone")
+    parts: list = []
+
+    def take(part) -> None:
+        parts.append(part)
+        if len(parts) > MAX_PARTS:  # stops the parser here, however many parts follow
+            raise BadInput(400, f"the multipart body has more than the {MAX_PARTS} parts this "
+                                "server reads: send the image alone")
+
+    # Files are kept in memory: the body, already in memory, is at most --max-bytes.
+    parser = FormParser("multipart/form-data", take, take, boundary=boundary, config={
+        "MAX_MEMORY_FILE_SIZE": len(body) + 1, "MAX_HEADER_SIZE": MAX_PART_HEADERS})
+    try:
+        parser.write(body[max(0, body.find(b"--" + boundary)):])  # past any preamble
+        parser.finalize()
+    except FormParserError as error:
+        raise BadInput(400, f"the multipart body cannot be read: {error}") from None
     for part in parts:
-        part = part.partition(b"\n")[2]  # after the rest of the boundary's line
-        part = part[:-1] if part.endswith(b"\r") else part  # the CR of the next one's CRLF
-        head, content = _head_and_content(part)
-        if len(head) > MAX_PART_HEADERS:
-            raise BadInput(400, f"a part of the multipart body has {len(head):,} bytes of "
-                                f"headers, more than the {MAX_PART_HEADERS:,} this server reads")
-        headers = BytesParser(policy=HTTP).parsebytes(head + b"\r\n\r\n", headersonly=True)
-        name = headers.get_param("name", header="content-disposition")
-        filename = headers.get_filename()
-        if name in ("image", "file") or filename:
-            data = _transfer_decoded(content, headers.get("content-transfer-encoding", ""))
+        filename = getattr(part, "file_name", None)
+        if part.field_name in (b"image", b"file") or filename:
+            data = part.file_object.getvalue() if hasattr(part, "file_object") else part.value
             if not data:
                 raise BadInput(400, "the uploaded file is empty")
-            return filename or "<upload>", data
+            return printable((filename or b"<upload>").decode("utf-8", "replace")), data
     raise BadInput(422, 'the multipart body has no file: send it in a field named "image"')
-
-
-def _head_and_content(part: bytes) -> tuple[bytes, bytes]:
-    """A part's header lines and its content, which the first empty line separates."""
-    ends = [at for at in (part.find(b"\r\n\r\n"), part.find(b"\n\n")) if at >= 0]
-    if part.startswith((b"\r\n", b"\n")):  # no headers at all
-        return b"", part[2:] if part.startswith(b"\r\n") else part[1:]
-    if not ends:
-        return part, b""
-    at = min(ends)
-    return part[:at], part[at + (4 if part.startswith(b"\r\n\r\n", at) else 2):]
-
-
-def _transfer_decoded(content: bytes, encoding: str) -> bytes:
-    """A part's bytes: as sent (browsers and curl send binary), or from the base64 or
-    quoted-printable that older mail-style clients still use."""
-    import quopri
-
-    encoding = encoding.strip().lower()
-    if encoding == "base64":
-        try:
-            return base64.b64decode(b"".join(content.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise BadInput(400, "the uploaded file's base64 is not valid") from None
-    return quopri.decodestring(content) if encoding == "quoted-printable" else content
 
 
 def _about(path: Path, trained, network) -> dict[str, Any]:
