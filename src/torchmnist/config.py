@@ -51,8 +51,7 @@ def gpu_index_problem(device: str) -> str | None:
 
 
 def _device_text(text: str) -> str:
-    """--device's text; a GPU by index gets its explanation (argparse would list the
-    choices)."""
+    """--device's text; a GPU by index gets its explanation, not argparse's list of choices."""
     problem = gpu_index_problem(text)
     if problem:
         import argparse
@@ -62,8 +61,7 @@ def _device_text(text: str) -> str:
 
 
 class _Unset:
-    """What a field holds until `__post_init__` fills it: the recipe's value, else the plain
-    default (kept in the field's metadata)."""
+    """A field's value until `__post_init__` fills it from the recipe or the plain default."""
 
     def __repr__(self) -> str:
         return "<from the recipe>"
@@ -286,8 +284,7 @@ class TrainConfig:
 
     @classmethod
     def for_recipe(cls, recipe: str = "guide", **overrides: Any) -> TrainConfig:
-        """A recipe's config with some values changed: `TrainConfig.for_recipe("official",
-        epochs=1)`, the same as `TrainConfig(recipe="official", epochs=1)`."""
+        """`for_recipe("official", epochs=1)` is `TrainConfig(recipe="official", epochs=1)`."""
         return cls(recipe=recipe, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,9 +392,7 @@ def _recipe_values(given: dict[str, Any]) -> dict[str, Any]:
 
 def _on_cpu_without_bf16(device: Any) -> bool:
     """Whether --device `device` trains on a CPU that only emulates bf16 (devices.py decides)."""
-    # Imported here, not at the top: this module stays free of torch so that `torchmnist
-    # --help` answers at once, and only recipes with a CPU variant need to ask.
-    from torchmnist.runtime import devices
+    from torchmnist.runtime import devices  # here: without torch, --help answers at once
 
     try:
         chosen = devices.resolve_device(device)
@@ -415,8 +410,7 @@ def differences(config: TrainConfig) -> dict[str, Any]:
     """The settings of `config` that differ from its recipe's values (on its dataset)."""
     recipe = _recipe_values({"recipe": config.recipe, "dataset": config.dataset,
                              "dry_run": config.dry_run, "device": config.device})
-    # A recipe's amp "auto" becomes what the device computes in; the run's precision line
-    # says which, so it is no difference.
+    # amp "auto" becomes what the device computes in, which the precision line tells.
     return {name: value for name, value in config.to_dict().items()
             if name not in _NOT_SHOWN and value != recipe[name]
             and not (name == "amp" and recipe[name] == "auto")}
@@ -429,9 +423,8 @@ _ONLY_WITH = (("momentum", "optimizer", "sgd"), ("nesterov", "optimizer", "sgd")
 
 
 def idle_settings(config: TrainConfig) -> list[str]:
-    """A sentence for each setting changed from its recipe's value that does nothing in this
-    run (--momentum with Adam, --gamma without the step schedule): it is not refused, since a
-    sweep may search it beside the setting that enables it, but it is not silent either."""
+    """A sentence for each changed setting that does nothing in this run (--momentum with Adam):
+    not refused, since a sweep may search it beside the setting that enables it."""
     def shown(name: str) -> str:  # as it is typed: --nesterov, --momentum 0.9
         value = getattr(config, name)
         if isinstance(value, bool):
@@ -456,9 +449,8 @@ def resolve(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> Tr
         raise UsageError(f"unknown config keys: {', '.join(sorted(unknown))}")
     if saved is None:
         return TrainConfig(**explicit)  # the recipe fills the rest
-    # Resuming: every value is the checkpoint's, never the recipe's. A key the checkpoint lacks
-    # was added after it was written, and its run used the plain default. Not the saved
-    # run_dir: a resumed run goes on where its checkpoint now is.
+    # Resuming: the checkpoint's values (a key it lacks, the plain default), never the
+    # recipe's; not its run_dir: a resumed run goes on where its checkpoint now is.
     base = {name: plain_default(name) for name in field_names()}
     base.update((k, v) for k, v in saved.items() if k in field_names() and k != "run_dir")
     return TrainConfig(**{**base, **explicit})
@@ -529,8 +521,8 @@ def validate(config: TrainConfig) -> None:
 
 
 def _check_path(name: str, value: str) -> None:
-    """A path is written to train.log and config.json, so it must be printable UTF-8 (a
-    newline would split the log's lines); --resume "$UNSET" must not start a fresh run."""
+    """A path goes into train.log and config.json: printable UTF-8 only. --resume "$UNSET" must
+    not start a fresh run."""
     if not is_utf8(value):
         raise UsageError(f"--{_flag(name)} {printable(value)} is not valid UTF-8, so it cannot "
                          "be written to train.log and config.json; rename it")
@@ -548,7 +540,6 @@ _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.<>]*")
 
 
 def frozen_prefixes(config: TrainConfig) -> list[str]:
-    """--freeze as a list of parameter name prefixes."""
     return [part.strip() for part in config.freeze.split(",") if part.strip()]
 
 
@@ -558,8 +549,7 @@ class Schedule(NamedTuple):
 
 
 def schedule_length(config: TrainConfig, steps_per_epoch: int) -> Schedule:
-    """The run's length for `steps_per_epoch` batches an epoch. A fractional --epochs rounds
-    to the nearest step, at least one."""
+    """The run's length; a fractional --epochs rounds to the nearest step, at least one."""
     total = max(1, round(config.epochs * steps_per_epoch))
     return Schedule(total, math.ceil(total / steps_per_epoch))
 
@@ -572,8 +562,7 @@ class Interval(NamedTuple):
 
 
 def eval_interval(config: TrainConfig) -> Interval:
-    """--eval-interval as a typed value: "2" is Interval("epochs", 2), "500s" is
-    Interval("steps", 500). Checked when the config is made, so this cannot fail later."""
+    """"2" is Interval("epochs", 2), "500s" Interval("steps", 500); checked with the config."""
     text = str(config.eval_interval).strip()
     unit, number = ("steps", text[:-1]) if text.endswith("s") else ("epochs", text)
     if not number.isdigit() or int(number) < 1:
@@ -586,14 +575,12 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-# ---------------------------------------------------------------------------------------------
-# Config files (--config)
+# ---- Config files (--config) ---------------------------------------------------------------------
 
 
 def _shown(value: Any) -> str:
-    """A value from a file, for a message: its repr, cut short. (YAML's aliases let a file of a
-    few lines hold a list of millions of items, which a plain repr would spend seconds and
-    gigabytes writing out.)"""
+    """A value for a message: its repr, cut short (YAML's aliases let a few lines hold a list of
+    millions of items)."""
     short = reprlib.Repr()
     short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 4, 4, 4
     short.maxstring = short.maxother = 60
@@ -608,8 +595,7 @@ def is_number(value: Any, *, whole: bool = False) -> bool:
 
 
 def count(flag: str, value: Any, least: int = 1) -> int:
-    """A count given to an API call (--top, --batch-size): a whole number of at least `least`,
-    as the command line's flag takes it, or one sentence."""
+    """A count given to an API call (--top): a whole number of at least `least`, as the flag."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise UsageError(f"{flag} must be a whole number, not {_shown(value)}")
     if value < least:
@@ -648,9 +634,8 @@ def coerce(name: str, value: Any) -> Any:
 
 
 def checked(values: dict[str, Any]) -> dict[str, Any]:
-    """Saved settings (a checkpoint's, a run's config.json), each as its field takes it, so that a
-    damaged or crafted value is named at once rather than failing wherever it is first used.
-    Keys that are not settings are kept as they are."""
+    """Saved settings (a checkpoint's, a config.json) each as its field takes it, so a damaged
+    value is named at once; keys that are not settings are kept as they are."""
     known = set(field_names())
     values = {key: coerce(key, value) if key in known else value for key, value in values.items()}
     for key in ("resume", "init_from"):  # an empty path, which meant none before it was refused
@@ -660,8 +645,7 @@ def checked(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings in a TOML, YAML or JSON file (a run's own config.json included), checked
-    against the schema; unknown keys are refused by name."""
+    """The settings in a TOML, YAML or JSON file (a config.json too), each checked."""
     path = Path(path)
     values = read_structured_file(path, "--config")
     if not isinstance(values, dict):
@@ -680,12 +664,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_structured_file(path: Path, flag: str) -> Any:
-    """What a TOML, YAML or JSON file that `flag` names holds, or one sentence saying why it
-    cannot be read (the messages name the flag)."""
+    """What the TOML, YAML or JSON file `flag` names holds, or one sentence naming the flag."""
     try:
         found = path.stat()
-        # A pipe would be waited on forever and /dev/zero read until memory runs out; a
-        # settings file is a few kilobytes.
+        # A pipe would be waited on forever, /dev/zero read until memory runs out.
         if not stat.S_ISREG(found.st_mode):
             what = "a folder" if stat.S_ISDIR(found.st_mode) else "not a regular file"
             raise UsageError(f"cannot read {flag} {path}: it is {what}")

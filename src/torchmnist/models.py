@@ -58,13 +58,9 @@ class OfficialNet(nn.Module):
 
 
 class FastNet(nn.Module):
-    """The quickest network to 99% on a CPU with native bf16 (docs/benchmarks.md has the
-    search behind it).
-
-    The guide's two 5x5 convolutions, wider (16 and 48 channels: multiples of 16 suit the
-    vector units), with BatchNorm instead of dropout, and pooling *before* BatchNorm and ReLU
-    so that those run on a quarter of the pixels. 27,418 parameters.
-    """
+    """The quickest network to 99% on a CPU with native bf16 (docs/benchmarks.md): the guide's
+    two 5x5 convolutions, wider (16 and 48 channels suit the vector units), BatchNorm instead of
+    dropout, pooling *before* BatchNorm and ReLU (a quarter of the pixels). 27,418 parameters."""
 
     def __init__(self, num_classes: int = 10, first: int = 16) -> None:
         super().__init__()
@@ -111,14 +107,10 @@ class BestNet(nn.Module):
 
 
 class EarlyExitNet(nn.Module):
-    """The guide's aside on dynamic control flow made useful: three stages, each followed by
-    a classifier ("head"). Training runs every head and returns the mean of their
-    log-probabilities, so F.nll_loss of it is the mean of the heads' losses: all heads learn.
-    In eval mode each image leaves at the first head whose top probability reaches
-    `exit_threshold`, so easy images cost a fraction of the network; `exits` counts where
-    images left, and `MACS` is what an image that leaves at each head cost. 40,206
-    parameters.
-    """
+    """The guide's aside on dynamic control flow made useful: three stages, each with a head.
+    Training returns the mean of the heads' log-probabilities, so F.nll_loss trains them all. In
+    eval mode an image leaves at the first head sure to `exit_threshold`; `exits` counts where,
+    `MACS` is each exit's cost. 40,206 parameters."""
 
     data_dependent = True  # eval takes a different path per batch: no CUDA graph holds it
     # Multiply-accumulates per image: each stage's convolution and head, summed up to the

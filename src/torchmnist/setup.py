@@ -39,8 +39,7 @@ from torchmnist.runtime.graphs import GraphedStep, GraphedTest
 from torchmnist.runtime.runlog import RunLog
 from torchmnist.storage import checkpoint, rundir
 
-# ---------------------------------------------------------------------------------------------
-# What a run holds
+# ---- What a run holds ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -62,8 +61,7 @@ class Progress:
     window_batches: int = 0
 
     def count(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
-        """Add one trained batch. No .item() here: adding on the device keeps the GPU busy
-        instead of waiting for it."""
+        """Add one trained batch, on the device: no .item(), which would wait for it."""
         self.epoch_loss_sum += loss
         self.epoch_correct_sum += correct
         self.epoch_images += images
@@ -77,8 +75,8 @@ class Progress:
                 for k, v in self.__dict__.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Take a saved state; the loss sums stay on this Progress's device. Keys a newer
-        checkpoint may add are ignored; ones an older one lacks keep their defaults."""
+        """Take a saved state, the sums staying on this device; unknown keys are ignored, and
+        missing ones keep their defaults."""
         for key, value in state.items():
             if key not in self.__dataclass_fields__:
                 continue
@@ -115,9 +113,7 @@ class Run:
     epoch_began: float = 0.0  # progress.seconds when this epoch (or its resumed part) began
     # This process's place among the processes torchrun started (one, without torchrun).
     world: distributed.World = field(default_factory=distributed.World)
-    # The hardware and the precision chosen for it, as the first lines say them; saved in
-    # every checkpoint beside the config, which holds the precision itself (amp).
-    hardware: str = ""
+    hardware: str = ""  # the hardware and precision, as the first lines say them (saved)
     # Called after each test with (accuracy followed, step, epoch, whether it is the run's last
     # test); it may raise to end the run there (a sweep's pruner does).
     on_test: Callable[[float, int, int, bool], None] | None = None
@@ -128,18 +124,15 @@ class Run:
         return self.run_dir / "last.pt"
 
     @property
-    def epochs(self) -> int:
-        """Epochs begun in the whole run; the last may be cut short by a fractional --epochs."""
+    def epochs(self) -> int:  # epochs begun; the last may be cut short by --epochs 0.6
         return schedule_length(self.config, len(self.train_batches)).epochs
 
     @property
     def total_steps(self) -> int:
-        """Optimiser steps in the whole run."""
         return schedule_length(self.config, len(self.train_batches)).steps
 
     @property
-    def test_every(self) -> int:
-        """Steps between tests with --eval-interval in steps (Ns), else 0."""
+    def test_every(self) -> int:  # steps between tests with --eval-interval Ns, else 0
         interval = eval_interval(self.config)
         return interval.every if interval.unit == "steps" else 0
 
@@ -150,21 +143,17 @@ class Run:
         return min(per_epoch, total - (epoch - 1) * per_epoch)
 
     @property
-    def background(self) -> float:
-        """The normalised value of an empty pixel, which augmentation fills in."""
+    def background(self) -> float:  # an empty pixel, normalised: augmentation fills it in
         return self.spec.normalized_background
 
     @property
-    def tested_model(self) -> nn.Module:
-        """The weights that are tested and shipped: the average when --ema is on."""
+    def tested_model(self) -> nn.Module:  # what is tested and shipped: the --ema average, if on
         return self.ema.module if self.ema is not None else self.model
 
     def close(self) -> None:
-        """Let go of what the run holds, however it ended: the graphs' device memory, the
-        loader workers, the log files and progress bar, the run folder's lock and, under
-        torchrun, the process group (after the DistributedDataParallel wrapper: see
-        distributed.finish). Safe to call more than once; each step is taken even if one before
-        it fails (a full disk can make closing the log raise)."""
+        """Let go of the graphs, loader workers, log files, the folder's lock and the process
+        group (after the DDP wrapper: distributed.finish), however the run ended. Each step is
+        taken even if one before it fails (a full disk can make closing the log raise)."""
         self.graphed_step = self.graphed_test = None
         with contextlib.ExitStack() as steps:  # registered last to first: it calls them LIFO
             steps.callback(distributed.finish)
@@ -181,14 +170,12 @@ class Run:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipeline
+# ---- The pipeline --------------------------------------------------------------------------------
 
 
 def from_flags(explicit: dict[str, Any]) -> tuple[TrainConfig, dict | None]:
-    """The config of `torchmnist train` from the flags a user typed (and a --config file's,
-    which the flags override), with the checkpoint a --resume names, read once. A resumed run
-    keeps its saved settings; only flags given now may change them."""
+    """`torchmnist train`'s config from the flags typed (over a --config file's), and the
+    checkpoint --resume names, read once: a resumed run keeps its settings but for those flags."""
     if "config" in explicit:
         explicit = {**read_config_file(explicit.pop("config")), **explicit}
     run_dir = explicit.get("run_dir")
@@ -212,8 +199,7 @@ def from_flags(explicit: dict[str, Any]) -> tuple[TrainConfig, dict | None]:
 
 def build(config: TrainConfig, *, model: nn.Module | None = None,
           data: datasets.OwnData | None = None, resumed: dict | None = None) -> Run:
-    """Build the run. `model`: your own network, trained as it is; `data`: your own images;
-    `resumed`: the checkpoint `config.resume` names, when the caller has already read it."""
+    """Build the run (`model`, `data`, `resumed`: as `training.train` takes them)."""
     loaders.refuse_in_a_starting_process()
     devices.prepare_environment(cuda_launch_blocking=config.cuda_launch_blocking,
                                 deterministic=config.deterministic, threads=config.threads)
@@ -270,9 +256,8 @@ def build(config: TrainConfig, *, model: nn.Module | None = None,
 
 def _settled(config: TrainConfig, amp: str, model: nn.Module | None,
              data: datasets.OwnData | None) -> TrainConfig:
-    """The config as the run saves it: --amp auto as the precision this device computes in (so
-    a resume elsewhere continues in it), paths absolute (so that a resume, test or export finds
-    them from anywhere), and your own model and data recorded by name."""
+    """The config as the run saves it: --amp auto as this device's precision (a resume elsewhere
+    goes on in it), paths absolute, your own model and data recorded by name."""
     changes: dict[str, Any] = {"amp": amp}
     if config.dataset.startswith(datasets.FOLDER_PREFIX):
         folder = Path(config.dataset[len(datasets.FOLDER_PREFIX):]).expanduser().resolve()
@@ -322,10 +307,9 @@ def _read_resume(config: TrainConfig, resumed: dict | None, world: distributed.W
 
 def _choose_run_dir(config: TrainConfig, resume_path: Path | None,
                     world: distributed.World) -> Path:
-    """The run folder: a resumed run goes on in the folder that holds its checkpoint, wherever
-    that folder has been moved or copied to, unless --run-dir names another; a new run takes
-    --run-dir, else a new folder under runs/ named by rank 0 (a name from the clock could
-    differ between processes). Neither may replace another run's checkpoint."""
+    """A resumed run goes on in its checkpoint's folder (wherever it now is) unless --run-dir
+    names another; a new run takes --run-dir, else a new folder under runs/ named by rank 0 (the
+    clock could differ between processes). Neither may replace another run's checkpoint."""
     if resume_path is not None:
         run_dir = Path(config.run_dir) if config.run_dir else resume_path.parent
         if (run_dir / "last.pt").exists() and not _same_place(run_dir, resume_path.parent):
@@ -363,9 +347,8 @@ def _same_place(a: Path, b: Path) -> bool:
 
 def _load_data(config: TrainConfig, data: datasets.OwnData | None,
                saved: dict | None) -> datasets.DigitData:
-    """The run's data: a built-in dataset's files, your image folder, or your own `data`; for
-    a dry run, synthetic images (built-in datasets) or a small sample of yours. Resuming on
-    data other than the checkpoint's is refused."""
+    """A built-in dataset, your folder or your `data` (a dry run: synthetic images, or a sample
+    of yours); resuming on other data than the checkpoint's is refused."""
     if config.dry_run and datasets.is_builtin(config.dataset):
         return own.synthetic(config.dataset, seed=config.seed)
     if data is not None:
@@ -407,9 +390,7 @@ def _hold_out(digits: datasets.DigitData, config: TrainConfig, saved_index: torc
 
 def _make_batches(config: TrainConfig, digits: datasets.DigitData, device: torch.device,
                   world: distributed.World, held_out: bool):
-    """The training, test and (--val-size) validation batches. With several processes each
-    trains on its share of every batch and tests on its part of the test images
-    (distributed.py)."""
+    """The training, test and (--val-size) validation batches; each rank's share of them."""
     pin_memory = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
     loader_options = dict(num_workers=config.num_workers, pin_memory=pin_memory)
     train_batches = loaders.make_batches(config.loader, digits.train, digits.spec,
@@ -428,16 +409,15 @@ def _make_batches(config: TrainConfig, digits: datasets.DigitData, device: torch
 def _build_model(config: TrainConfig, network: nn.Module | None, digits: datasets.DigitData,
                  device: torch.device, world: distributed.World,
                  fresh: bool) -> tuple[nn.Module, list[str]]:
-    """The network on its device (`network` itself, when given), with --init-from's weights (a
-    fresh run only: a resumed one has its own), --sync-bn, --freeze and --channels-last
-    applied; and what to tell of it."""
+    """The network on its device, with --init-from (a fresh run only), --sync-bn, --freeze and
+    --channels-last applied; and what to tell of it."""
     classes = len(digits.spec.classes)
     model = (network if network is not None else models.build(config.model, classes)).to(device)
     if hasattr(model, "exit_threshold"):  # --model early-exit
         model.exit_threshold = config.exit_threshold
     if models.is_import_path(config.model):
-        # Two training images, normalised as the loaders do it: taken from a loader, they
-        # would start its worker processes before the run could close them.
+        # Two images normalised here: a loader would start its workers before the run could
+        # close them.
         sample = digits.train.images[:2].to(device)  # (2, 28, 28) uint8
         models.check_output(model, loaders.normalize(sample, digits.spec.mean, digits.spec.std),
                             classes)
@@ -478,8 +458,7 @@ def _load_initial_weights(model: nn.Module, source: str) -> str:
 
 
 def _freeze(model: nn.Module, config: TrainConfig) -> None:
-    """--freeze: parameters under these name prefixes get no gradient, so the optimiser never
-    sees them (the guide's requires_grad=False aside)."""
+    """--freeze: parameters under these name prefixes get requires_grad=False."""
     names = [name for name, _ in model.named_parameters()]
     prefixes = frozen_prefixes(config)
     for prefix in prefixes:
@@ -528,8 +507,7 @@ def build_scheduler(config: TrainConfig, optimizer: optim.Optimizer, steps_per_e
 
 def _restore_progress(saved: dict, path: Path, config: TrainConfig, progress: Progress,
                       world: distributed.World, steps_per_epoch: int) -> None:
-    """Where the saved run stood (and, on ranks 1.., their own random streams), checked
-    against this run's length."""
+    """Where the saved run stood (ranks 1..: their own streams), checked against its length."""
     progress.load_state_dict(saved[checkpoint.PROGRESS])
     if world.rank:
         _restore_rank(saved, world, progress, config.seed)
@@ -545,9 +523,8 @@ def _restore_progress(saved: dict, path: Path, config: TrainConfig, progress: Pr
 
 def _restore_rank(saved: dict, world: distributed.World, progress: Progress,
                   seed: int) -> None:
-    """Ranks 1.. of a distributed run take their own random streams and running sums from the
-    checkpoint. Under --allow-new-world-size a rank the checkpoint has no state for starts its
-    streams afresh and its sums at zero (rank 0's hold rank 0's own batches only)."""
+    """Ranks 1.. take their own random streams and sums from the checkpoint; a rank it has no
+    state for (--allow-new-world-size) starts them afresh."""
     ranks = saved.get(checkpoint.RANKS) or []
     if world.rank <= len(ranks):
         mine = ranks[world.rank - 1]
@@ -562,13 +539,12 @@ def _restore_rank(saved: dict, world: distributed.World, progress: Progress,
 
 def _open_run_dir(config: TrainConfig, run_dir: Path, world: distributed.World,
                   saved: dict | None) -> tuple[rundir.RunLock, RunLog]:
-    """Claim and lock the run folder (rank 0), write the config as it will be saved, and
-    open the log. The lock is held for the whole run; the caller releases it."""
+    """Claim and lock the run folder (rank 0; the caller releases it), write config.json and
+    open the log."""
     lock = rundir.claim(run_dir) if world.main else rundir.RunLock(run_dir)  # (not acquired)
     try:
         if world.main:
             rundir.remove_stale_temporaries(run_dir)
-        if world.main:
             rundir.write_text_atomically(
                 run_dir / "config.json",
                 json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n")

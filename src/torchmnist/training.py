@@ -1,10 +1,9 @@
 """Training, as the guide lays it out: train -> epochs -> epoch -> train_step -> test -> save.
 
-`train(config)` is the whole run: `setup.build` makes everything from the config (and a
-checkpoint, when resuming), the loop over epochs and the loop over batches follow here, each in
-one screen, and `train_step` is the guide's zero_grad -> forward -> loss -> backward -> step.
-Logging, checkpoints, signals, early stopping, CUDA graphs and DDP enter as small named calls.
-Read top-down; the helpers follow the loop that calls them.
+`setup.build` makes everything from the config; the loop over epochs and the loop over batches
+follow, each in one screen, and `train_step` is the guide's zero_grad -> forward -> loss ->
+backward -> step. Logging, checkpoints, signals, early stopping, CUDA graphs and DDP enter as
+small named calls. Read top-down; the helpers follow the loop that calls them.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ class TrainResult(dict):
         return dict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# train: setup -> the epochs -> the summary
+# ---- train: setup -> the epochs -> the summary ---------------------------------------------------
 
 
 def train(config: TrainConfig, *, model: nn.Module | None = None, data: OwnData | None = None,
@@ -58,10 +56,8 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, data: OwnData 
           on_test: Callable[[float, int, int, bool], None] | None = None) -> TrainResult:
     """Train and test as `config` says; return the summary and the trained model. `model`:
     your own network (that very one is trained); `data`: your own images (torchmnist.OwnData);
-    `resumed`: the checkpoint `config.resume` names, when the caller has already read it.
-    `on_test(accuracy, step, epoch, last)` is called after each test (validation accuracy with
-    --val-size; `last`: the run has trained its last step); an exception it raises ends the
-    run there, files closed."""
+    `resumed`: the checkpoint `config.resume` names, already read. `on_test(accuracy, step,
+    epoch, last)` is called after each test; an exception it raises ends the run there."""
     if not isinstance(config, TrainConfig):
         raise UsageError(f"train takes a TrainConfig, not a {type(config).__name__}; "
                          "TrainConfig(**settings) makes one from a dict of settings")
@@ -69,8 +65,7 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, data: OwnData 
     run = setup.build(config, model=model, data=data, resumed=resumed)
     run.on_test, config, progress = on_test, run.config, run.progress
     with run, _explained_errors(run):  # however training ends, the run is closed
-        # Compilation, CUDA graphs and an accelerator's kernel loading, kept out of the
-        # training time.
+        # Compilation, CUDA graphs and kernel loading, kept out of the training time.
         warmup_seconds = warm_up(run)
         setup_seconds = time.perf_counter() - started - warmup_seconds
         if config.tensorboard:
@@ -90,8 +85,7 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, data: OwnData 
                     break
                 if _signalled(run, stop) and epoch < run.epochs:
                     _stop(run, stop)  # between epochs
-        # A finished run resumed, or one that chose on a validation set: its test set is
-        # scored now.
+        # A finished run resumed, or one that chose on validation: the test set is scored now.
         result = tested[0] or _evaluate(run, run.test_batches)
         summary = _finish(run, result, tested[1], setup_seconds, warmup_seconds)
         run.log.print(f"done: test accuracy {100 * result.accuracy:.2f}%, "
@@ -101,8 +95,7 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, data: OwnData 
 
 def train_epoch(run: Run, epoch: int, stop: StopSignals) -> Tested | None:
     """The guide's loop over the batches of one epoch, from `progress.batch` on. With
-    --eval-interval in steps it tests as it goes, and returns the test that reached
-    --target-accuracy if one did (the epoch then ends there)."""
+    --eval-interval Ns it tests as it goes, returning a test that reached --target-accuracy."""
     config, progress = run.config, run.progress
     run.epoch_began = progress.seconds
     run.model.train()  # dropout on, BatchNorm uses batch statistics
@@ -142,19 +135,17 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> Tested | None:
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on one batch, as the guide teaches it: zero_grad, forward, loss,
-    backward, step (plus the recipe's augmentation, precision and average). Returns the loss
-    and how many of the batch the model got right, as tensors on the device: nothing here
-    waits for the device, so with --cuda-graph this very function is captured and replayed."""
+    """One step as the guide teaches it: zero_grad, forward, loss, backward, step (plus the
+    recipe's augmentation, precision and average). Returns the loss and the count right as
+    tensors: nothing here waits for the device, so --cuda-graph captures this very function."""
     config, optimizer = run.config, run.optimizer
     x = _layout(run, augment(x, config.augment, run.background))
     optimizer.zero_grad(set_to_none=True)
     with devices.autocast(run.device, config.amp):
         output = run.forward(x).float()  # (B, classes) log-probabilities
     if config.label_smoothing:
-        # cross_entropy applies log_softmax itself, and log_softmax of log-probabilities is
-        # the same log-probabilities (they already sum to one in probability): so on the
-        # model's output it is nll_loss with smoothing, not a softmax taken twice.
+        # log_softmax of log-probabilities changes nothing, so on the model's output this is
+        # nll_loss with smoothing, not a softmax taken twice.
         loss = F.cross_entropy(output, y, label_smoothing=config.label_smoothing)
     else:
         loss = F.nll_loss(output, y)
@@ -169,9 +160,9 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def update_average(average: AveragedModel, model: nn.Module, decay: float) -> None:
-    """What `average.update_parameters(model)` does with an EMA, without its host-side test of
-    `n_averaged` (a wait for the device every step, which a CUDA graph cannot hold): the first
-    update copies the weights and buffers, each later one moves them `1 - decay` of the way."""
+    """`average.update_parameters(model)` for an EMA without its host-side test of
+    `n_averaged`, a wait a CUDA graph cannot hold: the first update copies, later ones move
+    `1 - decay` of the way."""
     first = average.n_averaged == 0  # a tensor on the device, not a Python bool
     weight = torch.where(first, 1.0, 1.0 - decay)  # lerp by 1 is an exact copy
     kept = itertools.chain(average.module.parameters(), average.module.buffers())
@@ -185,21 +176,20 @@ def update_average(average: AveragedModel, model: nn.Module, decay: float) -> No
     average.n_averaged += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# What the loops call
+# ---- What the loops call -------------------------------------------------------------------------
 
 
 def _next_rate(run: Run) -> None:
-    """One-cycle sets the rate of the next step; after the run's last step there is none (its
-    line would run on below zero), so the rate logged last is the one last used."""
+    """One-cycle sets the next step's rate; after the last step there is none (the line would
+    run on below zero)."""
     scheduler = run.scheduler
     if run.config.scheduler == "onecycle" and scheduler.last_epoch + 1 < scheduler.total_steps:
         scheduler.step()
 
 
 def _tests_after(run: Run, epoch: int) -> bool:
-    """Whether the epoch ends with a test: with --eval-interval in steps always (its last
-    steps), else every N epochs, and always after the last."""
+    """Whether the epoch ends with a test: always with --eval-interval Ns or after the last
+    epoch, else every N epochs."""
     interval = eval_interval(run.config)
     return interval.unit == "steps" or epoch % interval.every == 0 or epoch == run.epochs
 
@@ -214,8 +204,8 @@ def _rate(run: Run) -> float:
 
 
 def _log_window(run: Run, epoch: int, total: int, mark: float) -> float:
-    """The logging branch: the mean loss since the last log line (the one place a training
-    step waits for the device), as a metric and a line. Returns the new time mark."""
+    """The mean loss since the last log line (the one wait for the device) as a metric and a
+    line; returns the new time mark."""
     progress, world = run.progress, run.world
     window_loss = (distributed.all_sum(progress.window_loss_sum, world).item()
                    / (progress.window_batches * world.size))
@@ -235,10 +225,9 @@ def _log_window(run: Run, epoch: int, total: int, mark: float) -> float:
 
 
 def _signalled(run: Run, stop: StopSignals, now: bool = True) -> bool:
-    """Whether a SIGINT/SIGTERM asks the run to stop. A single process looks after every
-    step. The ranks of a distributed run must all stop after the same step, so they agree on
-    it (one tiny all-reduce) where they already wait for each other: at each log line
-    (`now`) and between epochs."""
+    """Whether a SIGINT/SIGTERM asks the run to stop. Distributed ranks must stop after the
+    same step, so they agree (a tiny all-reduce) where they wait anyway: at log lines (`now`)
+    and between epochs."""
     if run.world.distributed:
         if not now:
             return False
@@ -270,8 +259,7 @@ def _reached(run: Run, tested: Tested) -> bool:
 
 
 def _stopping_early(run: Run, reached: bool) -> bool:
-    """Whether the run ends before its last epoch: --target-accuracy reached, or --patience
-    run out. Says which."""
+    """Whether --target-accuracy or --patience ends the run early; says which."""
     config, progress = run.config, run.progress
     if reached:
         run.log.print(f"reached the target accuracy {100 * config.target_accuracy:.2f}% after "
@@ -285,11 +273,9 @@ def _stopping_early(run: Run, reached: bool) -> bool:
     return False
 
 
-def _end_epoch(run: Run, epoch: int,
-               tested: Tested) -> None:
-    """Log the epoch, step a per-epoch schedule, save. An epoch cut short (a fractional
-    --epochs, or the target reached) stays open in the checkpoint, so that a longer run resumed
-    from it trains the rest of that epoch, exactly as a fresh run of that length would."""
+def _end_epoch(run: Run, epoch: int, tested: Tested) -> None:
+    """Log the epoch, step a per-epoch schedule, save. An epoch cut short stays open in the
+    checkpoint, so a longer run resumed from it trains the rest of it, as a fresh run would."""
     config, progress = run.config, run.progress
     complete = progress.batch == len(run.train_batches)
     lr = _rate(run)  # the rate this epoch ended with
@@ -320,31 +306,26 @@ def _end_epoch(run: Run, epoch: int,
             old.unlink()
 
 
-# ---------------------------------------------------------------------------------------------
-# Testing
+# ---- Testing -------------------------------------------------------------------------------------
 
 
 def test(run: Run, epoch: int) -> Tested:
-    """Validate (with --val-size) and test, log, keep best.pt and count --patience; return
-    (test, validation) results. With a validation set the test set is only scored here when
-    --target-accuracy watches it. The time counts as training time (it is how a target is
-    seen)."""
+    """Validate (--val-size) and test, log, keep best.pt, count --patience; return (test,
+    validation). With validation the test set is scored only for --target-accuracy. The time
+    counts as training time (it is how a target is seen)."""
     progress, config = run.progress, run.config
     start = time.perf_counter()
     val = scored = None
-    # In fp32 whatever --amp trains in: every accuracy torchmnist reports then comes from the
-    # one evaluation that `torchmnist test`, report and the exported files compute, and they
-    # agree to the image.
+    # In fp32 whatever --amp trains in: one evaluation, the one `test`, report and the
+    # exported files compute, so they agree to the image.
     if run.val_batches is not None:
         val = _evaluate(run, run.val_batches)
     if run.val_batches is None or config.target_accuracy is not None:
         scored = (run.graphed_test() if run.graphed_test is not None
                   else _evaluate(run, run.test_batches))
     progress.seconds += time.perf_counter() - start
-    # The line that stays for each test, as Keras keeps one per epoch. The training loss and
-    # accuracy are over this epoch's batches so far, as trained: augmented, with dropout on,
-    # each batch scored just before its own update (and the loss label-smoothed when the
-    # recipe smooths), so they are not the test set's measures on training images.
+    # The line that stays, as Keras keeps one per epoch. Training loss and accuracy are over
+    # this epoch's batches as trained (augmented, dropout on, scored before their update).
     shown = [(name, r) for name, r in (("validation", val), ("test", scored)) if r is not None]
     train_loss, train_accuracy = _train_measures(run)
     run.log.print(f"epoch {epoch}/{run.epochs} step {progress.step}: train loss "
@@ -366,8 +347,7 @@ def test(run: Run, epoch: int) -> Tested:
 
 
 def _evaluate(run: Run, batches) -> Evaluation:
-    """Score the tested weights on `batches`; in a distributed run each rank scores its part
-    of the images and the sums are added up, so every rank gets the same, whole result."""
+    """Score the tested weights on `batches`; distributed, each rank its part, sums added up."""
     config, world = run.config, run.world
     if not world.distributed:
         return evaluate_model(run.tested_model, batches, channels_last=config.channels_last)
@@ -391,16 +371,12 @@ def _train_measures(run: Run) -> tuple[float, float]:
     return sums[0] / max(progress.batch * world.size, 1), sums[1] / max(sums[2], 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Saving and finishing
+# ---- Saving and finishing ------------------------------------------------------------------------
 
 
 def _save(run: Run, path: Path) -> None:
-    # Never replace a good checkpoint with a diverged state: a save waits for the device
-    # anyway, so checking the weights here costs nothing extra.
-    _check_finite(run)
-    # Each rank's random streams and running sums, so that every rank continues exactly; a
-    # collective, so every rank saves at the same points, and rank 0 writes the file.
+    _check_finite(run)  # never a diverged state over a good one (the save waits anyway)
+    # Each rank's streams and sums, so every rank continues exactly (rank 0 writes the file).
     ranks = distributed.gather({checkpoint.RNG: devices.rng_state(),
                                 checkpoint.PROGRESS: run.progress.state_dict()}, run.world)
     if not run.world.main:
@@ -463,10 +439,9 @@ def _finish(run: Run, result: Evaluation, val: Evaluation | None, setup_seconds:
 
 @contextlib.contextmanager
 def _explained_errors(run: Run):
-    """Turn the two RuntimeErrors a user's flags can cause into one sentence each: anomaly
-    detection (--detect-anomaly) naming the operation whose backward produced NaN (its forward
-    trace is already on stderr), and --deterministic meeting an operation that has no
-    deterministic kernel on this device (some CUDA backward passes)."""
+    """One sentence for the RuntimeErrors flags can cause: --detect-anomaly naming the backward
+    that produced NaN, --deterministic meeting an operation with no deterministic kernel, and a
+    lost rank."""
     try:
         yield
     except RuntimeError as error:
@@ -488,8 +463,7 @@ def _explained_errors(run: Run):
         raise
 
 
-# ---------------------------------------------------------------------------------------------
-# Before the first step
+# ---- Before the first step -----------------------------------------------------------------------
 
 
 def _start_tensorboard(run: Run) -> None:
@@ -501,15 +475,13 @@ def _start_tensorboard(run: Run) -> None:
 
 
 def warm_up(run: Run) -> float:
-    """Compile (or, on an accelerator, load the kernels of) the training and test graphs on
-    real batches, then put back every state they touched: warm-up time stays out of the
-    training time and the run's results do not change. With --cuda-graph on CUDA, capture the
-    step and the test pass instead (graphs.py), which rehearses them the same way."""
+    """Compile (or load an accelerator's kernels for) the training and test passes on real
+    batches, then put back every state they touched, so results do not change. With
+    --cuda-graph on CUDA, capture them instead (graphs.py)."""
     if not (run.config.compile or run.config.cuda_graph or run.device.type != "cpu"):
         return 0.0
     start = time.perf_counter()
-    # Every batch shape the run will see: a full and a last, partial training batch, and test
-    # batches; a new shape would otherwise recompile inside the timed loop.
+    # Every batch shape the run will see; a new one would recompile inside the timed loop.
     train_starts = {0, len(run.train_batches) - 1}
     examples = [next(iter(run.train_batches.batches(1, start))) for start in train_starts]
     if run.config.cuda_graph:

@@ -1,10 +1,8 @@
 """`torchmnist export`: ship a trained model as ONNX, TorchScript or safetensors, verified.
 
-Every exported file takes normalised images, float32 (N, 1, 28, 28) with any N, and returns
-(N, classes) log-probabilities, which are logits: softmax gives the class probabilities, argmax the
-class. After writing, the file is loaded back the way its users will load it (onnxruntime,
-torch.jit.load, safetensors) and run on 256 test images; the export succeeds only if its
-outputs match PyTorch's to within 1e-4. The file appears under its name only then, so a failed
+Every exported file takes normalised float32 (N, 1, 28, 28) images and returns (N, classes)
+log-probabilities. The written file is loaded back as its users will load it and run on 256
+test images; only if it matches PyTorch within 1e-4 does it appear under its name, so a failed
 export never replaces a good file.
 """
 

@@ -1,20 +1,12 @@
-"""`torchmnist serve`: a trained model behind a small web app, and the page to draw on.
-
-FastAPI routes, served by uvicorn:
+"""`torchmnist serve`: a trained model behind a small FastAPI app, and the page to draw on.
 
     GET  /                the page: a canvas to draw on, a file to drop, the probabilities
     POST /api/predict     an image (multipart field "image", a raw image/* body, or JSON
-                          {"image": base64 PNG or data: URL}) -> the JSON of `predict --json`,
-                          plus "preprocessed": the 28x28 image the model saw, as a PNG data URL
-    GET  /api/model       the model's name, dataset, classes, test accuracy, parameters
-    GET  /api/health      "ok", and how requests were batched
-    GET  /docs            the OpenAPI documentation FastAPI makes
+                          {"image": base64 PNG or data: URL}) -> `predict --json`'s answer
+    GET  /api/model, /api/health, /docs (OpenAPI)
 
-Requests that arrive together are classified in one forward pass (`Batcher`): each waits at
-most a couple of milliseconds for others to join it. Every bad input is answered with a 4xx and
-one sentence as {"error": ...}, and the next request is served as usual: an empty body, a wrong
-content type, a body over --max-bytes (checked while it arrives, before it is all read), a file
-that is not an image, a damaged one, a decompression bomb, or more pixels than --max-pixels.
+Requests that arrive together are classified in one forward pass (`Batcher`). A bad input gets
+a 4xx and one sentence as {"error": ...}, and the next request is served as usual.
 """
 
 

@@ -1,22 +1,12 @@
 """`torchmnist sweep`: hyper-parameter search with Optuna over any `train` flag.
 
-A sweep is an Optuna study. Each trial is an ordinary run folder (`SWEEP/trial-0007/`) trained by
-`training.train` with the sweep's train flags plus the trial's parameters; after each test the
-accuracy goes to Optuna's pruner, which ends hopeless trials early (MedianPruner: below the
-median of earlier trials at the same step). The study lives in a database: SQLite in the sweep
-folder by default, or any database server (`--storage postgresql://...`) that workers on several
-machines share: every `torchmnist sweep` started with the same storage and study name joins the
-study and takes trials until there are `--trials`.
-
-`--jobs J` runs J worker processes on this machine, each with `cores / J` torch threads (the
-guide's OMP_NUM_THREADS advice for several processes, made automatic). A worker's trials send
-heartbeats to the database; a trial whose worker died (SIGKILL, a lost machine) is marked failed
-once its heartbeat is `3 x --heartbeat` seconds old, and run again by the next worker to start a
-trial, continuing from the checkpoint its run folder holds.
-
-When the trials are done, the sweep writes the table of trials, the best settings as a config
-file that `torchmnist train --config` reads (best.toml), and Optuna's history and parameter
-importance plots (PNG).
+Each trial is an ordinary run folder (`SWEEP/trial-0007/`) trained by `training.train` with the
+sweep's train flags plus the trial's parameters; after each test its accuracy goes to Optuna's
+pruner. The study lives in a database (SQLite in the sweep folder, or a server that workers on
+several machines share). `--jobs J` runs J worker processes here with cores / J torch threads
+each. Trials send heartbeats, so one whose worker died is run again from its checkpoint. At
+the end: the table of trials, best.toml for `train --config`, and Optuna's plots
+(docs/cli.md).
 """
 
 from __future__ import annotations
@@ -124,8 +114,7 @@ def _param(name: str, spec: Any, where: str) -> Param:
 
 
 def _text_value(name: str, text: str) -> Any:
-    """A choice as written on the command line: true/false for a yes/no setting, none for
-    one that may be unset, else the text itself (parsed as the flag's text is)."""
+    """A choice as typed: true/false for a yes/no setting, none for an unset one, else text."""
     default = cfg.plain_default(name)
     if isinstance(default, bool) and text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -148,8 +137,8 @@ def _checked(param: Param, where: str) -> Param:
 
 
 def read_space(path: str | os.PathLike) -> list[Param]:
-    """A search space file: TOML, YAML or JSON, each key a setting and each value a spec such as
-    "log:1e-3:1" or a list of choices; the keys may sit under a `params` table."""
+    """A search space file (TOML, YAML, JSON): setting -> spec ("log:1e-3:1") or a list of
+    choices, maybe under a `params` table."""
     path = Path(path)
     values = cfg.read_structured_file(path, "--space")
     if isinstance(values, dict) and isinstance(values.get("params"), dict):
@@ -180,8 +169,7 @@ class Sweep:
     quiet: bool = False
 
     @property
-    def metric(self) -> str:
-        """The summary key the trials are scored on."""
+    def metric(self) -> str:  # the summary key the trials are scored on
         if self.objective == "time":
             return "target_seconds"
         if self.objective == "accuracy":
@@ -207,9 +195,6 @@ def build(options: dict[str, Any], base: dict[str, Any]) -> Sweep:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UsageError(f"--param {twice[0]} is given more than once")
-    # (Counts such as --trials are checked as the command line is parsed.)
-    trials, jobs = options.get("trials", 20), options.get("jobs", 1)
-    heartbeat = options.get("heartbeat", 10)
     objective = options.get("objective", "accuracy")
     if objective == "val_accuracy" and not base.get("val_size"):
         raise UsageError("--objective val_accuracy needs a validation set: pass --val-size N")
@@ -229,12 +214,10 @@ def build(options: dict[str, Any], base: dict[str, Any]) -> Sweep:
     if not name.strip() or not name.isprintable():
         # It heads best.toml as a comment, where a newline would start a line of settings.
         raise UsageError(f"--study-name must be one line of printable text, not {name!r}")
-    return Sweep(space, base, folder, storage, name, trials=trials, jobs=jobs,
-                 objective=objective, sampler=options.get("sampler", "tpe"),
-                 pruner=options.get("pruner", "median"),
-                 prune_startup=options.get("prune_startup", 5),
-                 best_format=options.get("best_format", "toml"), heartbeat=heartbeat,
-                 json=bool(options.get("json")), quiet=bool(options.get("quiet")))
+    # (Counts such as --trials are checked as the command line is parsed.)
+    given = {k: options[k] for k in ("trials", "jobs", "sampler", "pruner", "prune_startup",
+                                     "best_format", "heartbeat", "json", "quiet") if k in options}
+    return Sweep(space, base, folder, storage, name, objective=objective, **given)
 
 
 # ---- the study --------------------------------------------------------------------------------
@@ -254,9 +237,8 @@ def _optuna():
 
 
 class _OwnErrors(logging.Filter):
-    """Drops Optuna's records of a trial that a torchmnist error ended (it diverged, or the
-    sweep was asked to stop): the sweep says that itself, in one line, where Optuna writes the
-    whole traceback, then 'Trial N failed with value None.'"""
+    """Drops Optuna's traceback and 'Trial N failed with value None.' for a trial a torchmnist
+    error ended (it diverged, or was stopped): the sweep says that itself, in one line."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -287,9 +269,8 @@ def _storage(sweep: Sweep):
 
     class Storage(RDBStorage):
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            """Optuna's stale trials, and the running ones that never sent a heartbeat: a
-            worker killed between taking a trial and its first heartbeat (milliseconds) would
-            otherwise leave it running for ever, and the study short of its trials."""
+            """Optuna's stale trials, and running ones that never sent a heartbeat (their worker
+            died within milliseconds of taking them), which would otherwise run for ever."""
             stale = super()._get_stale_trial_ids(study_id)
             try:
                 from optuna.storages._rdb import models
@@ -310,9 +291,8 @@ def _storage(sweep: Sweep):
             return stale
 
     class LockedSQLite(Storage):
-        """SQLite has no row locks: two workers can both read a queued trial as waiting and
-        both take it. A file lock beside the database makes that read-and-take one step
-        (a database server locks the row itself)."""
+        """SQLite has no row locks, so two workers could both take a queued trial: a file lock
+        makes read-and-take one step (a database server locks the row itself)."""
 
         def set_trial_state_values(self, trial_id, state, values=None):
             import fcntl
@@ -361,8 +341,7 @@ def _sampler(sweep: Sweep, worker: int, trials_before: int):
     optuna = _optuna()
     import numpy as np
 
-    # Each worker its own stream of proposals, and a resumed or joined study a new one, so
-    # that no worker proposes again what an earlier one already tried.
+    # Each worker, and each resumption, its own stream: none proposes what another tried.
     seed = int(np.random.SeedSequence([sweep.base.get("seed", 1), worker, trials_before])
                .generate_state(1)[0])
     if sweep.sampler == "random":
@@ -403,8 +382,7 @@ def _finished(study) -> int:
 
 
 def trials_left(sweep: Sweep, storage) -> int:
-    """How many trials the study still needs. Trials of a killed sweep whose heartbeat has
-    stopped are marked failed first, and queued to run again."""
+    """Trials the study still needs, once those whose heartbeat stopped are queued again."""
     optuna = _optuna()
     study = _study(sweep, storage)
     optuna.storages.fail_stale_trials(study)
@@ -412,13 +390,9 @@ def trials_left(sweep: Sweep, storage) -> int:
 
 
 def work(sweep: Sweep, worker: int = 0, share: int | None = None, storage=None) -> None:
-    """Run `share` trials (default: as many as the study still needs), stopping early once the
-    study has `sweep.trials` of them. A worker process opens the storage itself.
-
-    Signals are caught for the whole of it, not only while a trial trains (training.train
-    catches them then): one that comes between trials, or the sweep's SIGTERM just after a
-    terminal's Ctrl-C has already stopped a trial, ends the work at the next safe point
-    instead of killing the process before its trial is queued again."""
+    """Run `share` trials (default: as many as the study still needs), stopping once the study
+    has `sweep.trials`. Signals are caught throughout, not only while a trial trains: one
+    between trials ends the work at the next safe point, never before a trial is queued again."""
     with StopSignals() as stop:
         _work(sweep, worker, share, storage, stop)
         if stop.signum:  # between trials: none was running, none needs queueing
@@ -436,8 +410,7 @@ def _work(sweep: Sweep, worker: int, share: int | None, storage, stop: StopSigna
         return
     before = len(_study(sweep, storage).get_trials(deepcopy=False))
     study = _study(sweep, storage, worker, before)
-    # After each trial: stop once the trials done and running reach the count, whoever ran
-    # them (other workers, other machines on the same storage).
+    # Stop once the trials done and running reach the count, whoever ran them.
     enough = MaxTrialsCallback(sweep.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                      TrialState.RUNNING))
 
@@ -449,9 +422,8 @@ def _work(sweep: Sweep, worker: int, share: int | None, storage, stop: StopSigna
         study.optimize(lambda trial: _objective(sweep, trial, worker), n_trials=left,
                        callbacks=[enough, on_signal], catch=(TrainingError,))
     except Stopped as halted:
-        # Ctrl-C or SIGTERM: the trial has saved its checkpoint, and Optuna has marked it
-        # failed. Queued again, as a trial whose worker died is, it goes on from that
-        # checkpoint, in its folder, when the same sweep command runs again.
+        # The trial saved its checkpoint and Optuna marked it failed: queued again, it goes on
+        # from there when the same sweep command runs again.
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         frozen = next(t for t in study.get_trials(deepcopy=False)
@@ -486,8 +458,7 @@ def _objective(sweep: Sweep, trial, worker: int) -> float:
     trial.set_user_attr("run_dir", str(folder))
     shown = ", ".join(f"{k} {_short(v)}" for k, v in params.items())
 
-    # The pruner compares trials at the same point: after the same epoch (whatever their batch
-    # size), or, with --eval-interval Ns, after the same number of steps.
+    # The pruner compares trials after the same epoch, or with --eval-interval Ns, step.
     by_epoch = cfg.eval_interval(config).unit != "steps"
 
     def report(accuracy: float, step: int, epoch: int, last: bool) -> None:
@@ -501,8 +472,6 @@ def _objective(sweep: Sweep, trial, worker: int) -> float:
     _say(sweep, f"trial {trial.number}: {shown}" + (f" (resuming {folder})" if resumed_from
                                                     else "") + f" [worker {worker}]")
     try:
-        # A signal that came while this trial was set up is taken over by training's own
-        # handlers (signals.StopSignals): it stops after one step, with its checkpoint.
         summary = training.train(config, resumed=resumed, on_test=report)
     except TrainingError as error:  # diverged: the trial fails, the sweep goes on
         _say(sweep, f"trial {trial.number}: {shown}: failed: {error}")
@@ -547,24 +516,21 @@ def _cores() -> int:
 
 
 def run_workers(sweep: Sweep, argv: list[str], storage) -> None:
-    """Start `sweep.jobs` worker processes (this same command with --worker N) and wait for
-    them; each gets cores / jobs torch threads unless --threads says otherwise."""
+    """Start `sweep.jobs` workers (this command with --worker N), cores / jobs torch threads
+    each unless --threads says otherwise, and wait for them."""
     threads = [] if "threads" in sweep.base else [
         "--threads", str(max(1, _cores() // sweep.jobs))]
     command = [sys.executable, "-m", "torchmnist", "sweep", *argv, "--run-dir",
                str(sweep.folder), "--storage", sweep.storage, "--study-name", sweep.study_name,
                *threads]
-    # Each worker's share of what is left, counted once here, so that together they run it
-    # all and no more.
     left = trials_left(sweep, storage)
     shares = [left // sweep.jobs + (i < left % sweep.jobs) for i in range(sweep.jobs)]
     workers = [subprocess.Popen([*command, "--worker", str(i), "--share", str(share)])
                for i, share in enumerate(shares) if share]
     try:
-        # A Ctrl-C or SIGTERM to this process (`timeout`, a scheduler) is passed on to the
-        # workers as SIGTERM, once: each saves its trial and stops, and is waited for. (Not as
-        # SIGINT: after a Ctrl-C in a terminal, which reaches them too, a second one would make
-        # them abort without saving.)
+        # A signal here is passed on to the workers as SIGTERM, once: each saves its trial and
+        # stops. (Not SIGINT: after a terminal's Ctrl-C, which reaches them too, a second one
+        # would make them abort without saving.)
         with StopSignals() as stop:
             passed_on = False
             while any(w.poll() is None for w in workers):
@@ -582,8 +548,7 @@ def run_workers(sweep: Sweep, argv: list[str], storage) -> None:
         for w in workers:
             w.wait()
     failed = [c for c in codes if c]
-    # A worker stopped by a signal exits 130 or 143; one that it reached before the worker
-    # could catch it (while starting) dies of it, which Popen reports as -2 or -15.
+    # Stopped by a signal: 130 or 143, or -2 or -15 if it came before the handler did.
     stops = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
     if failed and set(failed) <= stops:
         signum = stop.signum or (failed[0] - 128 if failed[0] > 0 else -failed[0])

@@ -1,16 +1,11 @@
 """Image folders decoded once: the 28x28 images of a `--dataset folder:PATH` split, kept between
 runs so that the next run reads one file instead of decoding every image again.
 
-A split is cached under a name made from its folder's absolute path, so each folder has one
-entry, replaced when it goes stale. The entry is used only if its key still matches: the
-class, name, size and modification time (to the nanosecond) of every image file, and what
-decodes them (the source of torchmnist's preprocessing and Pillow's version). Adding, removing,
-renaming or rewriting any image, or upgrading either, makes the folder be decoded again. A
-folder with a file changed in the last 2 seconds is not kept: it may still be being written.
-
-The cache lives in $TORCHMNIST_CACHE_DIR, else $XDG_CACHE_HOME/torchmnist, else
-~/.cache/torchmnist; TORCHMNIST_CACHE_DIR=off turns it off. It is only ever a shortcut: an
-entry that cannot be read or written is ignored, and the folder is decoded as without it.
+An entry, one per folder, is used only while its key matches: the class, name, size and
+modification time (to the nanosecond) of every image file, and what decodes them (torchmnist's
+preprocessing source and Pillow's version). A folder changed in the last 2 seconds is not kept.
+The cache is only ever a shortcut: an entry that cannot be read or written is ignored
+(docs/cli.md says where it lives and how to turn it off).
 """
 
 from __future__ import annotations

@@ -21,10 +21,7 @@ from torchmnist.errors import UsageError
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a model needs to know of its data: how to normalise and what the classes are.
-
-    A checkpoint stores it (`to_dict`), so a model trained on your own images is tested,
-    exported and asked to predict with the numbers it was trained with, wherever it goes."""
+    """How to normalise a model's data and what its classes are; stored in its checkpoints."""
 
     name: str  # the --dataset value, also the folder name under /usr/share/datasets
     folder: str  # torchvision's folder under the data root, and its dataset class name
@@ -74,9 +71,8 @@ MAX_CLASS_NAME = 255  # characters: the longest file name, as a class folder's n
 
 
 def class_names_problem(classes: tuple[str, ...] | list[str]) -> str | None:
-    """What is wrong with a dataset's class names, or None. Each is printed by predict, test
-    and the report: it must be a line of printable text (no terminal escapes, no newline that
-    would fake another line of output), and tell its class apart from the others."""
+    """What is wrong with a dataset's class names, or None: each is printed, so it must be one
+    line of printable text (no terminal escapes), different from the others."""
     for name in classes:
         if not name.strip():
             return "a class has an empty name"
@@ -174,14 +170,12 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".torch" / "datasets"
 
 
-# ---------------------------------------------------------------------------------------------
-# Finding, downloading and checking the files
+# ---- Finding, downloading and checking the files -------------------------------------------------
 
 
 def _places(spec: DatasetSpec, root: Path) -> list[Path]:
-    """Where a dataset's files are looked for, in order: torchvision's layout under the root;
-    the layout of the guide's own script (~/.torch/datasets/mnist/MNIST/raw, one folder per
-    dataset); and Debian's dataset packages."""
+    """Where a dataset's files are looked for: torchvision's layout under the root, the guide's
+    (~/.torch/datasets/mnist/MNIST/raw), Debian's dataset packages."""
     return [root / spec.folder / "raw", root / spec.name / spec.folder / "raw",
             SYSTEM_DATASETS_DIR / spec.name]
 
@@ -234,11 +228,8 @@ def _download(spec: DatasetSpec, root: Path) -> str | None:
 
 
 def read_idx(path: Path, magic: int, max_items: int | None = None) -> np.ndarray:
-    """Read one IDX file (optionally gzipped), checking magic number, shape and size.
-
-    The header is read and checked first, and the data then read only up to the size the
-    header implies (plus one byte, to tell a file that is longer): a small .gz file that
-    expands to gigabytes is never decompressed whole."""
+    """Read one IDX file (maybe gzipped), checking magic number, shape and size: the data only
+    up to the size the header implies, plus a byte, so a .gz bomb is never unpacked whole."""
     ndim = 3 if magic == IMAGE_MAGIC else 1
     header = 4 + 4 * ndim
     try:
@@ -291,9 +282,8 @@ def _read_split(files: dict[str, Path], split: str) -> Split:
 def load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = True,
          splits: tuple[str, ...] = ("train", "test"),
          classes: tuple[str, ...] | None = None) -> DigitData:
-    """Find (or download) and check a built-in dataset's files, and decode them into tensors:
-    both splits, or only those named (testing a model needs only the two test files; the
-    training split is then empty). `classes` is the own.load_dataset signature's, unused here."""
+    """Find (or download), check and decode a built-in dataset's splits, or only those named (a
+    split not named is empty); `classes` (own.load_dataset's signature) is unused here."""
     spec = builtin_spec(dataset)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     files, missing = _locate(spec, root, splits)

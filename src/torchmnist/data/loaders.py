@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmnist.data.datasets import Batch, DatasetSpec, Split
 from torchmnist.errors import TrainingError, UsageError
 
-# ---------------------------------------------------------------------------------------------
-# Batch order
+# ---- Batch order ---------------------------------------------------------------------------------
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -29,8 +29,7 @@ from torchmnist.data.datasets import (
 from torchmnist.data.loaders import epoch_order
 from torchmnist.errors import UsageError
 
-# ---------------------------------------------------------------------------------------------
-# Your own data: tensors or a Dataset from Python, or an image folder (--dataset folder:PATH)
+# ---- Your own data: tensors or a Dataset from Python, or an image folder (folder:PATH) --------
 
 def _own_spec(name: str, train: Split, test: Split, classes: tuple[str, ...]) -> DatasetSpec:
     """Normalisation measured on the training images, as MNIST's 0.1307 and 0.3081 were."""
@@ -203,10 +202,8 @@ def _image_files(root: Path, classes: tuple[str, ...]) -> list[cache.Entry]:
 
 def load_folder(path: str | os.PathLike, splits: tuple[str, ...] = ("train", "test"),
                 classes: tuple[str, ...] | None = None) -> DigitData:
-    """--dataset folder:PATH: PATH/train/<class>/* and PATH/test/<class>/*, the layout of
-    torchvision's ImageFolder, for 28x28-ish grey images (others are made grey and resized).
-    Only the splits named are read; the spec is measured on the training images when they
-    are read (testing a model uses the spec in its checkpoint)."""
+    """--dataset folder:PATH: PATH/train/<class>/* and PATH/test/<class>/* (ImageFolder's
+    layout), only the splits named; the spec is measured on the training images if read."""
     root = Path(path).expanduser()
     for split in splits:
         if not (root / split).is_dir():
@@ -249,14 +246,10 @@ def subset(digits: DigitData, seed: int, n_train: int = 1024, n_test: int = 512)
 
 def synthetic(dataset: str = "mnist", seed: int = 0, n_train: int = 1024, n_test: int = 512,
               ) -> DigitData:
-    """A small learnable stand-in for a dataset, made in memory: for --dry-run and tests.
-
-    Class k is a bar, 6 pixels wide and 20 long, at its own place: horizontal for even k,
-    vertical for odd k, 2k pixels from the edge, jittered by a pixel, on noise. Structure a
-    network learns in a few steps, so that a dry run shows a falling loss and an accuracy far
-    above chance (the guide's recipe: about 40% after its one epoch, 80% after two), and a
-    broken training step shows at once.
-    """
+    """A small learnable stand-in for a dataset, made in memory, for --dry-run and tests: class
+    k is a 6x20 bar, horizontal for even k, vertical for odd, 2k pixels from the edge, jittered,
+    on noise. A dry run then shows a falling loss and an accuracy far above chance (the guide's
+    recipe: about 40% after one epoch), and a broken training step shows at once."""
     g = torch.Generator().manual_seed(seed)
 
     def make(n: int) -> Split:
@@ -281,9 +274,7 @@ def synthetic(dataset: str = "mnist", seed: int = 0, n_train: int = 1024, n_test
 def load_dataset(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = True,
                  splits: tuple[str, ...] = ("train", "test"),
                  classes: tuple[str, ...] | None = None) -> DigitData:
-    """Any --dataset: a built-in one's files (`datasets.load`), or an image folder
-    (`folder:PATH`, `load_folder`), whose labels follow `classes` when given (a trained
-    model's)."""
+    """Any --dataset: a built-in one's files or an image folder (labels after `classes`)."""
     if dataset.startswith(FOLDER_PREFIX):
         return load_folder(dataset[len(FOLDER_PREFIX):], splits, classes)
     if dataset.startswith(OWN_PREFIX):

@@ -47,12 +47,9 @@ class ImageError(ValueError):
 
 
 def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Any image file Pillow reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), or its bytes, as float
-    grey in [0, 1]. An image of more than `max_pixels` is refused before it is decoded.
-
-    Transparent pixels are composited onto white, as a viewer shows them; animated or multi-page
-    files give their first frame.
-    """
+    """Any image file Pillow reads, or its bytes, as float grey in [0, 1]: transparent pixels on
+    white, as a viewer shows them, the first frame of an animation; more than `max_pixels` is
+    refused before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -128,9 +125,8 @@ def _heif_opener() -> bool:
 
 
 def _reduced(image):
-    """The decoded image, its longer side at most MAX_SIDE pixels: a JPEG is decoded at a
-    fraction of its size to begin with, anything else shrunk as soon as it is decoded, so a
-    big photo never becomes big arrays of floats. (A 28x28 result loses nothing by it.)"""
+    """The decoded image, its longer side at most MAX_SIDE pixels (a JPEG decoded at a fraction
+    of its size), so a big photo never becomes big arrays of floats."""
     width, height = image.size
     if max(width, height) > MAX_SIDE:
         scale = MAX_SIDE / max(width, height)
@@ -164,12 +160,8 @@ def _to_grey(image) -> np.ndarray:
 
 
 def ink_map(grey: np.ndarray) -> np.ndarray:
-    """Ink as 1 and page as 0, whichever way round the picture is.
-
-    The page is what covers the image's border; when it is lighter than the middle grey, the
-    ink is dark and the picture is inverted. The page's own level (a grey sheet, a photo's
-    shading) is then subtracted and the ink stretched to reach 1.
-    """
+    """Ink as 1 and page as 0, whichever way round: the page covers the border (lighter than
+    mid-grey: dark ink, so inverted); its level is subtracted and the ink stretched to 1."""
     if grey.ndim != 2 or grey.size == 0:
         raise ImageError("the image has no pixels")
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
@@ -192,10 +184,8 @@ def ink_map(grey: np.ndarray) -> np.ndarray:
 
 
 def to_28x28(ink: np.ndarray, style: Style = STYLES["mnist"]) -> np.ndarray:
-    """Crop to the ink, scale its longer side to `style.box` pixels, centre in 28x28.
-
-    Returns float32 (28, 28) in [0, 1], white ink on black, as MNIST stores it (divided by 255).
-    """
+    """Crop to the ink, scale its longer side to `style.box` pixels, centre in 28x28: float32
+    (28, 28) in [0, 1], white ink on black, as MNIST stores it (divided by 255)."""
     from PIL import Image
 
     rows, cols = np.nonzero(ink)
@@ -226,10 +216,8 @@ def to_28x28(ink: np.ndarray, style: Style = STYLES["mnist"]) -> np.ndarray:
 
 
 def as_stored(grey: np.ndarray) -> np.ndarray:
-    """Your own images' way (an image folder, --dataset folder:PATH): the picture as it is,
-    grey, resized to 28x28 when it is another size (Lanczos on 8 bits, as `to_28x28` scales).
-    Nothing is inverted, cropped or centred: a model trained on such images sees what they
-    show. Float32 (28, 28) in [0, 1], in steps of 1/255 as the stored images are."""
+    """An image folder's way: the picture as it is, grey, resized to 28x28 (Lanczos on 8 bits),
+    nothing inverted, cropped or centred; float32 in [0, 1], in steps of 1/255."""
     from PIL import Image
 
     if grey.ndim != 2 or grey.size == 0:
@@ -288,9 +276,8 @@ def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
 
 
 def _as_uint8(array: np.ndarray) -> np.ndarray:
-    """Pixels as 0-255: whole numbers are taken as they are, fractions scaled from [0, 1]. Any
-    other range is refused rather than clipped, which would quietly make the picture white:
-    floats of 0-255, or images already normalised with a mean and std."""
+    """Pixels as 0-255: whole numbers as they are, fractions from [0, 1]; any other range (floats
+    of 0-255, normalised images) is refused rather than clipped to a white picture."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:

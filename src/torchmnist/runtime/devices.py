@@ -148,8 +148,7 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-# ---------------------------------------------------------------------------------------------
-# CUDA graphs: a captured sequence of kernels replayed with one launch (see graphs.py)
+# ---- CUDA graphs: a captured sequence of kernels replayed with one launch (see graphs.py) --------
 
 
 def rehearse(function: Callable[[], Any], times: int) -> None:
@@ -198,8 +197,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-# ---------------------------------------------------------------------------------------------
-# Precision: bf16 where the hardware computes in it, fp32 where it would only be emulated
+# ---- Precision: bf16 where the hardware computes in it, fp32 where it would only be emulated -----
 
 # The vector extensions that decide how fast a CPU trains, as torch's cpuinfo names them, and
 # as a reader knows them; _NATIVE_BF16 are those that compute in bf16.

@@ -1,23 +1,13 @@
 """Several processes, one run: torch.distributed as `torchrun` starts it.
 
-`torchrun --nproc-per-node N -m torchmnist train ...` starts N copies of the same command and
-tells each, through environment variables, who it is: RANK (0..N-1 over all machines),
-LOCAL_RANK (on this machine) and WORLD_SIZE. Every process (rank) builds the same model; the
-gradients of each step are averaged across them by DistributedDataParallel, so every rank takes
-the same optimiser step and the weights stay identical. What differs is the data: each rank
-trains on its own share of every batch.
-
-The rules that keep N processes one run:
-- `--batch-size` is the batch of the whole job: each rank takes batch / N images of it, the
-  images a single process would have taken in that step, so a recipe means the same on one
-  process or many (`data.rank_batches`).
-- Rank 0 alone writes the run folder (logs, metrics, checkpoints, the lock). The others write
-  nothing, and print nothing but errors.
-- Whatever decides what happens next (a test's accuracy, a loss, a signal) is agreed on by all
-  ranks first (`all_sum`, `agree_on_signal`), so that they all take the same branch: a rank that
-  took another would wait forever in the next collective.
-
-With a single process (no WORLD_SIZE, or WORLD_SIZE=1) every function here is a no-op.
+torchrun starts N copies of the command and tells each who it is (RANK, LOCAL_RANK,
+WORLD_SIZE). Every rank builds the same model and trains on its share of every batch;
+DistributedDataParallel averages the gradients, so the weights stay identical. The rules that
+keep N processes one run (docs/distributed.md): `--batch-size` is the whole job's batch; rank 0
+alone writes the run folder and talks; whatever decides what happens next (an accuracy, a loss,
+a signal) is agreed on by all ranks first (`all_sum`, `agree_on_signal`), since a rank that
+took another branch would wait forever in the next collective. With a single process every
+function here is a no-op.
 """
 
 from __future__ import annotations

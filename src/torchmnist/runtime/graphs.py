@@ -1,21 +1,12 @@
 """The training step and the test pass captured in CUDA graphs (--cuda-graph).
 
-An eager step of these small networks waits on some fifty kernel launches and the Python between
-them, not on arithmetic: on a GPU it costs about the same at any batch size up to 512. A CUDA
-graph records the kernels of one call once; a replay then launches all of them at once, on the
-same memory. What is captured is `training.train_step` itself, the function the guide's loop
-calls, so the code a reader follows is the code that runs. Each batch is copied into the
-graph's input buffers and the graph replayed; there is one graph per batch shape (full
-batches, and the shorter last batch of an epoch).
-
-What makes the step capturable (nothing in it may wait for the device):
-- the learning rate is a tensor on the device; the one-cycle schedule fills it between
-  replays, so the captured optimiser kernel reads the rate of each step;
-- the weight average (`training.update_average`) and the running loss sums never ask the host;
-- random numbers (augmentation, dropout) come from the default CUDA generator, which gives
-  every replay fresh numbers and advances just as the eager step does.
-
-The test pass over the device-resident test set is captured too, as one graph.
+An eager step of these small networks waits on some fifty kernel launches, not on arithmetic; a
+CUDA graph records them once and a replay launches them all at once, on the same memory. What
+is captured is `training.train_step` itself, so the code a reader follows is the code that runs:
+each batch is copied into the graph's input buffers and the graph for its shape replayed. The
+step can be captured because nothing in it waits for the device: the learning rate is a tensor
+the schedule fills between replays, the weight average and the loss sums never ask the host,
+and random numbers come from the default CUDA generator, which advances as in the eager step.
 """
 
 from __future__ import annotations
@@ -48,8 +39,7 @@ def reason_not_to_graph(run) -> str | None:
 
 
 class _Saved:
-    """The state a rehearsal changes (weights, BatchNorm statistics, optimiser state, the
-    average, RNG streams), put back in place afterwards, so the tensors a graph captures keep
+    """The state a rehearsal changes, put back in place afterwards: the captured tensors keep
     their addresses and the run continues as if nothing had happened."""
 
     def __init__(self, run):
@@ -118,9 +108,8 @@ class GraphedStep:
         return [shape[0] for shape in self.graphs]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on (x, y). The returned loss and count of correct answers are the graph's
-        own buffers, overwritten by the next replay: use them (add them to a sum) before the
-        next step."""
+        """One step on (x, y); the loss and count returned are the graph's buffers, overwritten
+        by the next replay."""
         for group, rate in zip(self.run.optimizer.param_groups, self.rates, strict=True):
             if group["lr"] is not rate:  # a scheduler that assigned a float instead of filling
                 rate.fill_(float(group["lr"]))
@@ -156,9 +145,8 @@ class GraphedTest:
 
 
 def install(run, train_step: Callable, examples: list) -> str:
-    """Capture the run's step (and, where its test set lives on the device, its test pass);
-    return the line to log. If a capture fails, the state is put back and the run goes on
-    eagerly, and the line says why."""
+    """Capture the run's step (and its test pass, with the test set on the device); return the
+    line to log, which says why if a capture failed and the run goes on eagerly."""
     reason = reason_not_to_graph(run)
     if reason is not None:
         return f"CUDA graphs off: {reason}; the step runs eagerly"

@@ -1,12 +1,9 @@
 """Stopping cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`, a container stop).
 
-The first signal only raises a flag; the training loop looks at it after each step, writes a
-checkpoint and exits with 128 + the signal's number. A second Ctrl-C aborts at once (the last
-checkpoint on disk stays valid, because checkpoints are written atomically).
-
-Commands with nothing to save (test, predict, export, report) stop at once, as they would
-without torchmnist, but first remove the half-written file they may be writing. A benchmark
-stops by unwinding, as Ctrl-C does, so that its temporary run folders go with it.
+Training: the first signal raises a flag that the loop reads after a step; it saves and exits
+with 128 + the signal's number. A second Ctrl-C aborts at once (checkpoints are atomic). Test,
+predict, export and report stop at once, removing the file they may be half-way through; a
+benchmark unwinds, so that its temporary run folders go with it.
 """
 
 from __future__ import annotations

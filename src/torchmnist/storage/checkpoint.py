@@ -1,27 +1,9 @@
 """Checkpoints: atomic saving, safe loading, and reading weights from other scripts' files.
 
-A torchmnist checkpoint is one `torch.save` file holding a dict:
-
-    format_version, torchmnist_version, torch_version
-    config            the resolved TrainConfig as a dict
-    model             the model's state_dict (never a compiled wrapper's)
-    optimizer         the optimiser's state_dict
-    scheduler         the LR scheduler's state_dict, or None
-    scaler            the AMP gradient scaler's state_dict, or None
-    ema               the weight average's state_dict, or None
-    progress          epoch, batch within the epoch, global step, running loss sums, best accuracy
-    rng               python, numpy, torch (and CUDA) RNG states (of rank 0, when distributed)
-    val_index         the training images held out for validation (--val-size), or None
-    dataset_spec      the data's normalisation and class names (data.DatasetSpec.to_dict), so a
-                      model trained on your own images is used with the numbers it learnt on
-    metrics           every record written to metrics.jsonl so far
-    world_size        how many processes trained it (1 unless started by torchrun)
-    ranks             for ranks 1.. of a distributed run, each one's own `rng` and `progress`
-                      (its running sums): what it needs to continue exactly; else []
-    hardware          the device it trained on and the precision chosen for it, as the run's
-                      first lines said them ("AMD EPYC (AVX2 ...; bf16 emulated) ...;
-                      precision: fp32 (bf16: emulated on this CPU, so using fp32)")
-
+A torchmnist checkpoint is one `torch.save` file holding a dict: the resolved config, the
+model's, optimiser's, scheduler's, scaler's and weight average's state_dicts, the progress
+counters, every RNG stream, the validation split, the data's spec, the metrics so far, and the
+state of every other rank (`training_payload`; docs/reliability.md describes each key).
 Everything in it is a tensor or a plain Python value, so it loads with
 `torch.load(weights_only=True)`, which never runs code hidden in a pickle.
 """
@@ -64,8 +46,7 @@ def training_payload(*, config: dict, model: dict, optimizer: dict, scheduler: d
                      val_index: torch.Tensor | None, dataset_spec: dict,
                      metrics: list[dict], world_size: int = 1,
                      ranks: list[dict] | None = None, hardware: str = "") -> dict[str, Any]:
-    """Everything a run needs to continue from the very next batch (the module docstring
-    lists what each is)."""
+    """Everything a run needs to continue from the very next batch."""
     return {CONFIG: config, MODEL: model, OPTIMIZER: optimizer, SCHEDULER: scheduler,
             SCALER: scaler, EMA: ema, PROGRESS: progress, RNG: rng, VAL_INDEX: val_index,
             DATASET_SPEC: dataset_spec, METRICS: metrics, WORLD_SIZE: world_size,
@@ -74,8 +55,7 @@ def training_payload(*, config: dict, model: dict, optimizer: dict, scheduler: d
 
 def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, scaler,
             ema) -> None:
-    """Put a training checkpoint's state back: weights, optimiser, schedule, scaler, weight
-    average and every RNG stream (the progress counters are the caller's, Progress)."""
+    """Put a checkpoint's weights, optimiser, schedule, scaler, average and RNG streams back."""
     try:
         model.load_state_dict(saved[MODEL])
         _check_hyperparameters(optimizer.param_groups, saved[OPTIMIZER]["param_groups"])
@@ -95,17 +75,15 @@ def restore(saved: dict, path: Path, *, model: nn.Module, optimizer, scheduler, 
         devices.set_rng_state(saved[RNG])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
-        # load_state_dict's own report is a heading ("Error(s) in loading state_dict for
-        # AveragedModel:") over the lines that say what is wrong: show the first of those.
+        # Below load_state_dict's heading ("Error(s) in loading ...:"), the first real line.
         detail = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         raise UsageError(f"{path} does not fit the {saved[CONFIG].get('model')!r} model and "
                          f"its optimiser: {detail}") from None
 
 
 def _check_hyperparameters(fresh: list[dict], saved: list[dict]) -> None:
-    """Each saved setting of a parameter group (lr, momentum, betas, nesterov...) of the kind
-    the fresh optimiser's has: load_state_dict takes any value, and the first step would fail
-    on, say, an lr of 'x'."""
+    """Each saved setting of a parameter group (lr, betas...) of the fresh one's kind:
+    load_state_dict takes any value, and the first step would fail on an lr of 'x'."""
     for mine, theirs in zip(fresh, saved, strict=False):  # torch itself names a count mismatch
         problem = _mismatch({k: v for k, v in theirs.items() if k != "params"}, mine,
                             "the optimiser's")
@@ -114,8 +92,8 @@ def _check_hyperparameters(fresh: list[dict], saved: list[dict]) -> None:
 
 
 def _mismatch(saved: Any, fresh: Any, name: str) -> str | None:
-    """Where `saved` is not of the kind `fresh` is, looking into mappings and lists, or None.
-    Only keys both have are compared: another torch version may save a few more or fewer."""
+    """Where `saved` is not of `fresh`'s kind, looking into mappings and lists, or None (only
+    keys both have: another torch version may save a few more or fewer)."""
     if isinstance(fresh, dict):
         if not isinstance(saved, dict):
             return f"{name} state is {_short(saved)}, not a mapping"
@@ -159,8 +137,8 @@ def _short(value: Any) -> str:
 
 
 def _check_optimizer_state(optimizer) -> None:
-    """load_state_dict checks the parameter groups but not the tensors kept per weight (a
-    momentum buffer, Adam's moments): one of another shape would fail the first step."""
+    """The tensors kept per weight (momentum, Adam's moments), which load_state_dict does not
+    check: one of another shape would fail the first step."""
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:  # Adam's step, say
@@ -181,8 +159,7 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
 def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
-    """Write bare weights: `.safetensors` (no pickle at all; with `metadata`, text it keeps
-    beside the tensors) or a torch `state_dict` file."""
+    """Write bare weights: `.safetensors` (with text `metadata`) or a torch state_dict file."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
@@ -205,20 +182,16 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
     _check_torch_save_format(path)
     try:
         with warnings.catch_warnings():
-            # torch warns about any pickle protocol but 2, then fails or loads on its own merit:
-            # the outcome is what the user is told, not the warning.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            # Likewise its notes on checking a sparse tensor, which no torchmnist model holds.
-            warnings.filterwarnings("ignore", message="Validating sparse tensor")
-            warnings.filterwarnings("ignore", message="Sparse invariant checks")
-            # A sparse tensor in the file is checked as it loads (torch 2.11 leaves that off
-            # unless asked, and warns that a malformed one could crash the process later).
+            # The outcome is told, not torch's warnings on pickle protocols and sparse checks.
+            for warning in ("Detected pickle protocol", "Validating sparse tensor",
+                            "Sparse invariant checks"):
+                warnings.filterwarnings("ignore", message=warning)
+            # Sparse tensors checked as they load: a malformed one could crash the process later.
             with torch.sparse.check_sparse_tensor_invariants():
                 loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # weights_only=True stopped the unpickler. It names the GLOBAL it refused when the file
-        # asks for a Python object (a class, or a function such as os.system); anything else
-        # means the bytes are not a pickle at all.
+        # weights_only=True stopped the unpickler: it names the GLOBAL it refused when the file
+        # asks for a Python object (os.system, say); anything else is not a pickle at all.
         refused = re.search(r"GLOBAL (\S+)", str(error))
         if refused:
             raise UsageError(
@@ -226,8 +199,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
                 "which could run code when unpickled, and torchmnist only loads tensors and "
                 "plain values") from None
         if "Unsupported operand" in str(error):
-            # torch.save(..., pickle_protocol=N) for N other than 2 and 3 writes opcodes that
-            # the weights-only unpickler does not implement.
+            # Protocols other than 2 and 3 write opcodes the weights-only unpickler lacks.
             raise UsageError(
                 f"{path} was written by torch.save with a pickle protocol that torch cannot "
                 "load without the risk of running code in it; if you trust the file, load it "
@@ -244,11 +216,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
 
 
 def _refuse_empty_tensors(loaded: Any, path: Path) -> None:
-    """One sentence for a tensor saved on the meta device: a shape with no values (from a
-    model that was never materialised), which loads without complaint and fails only where
-    it is first used, in torch's words ("Cannot copy out of meta tensor")."""
-    # A loop, not recursion: nesting can be as deep as the file likes; and a pickle can make a
-    # list that holds itself, so each container is looked into once.
+    """One sentence for a tensor on the meta device (no values), which loads without complaint
+    and fails where it is first used ("Cannot copy out of meta tensor")."""
+    # A loop over each container once: nesting may be deep, and a list may hold itself.
     pending, seen = collections.deque([("", loaded)]), set()
     while pending:
         where, value = pending.popleft()
@@ -272,11 +242,8 @@ _LEGACY_MAGIC_TEXT = b"L119547037146038801333356L"
 
 
 def _check_torch_save_format(path: Path) -> None:
-    """Name a file whose first bytes show that torch.save did not write it, in one sentence.
-
-    torch.load's own errors for these ("Invalid magic number", "file in archive is not in a
-    subdirectory", "Unsupported operand 149") describe its parser, not the file.
-    """
+    """Name a file that torch.save did not write, from its first bytes, in one sentence (torch's
+    own errors, "Invalid magic number" and alike, describe its parser, not the file)."""
     with open(path, "rb") as f:
         start = f.read(32)
     if start.startswith(b"PK\x03\x04"):
@@ -310,13 +277,9 @@ def _check_torch_save_format(path: Path) -> None:
 
 
 def _check_stored_sizes(path: Path, entries: list[zipfile.ZipInfo]) -> None:
-    """Refuse an archive that unpacks to more bytes than it holds, before torch reads it.
-
-    torch.save stores every entry as it is, so its tensors can never be larger than the file.
-    torch.load also reads compressed entries, and entries that share their bytes, so a file of
-    a few megabytes could unpack to all the memory there is. Such a file is refused without
-    reading its entries.
-    """
+    """Refuse an archive that unpacks to more bytes than it holds, before torch reads it:
+    torch.save stores entries as they are, but torch.load also reads compressed and overlapping
+    ones, with which a few megabytes could unpack to all the memory there is."""
     if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
         raise UsageError(f"{path} is a zip archive with compressed entries, which torch.save "
                          "never writes (and which could unpack to any size); it is not "
@@ -341,8 +304,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load, load_file
 
     try:
-        # safetensors opens files by UTF-8 names only: a folder named in another encoding is
-        # read here and handed over as bytes (for one small model, a copy that costs nothing).
+        # safetensors opens UTF-8 names only; others are read here and handed over as bytes.
         return load_file(path) if is_utf8(str(path)) else load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as error:
         raise UsageError(f"{printable(str(path))} is not a readable safetensors file: "
@@ -354,11 +316,8 @@ def is_training_checkpoint(obj: Any) -> bool:
 
 
 def weights(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The model state_dict in a loaded file, and the run's config when it is a full checkpoint.
-
-    Accepts a torchmnist checkpoint, a plain state_dict such as the guide's `model.pth` or the
-    official example's `mnist_cnn.pt`, or the tensors of a `.safetensors` file.
-    """
+    """The state_dict in a loaded file (a checkpoint, a plain state_dict such as the guide's
+    `model.pth`, a safetensors file's tensors), and the run's config for a checkpoint."""
     if is_training_checkpoint(obj):
         config = obj.get(CONFIG)
         if not isinstance(config, dict):
@@ -413,9 +372,8 @@ def find_resume(resume: str, run_dir: str | None, runs_dir: str = "runs") -> Pat
         return path / "last.pt" if path.is_dir() else path
     if run_dir is not None:
         return Path(run_dir) / "last.pt"
-    # Plain files only: a pipe or folder named last.pt is no run's checkpoint. Of two written
-    # in the same tick of a coarse file-system clock, the later name (runs are named by their
-    # date and time) is taken, not whichever the folder listing gives last.
+    # Plain files only; of two written in one tick of a coarse clock, the later name (runs
+    # are named by their date and time).
     candidates = sorted((p for p in Path(runs_dir).glob("*/last.pt") if p.is_file()),
                         key=lambda p: (p.stat().st_mtime_ns, p.parent.name))
     if not candidates:
@@ -443,9 +401,8 @@ def load_training(path: Path) -> dict:
 
 
 def _training_state_problem(saved: dict) -> str | None:
-    """What is wrong with the parts of a checkpoint only a resume reads, or None. Checked here,
-    before anything is written, so that a damaged or crafted file is named in one sentence
-    and never half-rewrites the run folder (metrics.jsonl is rebuilt from it)."""
+    """What is wrong with the parts only a resume reads, or None: checked before anything is
+    written, so a crafted file never half-rewrites the run folder."""
     if not isinstance(saved.get(RANKS) or [], list):
         return "its per-process states are not a list"
     for own in [saved, *(saved.get(RANKS) or [])]:
@@ -473,9 +430,8 @@ def _training_state_problem(saved: dict) -> str | None:
 
 
 def _is_plain_record(record: dict) -> bool:
-    """A metrics record as torchmnist writes it: names to numbers, text or null. Nothing nested,
-    so no check recurses and the record can be saved again: from Python 3.12 json.dumps nests
-    deeper than the pickler that writes the next checkpoint can."""
+    """A metrics record as torchmnist writes it: names to numbers, text or null, nothing nested
+    (from Python 3.12 json.dumps nests deeper than the next checkpoint's pickler can)."""
     return all(isinstance(name, str) and (
         value is None or isinstance(value, str) or is_number(value, whole=True)
         or (is_number(value) and math.isfinite(value))) for name, value in record.items())
@@ -541,8 +497,7 @@ def file_in(path: str | os.PathLike) -> Path:
 
 
 def contract(name: str, spec: Any) -> dict[str, str]:
-    """What an exported file (and a run's model.safetensors) expects and returns, stored inside
-    it as metadata; `spec` is the data's DatasetSpec."""
+    """What an exported file (and model.safetensors) expects and returns, as its metadata."""
     made = ("white ink on black, MNIST-style" if spec.name in DATASETS
             else "made as the training images were")
     return {

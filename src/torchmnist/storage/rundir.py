@@ -1,14 +1,10 @@
 """Run folders: which folders torchmnist may write into, and the lock that keeps one writer.
 
-A run folder is one torchmnist made: it holds `.torchmnist-run`, a file only torchmnist writes.
-Training goes into a folder that does not exist yet, an empty one, or a run folder; any other
-folder (a project, a home directory, someone's data) is refused before anything in it is
-touched. For the whole run the folder is locked with an OS lock (`fcntl.lockf` on
-`.torchmnist-lock`), so a second training or resume into it stops with one sentence naming
-the process that holds it. The OS drops the lock when that process ends, however it ends, so a
-lock left by a killed run never blocks the next one. A sweep's folder is made and reused on
-the same terms, marked with `.torchmnist-sweep`, and so is the folder `predict
---save-preprocessed` writes images into, marked with `.torchmnist-preprocessed`.
+A run folder holds `.torchmnist-run`, a file only torchmnist writes. Training goes into a new
+folder, an empty one, or a run folder; any other folder is refused before anything in it is
+touched. For the whole run an OS lock (`fcntl.lockf` on `.torchmnist-lock`) keeps a second
+writer out, and dies with its process, however it ends. Sweep folders (`.torchmnist-sweep`) and
+`predict --save-preprocessed` folders (`.torchmnist-preprocessed`) follow the same rules.
 """
 
 from __future__ import annotations
@@ -58,12 +54,9 @@ def is_run_file(path: Path) -> bool:
 
 def refuse_foreign(folder: Path, ours: Callable[[Path], bool], what: str, flag: str,
                    writes: Callable[[str], bool]) -> None:
-    """Refuse, touching nothing, a folder torchmnist may not fill: one with something in it
-    that is not `ours` (torchmnist writes only into a new or empty folder, or one it made for
-    the same purpose: a run's, a sweep's, a report's, never over someone's own files), or one
-    where a name it `writes` is not a plain file. A symbolic link there would carry the writes
-    to wherever it points (a run folder from elsewhere with `train.log -> ~/.bashrc`), a named
-    pipe would hang the command, and a folder or a device would fail it halfway through."""
+    """Refuse, touching nothing, a folder that is not new, empty or `ours` (a run's, a sweep's,
+    a report's), or where a name it `writes` is not a plain file: a symbolic link would carry
+    the writes elsewhere (`train.log -> ~/.bashrc`), a pipe would hang the command."""
     if folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()) and not ours(folder):
         raise UsageError(f"{folder} is not empty and is not {what}; nothing in it was changed: "
                          f"choose a new or empty {flag}")
@@ -171,9 +164,7 @@ def is_sweep(folder: Path) -> bool:
 
 
 def make_sweep_folder(folder: Path) -> None:
-    """Make a sweep's folder (its study, trial folders and results), or reuse one a sweep
-    made; any other folder with something in it is refused, touching nothing, as training
-    refuses one."""
+    """Make a sweep's folder, or reuse one a sweep made; any other non-empty one is refused."""
     refuse_foreign(folder, is_sweep, f"a torchmnist sweep folder (it has no {SWEEP_MARKER})",
                    "--run-dir", writes=SWEEP_FILES.__contains__)
     make_folder(folder, "--run-dir")
@@ -198,12 +189,9 @@ def claim(folder: Path) -> RunLock:
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write so that a crash at any instant leaves either the old file or the new one.
-
-    The bytes go to a temporary file in the same directory, are flushed to disk, and only then
-    renamed over `path` (a rename within one file system is atomic). A failure (disk full, no
-    permission) removes the temporary file and leaves `path` as it was.
-    """
+    """Write so that a crash at any instant leaves either the old file or the new one: into a
+    temporary file beside it, flushed to disk, then renamed over `path` (atomic). A failure
+    removes the temporary file and leaves `path` as it was."""
     tmp = None
     try:
         tmp = temporary_beside(path)
@@ -229,9 +217,8 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def temporary_beside(path: Path, suffix: str = "") -> Path:
-    """A new empty file in `path`'s folder to write `path` into and rename, under a name no
-    other process has (two writers of one file never share it), starting as torchmnist's
-    temporaries do, with the permissions open() would give it (mkstemp gives 0600)."""
+    """A new empty file beside `path`, a name no other writer has, with the permissions open()
+    would give it (mkstemp gives 0600)."""
     fd, name = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=suffix,
                                 dir=path.parent)
     _OWN_TEMPORARIES.add(Path(name))
