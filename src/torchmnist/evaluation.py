@@ -91,11 +91,9 @@ def probabilities(model: nn.Module, x: torch.Tensor, device: torch.device,
 
 def test_data(trained: Trained, data_dir: str | os.PathLike | None = None,
               download: bool = True, test: object = None) -> datasets.DigitData:
-    """The test set a trained model is scored on, with the normalisation and classes it was
-    trained with: `test` when given (images and labels, or a Dataset, as OwnData takes
-    them); its run's own synthetic data (or sample) for a dry run; else its dataset's test
-    files (only those) from `data_dir`, else from the folder its run was trained from, else
-    the default places."""
+    """A trained model's test set, with its normalisation and classes: `test` when given (as
+    OwnData takes it); a dry run's own data; else its dataset's test files from `data_dir`,
+    its run's folder, or the default places."""
     config = trained.config or {}
     if test is not None:
         digits = datasets.DigitData(trained.spec, datasets.Split.empty(),
@@ -124,14 +122,9 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              download: bool = True, device: str = "auto", batch_size: int = 1000,
              tta: bool = False, exit_threshold: float | None = None,
              test: object = None) -> dict:
-    """Test a torchmnist checkpoint or run folder, or a plain state_dict (the guide's
-    `model.pth`, the official example's `mnist_cnn.pt`), on a dataset's test set.
-
-    The model and dataset come from the checkpoint's config when it has one; for a plain
-    state_dict the model is recognised from its parameter names and shapes. `test` scores
-    test images of your own instead: (images, labels) or a Dataset, as OwnData takes
-    them.
-    """
+    """Test a checkpoint, run folder or plain state_dict (the guide's `model.pth`) on its
+    dataset's test set (`load_model` finds model and dataset), or on `test`, images of your
+    own as OwnData takes them."""
     batch_size = cfg.count("--batch-size", batch_size)
     if exit_threshold is not None:
         cfg.check("exit_threshold", exit_threshold)

@@ -113,9 +113,8 @@ class EarlyExitNet(nn.Module):
     `MACS` is each exit's cost. 40,206 parameters."""
 
     data_dependent = True  # eval takes a different path per batch: no CUDA graph holds it
-    # Multiply-accumulates per image: each stage's convolution and head, summed up to the
-    # head an image leaves at (24*24*16*25 + 256*10, then 8*8*32*16*25 + 512*10, then
-    # 4*4*64*32*9 + 64*10).
+    # Multiply-accumulates to leave at each head, the stages summed: 24*24*16*25 + 256*10,
+    # + 8*8*32*16*25 + 512*10, + 4*4*64*32*9 + 64*10.
     MACS = (232_960, 232_960 + 824_320, 232_960 + 824_320 + 295_552)
 
     def __init__(self, num_classes: int = 10, exit_threshold: float = 0.9) -> None:

@@ -46,12 +46,9 @@ def load_network(path: str | os.PathLike, *, model: str | None = None,
 
 def load_model(path: str | os.PathLike, *, model: str | None = None,
                dataset: str | None = None) -> Trained:
-    """The network in a checkpoint, plain state_dict or safetensors file, on the CPU.
-
-    The model and dataset come from the checkpoint's config when it has one; for a plain
-    state_dict the model is recognised from its parameter names and shapes, and the dataset
-    is MNIST unless named.
-    """
+    """The network in a checkpoint, plain state_dict or safetensors file, on the CPU: model and
+    dataset from the checkpoint's config, else recognised by its parameters' names and shapes
+    (and MNIST unless named)."""
     path = checkpoint.file_in(path)
     saved = checkpoint.load(path)
     state_dict, config = checkpoint.weights(saved, path)

@@ -67,8 +67,7 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-# Not a loader a run can use: every batch made before the clock starts, so that what is timed
-# is the model and optimiser alone, the bound that no loader can beat.
+# Batches made before the clock starts: the model and optimiser alone, which no loader can beat.
 PREMADE = "premade"
 
 
@@ -147,8 +146,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
         finally:
             run.close()
             del run
-            # Now, not later: loader workers forked for the next trial must not inherit this
-            # trial's CUDA graphs.
+            # Now: the next trial's forked loader workers must not inherit these CUDA graphs.
             gc.collect()
     return {"train_images_per_s": steps * config.batch_size / seconds,
             "ms_per_step": 1000 * seconds / steps, "test_images_per_s": infer_rate}

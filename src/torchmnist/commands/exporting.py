@@ -61,8 +61,7 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
         network.exit_threshold = 1.0
 
     if trained.dataset.startswith(datasets.OWN_PREFIX):
-        # Data given from Python is not on disk; parity needs inputs, not labels, and
-        # synthetic images exercise every layer just as well.
+        # Data given from Python is not on disk; synthetic images exercise every layer as well.
         test = own.synthetic(seed=0).test
     else:
         test = test_data(trained, data_dir, download=download).test
@@ -71,9 +70,8 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
         expected = network(x).numpy()
 
     rundir.make_folder(out.parent, "--out")
-    # Written under a temporary name of its own that ends as the format's files do (whatever
-    # --out ends with), checked, and only then renamed to --out. Making it first also asks
-    # whether the folder takes a file at all (the exporters would say it worse).
+    # Written under a temporary name ending as the format's files do, checked, then renamed
+    # to --out; made first, it also asks whether the folder takes a file at all.
     try:
         partial = rundir.temporary_beside(out, FORMATS[format])
     except OSError as error:
@@ -206,8 +204,7 @@ def _write_onnx(network: nn.Module, x: torch.Tensor, path: Path, metadata: dict)
     network = onnx_ready(network)
     batch = torch.export.Dim("batch", min=1)
     with _quiet():
-        # The dynamo exporter (torch.export) with a symbolic batch dimension: one file serves
-        # any batch size.
+        # The dynamo exporter with a symbolic batch dimension: one file, any batch size.
         torch.onnx.export(network, (x[:2],), str(path), input_names=["image"],
                           output_names=["logits"], dynamic_shapes={"x": {0: batch}},
                           dynamo=True, external_data=False)
@@ -227,8 +224,7 @@ def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 def _write_torchscript(network: nn.Module, x: torch.Tensor, path: Path, metadata: dict) -> None:
     with _quiet():
         traced = torch.jit.trace(network, x[:2])  # the networks have no data-dependent branches
-    with _quiet():  # torch.jit is deprecated in favour of torch.export, yet still the format
-        # that C++ (libtorch) and older deployments load
+    with _quiet():  # deprecated for torch.export, yet what libtorch and older deployments load
         torch.jit.save(traced, str(path),
                        _extra_files={"torchmnist.json": json.dumps(metadata, allow_nan=False)})
 

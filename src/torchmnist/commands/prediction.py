@@ -71,13 +71,9 @@ def _expand_one(item: str) -> list[tuple[str, str | None]]:
 
 def _glob(pattern: str) -> list[str]:
     """The names a pattern matches; `**` matches folders at any depth, as bash's globstar.
-
-    glob.glob(recursive=True) follows links to folders: with two links back up the tree it
-    walked more than 200,000 paths in 20 s and had not ended (the number of ways through the
-    links grows exponentially with depth, until the kernel's limit of 40 links in a path).
-    pathlib never follows a link while it expands `**`. Hidden files and folders are passed
-    over, as glob and the shell do, unless the pattern names one (`'.cache/**/*.png'`).
-    """
+    pathlib, not glob.glob(recursive=True), which follows links to folders: two links back up
+    the tree make the walk exponential. Hidden names are passed over unless the pattern names
+    one (`'.cache/**/*.png'`), as the shell does."""
     parts = Path(pattern).parts
     if "**" not in parts:  # (within a name, as in "a**b", it is one "*")
         return glob.glob(pattern)
@@ -199,9 +195,8 @@ def answer(probabilities: torch.Tensor, classes: list[str], top: int) -> dict:
 
 def _save_images(files: list[str], images: list[np.ndarray], folder: str | os.PathLike,
                  given: list[str]) -> None:
-    """Write the 28x28 images the model saw as PNGs named after their files, into a new or
-    empty folder or one this wrote before (marked with `.torchmnist-preprocessed`), as every
-    folder torchmnist fills; an input image in it is never written over."""
+    """Write the 28x28 images the model saw as PNGs named after their files, into a new, empty
+    or earlier such folder (`.torchmnist-preprocessed`); an input image is never overwritten."""
     from PIL import Image
 
     folder = Path(folder)

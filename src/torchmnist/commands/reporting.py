@@ -28,13 +28,10 @@ from torchmnist.trained import load_model
 
 REPORT_TITLE = "# Run report: "  # report.md's first line, which marks a report's folder
 FIGURES = ("curves", "confusion", "mistakes")  # each written as NAME.png beside report.md
-# A dataset of your own may have many classes. Beyond these counts the confusion matrix's cells
-# are too small for their numbers (and drawing them all grows slow), the axes too crowded for
-# every name, and the report's per-class row too wide to read: each gives way to what still
-# reads.
+# With more classes than these, the matrix's cells are too small for their numbers, the axes
+# too crowded for every name, the per-class row too wide: each gives way to what still reads.
 MAX_COUNTED_CELLS, MAX_NAMED_CLASSES, MAX_CLASS_COLUMNS = 30, 50, 20
-# Training writes about 160 bytes a record: 256 MiB is over a million log lines, far beyond any
-# run's (a run folder handed over from elsewhere could hold a file of any size).
+# About 160 bytes a record: over a million records, far beyond any run's.
 MAX_METRICS_BYTES = 256 * 1024 * 1024
 
 
@@ -197,8 +194,6 @@ def _loss_names(config: dict) -> tuple[str, str]:
 
 
 def _save(figure, path: Path) -> None:
-    # Whole or not at all, as every file torchmnist writes: a report made again over an
-    # older one never leaves half a picture.
     rundir.write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=110))
 
 

@@ -19,12 +19,8 @@ ERASE_MAX = 12  # pixels, the longest side of an erased rectangle
 
 
 def augment(x: torch.Tensor, kind: str, background: float) -> torch.Tensor:
-    """x: (B, C, H, W) normalised images whose empty background has the value `background`.
-
-    kind: none, translate, affine, or translate-erase, which also blanks a random rectangle in
-    half of the images (random erasing: the model must use the whole object rather than one
-    telltale patch; on Fashion-MNIST it measured no gain over translate, docs/benchmarks.md).
-    """
+    """x: (B, C, H, W) normalised images, empty pixels `background`. kind: none, translate,
+    affine, or translate-erase, which also blanks a random rectangle in half of the images."""
     if kind == "none":
         return x
     if kind == "translate":

@@ -28,12 +28,10 @@ class DatasetSpec:
     mean: float  # of the training pixels scaled to [0, 1]
     std: float
     classes: tuple[str, ...]
-    # For your own data: a CRC-32 of its images and labels, so that resuming on other data is
-    # refused. Built-in datasets have their files checked instead.
+    # Your own data's CRC-32 of images and labels: a resume on other data is refused.
     fingerprint: str = ""
-    # An empty pixel's value in [0, 1], which augmentation and test-time shifts fill in: black
-    # (0) in the built-in datasets; for your own data the commonest value on the edges of the
-    # training images, so that dark ink on white paper is shifted over white.
+    # An empty pixel in [0, 1], which augmentation and test-time shifts fill in: 0 in the
+    # built-in datasets; in yours the commonest value on the training images' edges.
     background: float = 0.0
 
     @property
@@ -214,8 +212,7 @@ def _download(spec: DatasetSpec, root: Path) -> str | None:
     try:
         dataset_class(str(root), train=True, download=True)
     except Exception as error:  # no network, a proxy, a full disk: all end the same way
-        # Leave no debris: the files and folders this attempt made (a mistyped --data-dir
-        # would otherwise keep an empty MNIST/raw).
+        # Leave no debris (a mistyped --data-dir would otherwise keep an empty MNIST/raw).
         for path in (set(raw.iterdir()) if raw.is_dir() else set()) - before:
             if path.is_file():
                 path.unlink()

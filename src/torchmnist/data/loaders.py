@@ -46,11 +46,9 @@ def batch_count(n: int, batch_size: int, ranks: int = 1) -> int:
 
 def rank_batches(order: torch.Tensor, batch_size: int, start: int = 0, rank: int = 0,
                  ranks: int = 1) -> Iterator[torch.Tensor]:
-    """The image indices of each batch of an epoch's `order`, from batch `start` on: the whole
-    batch for a single process; for rank r of R, every R-th image of it from r on, so that the
-    R ranks together take exactly the batch one process would. A last batch that does not
-    divide evenly leaves out its last images (fewer than R), so that every rank's share is the
-    same size and the average of the ranks' mean losses is the batch's mean loss."""
+    """The image indices of each batch of `order` from batch `start` on; rank r of R takes every
+    R-th image from r on, so the ranks together take the batch one process would. A last batch
+    leaves out its last images (fewer than R), so every rank's share has the same size."""
     n = len(order)
     for i in range(start, batch_count(n, batch_size, ranks)):
         batch = order[i * batch_size:min((i + 1) * batch_size, n)]
@@ -60,18 +58,14 @@ def rank_batches(order: torch.Tensor, batch_size: int, start: int = 0, rank: int
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28), the very arithmetic of torchvision's
-    ToTensor (divide by 255) then Normalize (subtract mean, divide by std, both float32
-    tensors), so both loaders produce bit-identical batches."""
+    """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28) with ToTensor's then Normalize's very
+    arithmetic, so both loaders produce bit-identical batches."""
     return images.unsqueeze(1).to(torch.float32).div(255).sub(mean).div(std)
 
 
 class TensorBatches:
-    """The whole split lives on the device as uint8; a batch is an index into it.
-
-    No per-sample Python, no PIL, no worker processes: one gather and one normalisation per
-    batch, all on the device.
-    """
+    """The whole split on the device as uint8; a batch is one gather and one normalisation
+    there: no per-sample Python, no PIL, no worker processes."""
 
     def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
                  *, shuffle: bool, seed: int = 0, rank: int = 0, ranks: int = 1):
@@ -131,9 +125,8 @@ class _PILDigits(Dataset):
         return self.transform(Image.fromarray(images[index])), labels[index]
 
     def __getstate__(self) -> dict:
-        """What a spawn or forkserver worker is sent: the tensors (shared memory), or, where
-        shared memory has no room for them (a container's /dev/shm: Docker gives 64 MiB),
-        NumPy copies through the pipe, slower to start but never short of room."""
+        """What a spawn or forkserver worker is sent: the tensors (shared memory), or NumPy
+        copies through the pipe where shared memory has no room (Docker gives 64 MiB)."""
         split = self.split
         if split.images.is_shared() or _shared_memory_holds(split.images.nbytes
                                                             + split.labels.nbytes):
@@ -164,12 +157,9 @@ def _shared_memory_holds(size: int) -> bool:
 
 
 class _EpochSampler(Sampler[int]):
-    """Yields the epoch's order from batch `start` on; `set_epoch` picks the epoch (as
-    DistributedSampler does) and lets a resumed run skip the batches it already took.
-
-    With several ranks it yields this rank's share of each batch (`rank_batches`): the job
-    then trains on the very batches of a single process, which DistributedSampler's
-    rank-strided split of the whole epoch, padded with repeated images, would not give."""
+    """Yields the epoch's order from batch `start` on (`set_epoch`), with several ranks this
+    rank's share of each batch: the very batches of a single process, which
+    DistributedSampler's padded, rank-strided split of the epoch would not give."""
 
     def __init__(self, n: int, seed: int, shuffle: bool, batch_size: int, rank: int = 0,
                  ranks: int = 1):
@@ -191,12 +181,9 @@ class _EpochSampler(Sampler[int]):
 
 
 def refuse_in_a_starting_process() -> None:
-    """Refuse to train while a new process imports the user's script. Under the spawn and
-    forkserver start methods (macOS and Windows; Linux from Python 3.14) every new process,
-    a DataLoader worker included, runs the main script's top level again: an unguarded
-    `torchmnist.train(...)` would start a second run there (which then finds the first run's
-    folder locked). Python marks the process while it imports the script (_inheriting, the
-    flag multiprocessing checks for its own version of this mistake)."""
+    """Refuse to train while a new process imports the user's script: under spawn and
+    forkserver every new process, DataLoader workers too, runs its top level again, so an
+    unguarded `torchmnist.train(...)` would start a second run (`_inheriting` marks it)."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise UsageError(
             "torchmnist was asked to train inside a new process as it started (spawn and "
@@ -247,9 +234,8 @@ class LoaderBatches:
         return batch_count(self.n, self.batch_size, self.ranks)
 
     def close(self) -> None:
-        """Stop the worker processes now. A DataLoader shuts its persistent workers down, and
-        joins them, when it is let go: so the batches in flight are closed and the loader
-        dropped (the next epoch makes a new one). Safe to call more than once."""
+        """Stop the workers now: a DataLoader shuts its persistent workers down when let go, so
+        the batches in flight are closed and the loader dropped. Safe to call again."""
         if self.running is not None:
             self.running.close()
         self.running = self.loader = None
@@ -272,9 +258,8 @@ class LoaderBatches:
 
 @contextlib.contextmanager
 def _out_of_shared_memory_told() -> Iterator[None]:
-    """The workers send every batch through shared memory; where it is full (a container's
-    small /dev/shm), torch fails with a traceback or a worker dies of SIGBUS. Say so, and what
-    to do, in one sentence."""
+    """One sentence where a full shared memory (a container's small /dev/shm) fails the
+    workers' batches with a traceback or a SIGBUS."""
     try:
         yield
     except RuntimeError as error:
@@ -291,12 +276,9 @@ def _out_of_shared_memory_told() -> Iterator[None]:
 
 @functools.cache
 def _loaders_to_close_at_exit() -> weakref.WeakSet:
-    """The loaders whose workers are stopped when Python exits, if they are still running.
-
-    Workers ignore SIGTERM (_seed_worker), and Python's multiprocessing, at exit, sends SIGTERM
-    to every worker still alive and then waits for it: a loader not yet closed (or collected)
-    at exit would wait forever. This hook, registered after torch's own (which makes the
-    workers' shutdown a no-op once Python is exiting), runs before it and stops them."""
+    """The loaders whose workers are stopped at exit: they ignore the SIGTERM multiprocessing
+    then sends and waits on, which would wait forever. Registered after torch's own hook, this
+    one runs before it."""
     loaders = weakref.WeakSet()
 
     def close_all() -> None:

@@ -98,9 +98,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def rng_state_problem(state: dict) -> str | None:
-    """What keeps `set_rng_state` from taking a saved state, or None. Tried for real on the
-    CPU generators, whose states are put back afterwards, so that every damage torch, numpy
-    or random would refuse is found (a CUDA state is only checked for its type here)."""
+    """What keeps `set_rng_state` from taking a saved state, or None: tried for real on the CPU
+    generators (put back afterwards); a CUDA state is only checked for its type."""
     current = rng_state()
     try:
         set_rng_state({k: v for k, v in state.items() if k != "cuda"})
@@ -164,9 +163,8 @@ def rehearse(function: Callable[[], Any], times: int) -> None:
 
 
 def capture(function: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Capture one call of `function` in a CUDA graph; return (graph, its output). Nothing is
-    computed now: each `graph.replay()` runs the captured kernels on the same memory, with
-    fresh random numbers from the default generator."""
+    """Capture one call of `function` in a CUDA graph; return (graph, its output). Each replay
+    runs the kernels on the same memory, with fresh random numbers."""
     graph = torch.cuda.CUDAGraph()
     # thread_local: a DataLoader's pin-memory thread may use CUDA while this thread captures.
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -231,11 +229,9 @@ def cpu_extensions() -> str:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 itself, so that bf16 autocast is quicker than fp32.
-    On a CPU that takes the instructions (AVX512-BF16 or AMX on x86, BF16 on Arm) and kernels
-    that use them: oneDNN's (which ONEDNN_MAX_CPU_ISA may cap) and torch's AVX-512 or SVE ones
-    (which ATEN_CPU_CAPABILITY may cap). Elsewhere torch emulates bf16 in fp32 arithmetic with
-    conversions around it, which is slower than fp32 itself (docs/benchmarks.md)."""
+    """Whether `device` computes in bf16 itself, so bf16 autocast beats fp32: on a CPU, the
+    instructions (AVX512-BF16, AMX, Arm BF16) and kernels that use them, oneDNN's and torch's
+    (their caps honoured). Emulated bf16 is slower than fp32 (docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
@@ -285,10 +281,8 @@ def busy_cores(window: float = 0.05) -> float | None:
 
 
 def crowding_note(device: torch.device, threads: int | None) -> str | None:
-    """A note when other work already keeps a core busy and torch will run a thread per core:
-    its threads then wait for each other behind that work (docs/benchmarks.md). The thread
-    count is not changed for the user: it changes the arithmetic, and a rerun or resume must
-    compute the same."""
+    """A note when other work keeps a core busy and torch runs a thread per core, its threads
+    then waiting behind that work. Not changed for the user: it changes the arithmetic."""
     if device.type != "cpu" or threads is not None or "OMP_NUM_THREADS" in os.environ:
         return None
     busy = busy_cores()

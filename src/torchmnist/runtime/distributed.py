@@ -108,11 +108,9 @@ def start(world: World, device: torch.device) -> torch.device:
 
 
 def _restart_store(world: World) -> dict:
-    """After torchrun restarted the job (--max-restarts), the store of its rendezvous
-    (`--standalone`, `--rdzv-backend c10d`) still holds the addresses the dead processes
-    published, under the same keys: joining through it, the new processes would try to reach
-    the old ones (seen as "Gloo connectFullMesh failed ... Connection refused"). A key prefix
-    per restart gives each attempt keys of its own."""
+    """After torchrun restarts the job, its rendezvous store still holds the dead processes'
+    addresses under the same keys, which the new ones would try to reach ("Gloo
+    connectFullMesh failed"): a key prefix per restart gives each attempt its own."""
     restarts = restart_count()
     if not restarts or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}

@@ -44,8 +44,7 @@ class RunLog:
         self.run_dir, self.write = run_dir, write
         self.history: list[dict[str, Any]] = list(history or [])
         self.quiet = quiet  # nothing on the console; train.log still gets every line
-        # With --json, stdout holds only the JSON summary, so the lines for people go to
-        # stderr, and `torchmnist train --json | jq` needs nothing in between.
+        # With --json, stdout holds only the summary (`train --json | jq`): lines go to stderr.
         self.to_stderr = to_stderr
         self.progress_bar = (not quiet and sys.stderr.isatty() if progress_bar is None
                              else progress_bar)
@@ -56,9 +55,8 @@ class RunLog:
             self._writer = None
             return
         self._log = open(run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
-        # metrics.jsonl is rewritten from the history a checkpoint carries, so records written
-        # after that checkpoint by an interrupted run do not appear twice after a resume. It is
-        # replaced whole: a full disk leaves the old file, not half of the new one.
+        # Rewritten whole from the checkpoint's history: records an interrupted run wrote after
+        # its checkpoint do not appear twice, and a full disk leaves the old file.
         text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in self.history)
         rundir.write_text_atomically(run_dir / "metrics.jsonl", text)
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
@@ -121,9 +119,7 @@ class RunLog:
 
     def start_bar(self, total: int, initial: int, desc: str) -> None:
         if self.progress_bar:
-            # A terminal that reports no size (a pseudo-terminal from `script`, some CI
-            # runners) would make tqdm hide the bar below a screen of 0 rows, that is, show
-            # nothing at all: give it 80x24 then.
+            # A terminal of no size (`script`, some CI runners) would hide tqdm's bar: 80x24.
             columns, rows = _terminal_size()
             sized = columns > 0 and rows > 0
             self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False,

@@ -72,10 +72,8 @@ class StopSignals:
 
 @contextlib.contextmanager
 def terminate_cleanly() -> Iterator[None]:
-    """While inside, SIGTERM removes the temporary files this process is writing (an export
-    under way) before it ends the process with 143, where the signal's default action would
-    leave them behind. The exit is immediate, as the default's is: an exception raised from
-    the handler could land inside an import or an exporter that takes it for an error."""
+    """While inside, SIGTERM removes the temporary files being written, then exits with 143 at
+    once, as its default action would (an exception could land in an exporter as an error)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -95,10 +93,9 @@ def terminate_cleanly() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stop_by_unwinding() -> Iterator[None]:
-    """While inside, SIGTERM and SIGINT raise Stopped wherever the process is, so that every
-    `with` and `finally` on the way out runs (SIGTERM's default action ends the process on the
-    spot, leaving a benchmark's temporary run folders behind), and both are told alike. A
-    training run inside installs its own handlers and stops after a step, as always."""
+    """While inside, SIGTERM and SIGINT raise Stopped wherever the process is, so every `with`
+    and `finally` runs (a benchmark's temporary folders go); a training run inside still stops
+    after a step, with its own handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
