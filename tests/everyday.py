@@ -80,3 +80,31 @@ def write(style: str, digit: np.ndarray, path_stem, rng: np.random.Generator):
     path = path_stem.with_suffix(suffix)
     image.save(path, quality=85) if suffix == ".jpg" else image.save(path)
     return path
+
+
+# The transposition that turns an upright picture into the pixels a camera stores with each EXIF
+# Orientation (the inverse of the one a viewer applies to show it upright).
+_STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_270}
+
+
+def phone_photo(upright: Image.Image, orientation: int, format: str = "JPEG") -> bytes:
+    """`upright` saved as a phone saves a photo: the pixels as the sensor saw them, and an EXIF
+    Orientation tag saying how a viewer turns them upright."""
+    import io
+
+    from PIL import ImageOps
+
+    how = _STORED_AS[orientation]
+    stored = upright if how is None else upright.transpose(how)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format=format, exif=exif.tobytes(), **(
+        {"quality": 90} if format == "JPEG" else {}))
+    # Checked against Pillow's own reading of the tag, so the files are what a phone writes.
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue())))
+    assert shown.size == upright.size
+    return buffer.getvalue()

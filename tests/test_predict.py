@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_one_sentence_error, run_main, run_subprocess
-from everyday import STYLES, write
+from everyday import STYLES, phone_photo, write
 from PIL import Image
 
 from torchmnist import data, models
@@ -24,6 +24,7 @@ from torchmnist.data.preprocess import (
     ink_map,
     prepare,
     prepare_bytes,
+    prepare_picture,
     read_grey,
     to_28x28,
 )
@@ -83,6 +84,47 @@ def test_transparent_pixels_are_composited_onto_white(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     grey = read_grey(tmp_path / "a.png")
     assert grey[0, 0] == 1.0 and grey[60, 60] == 0.0  # white page, black stroke
+
+
+def _seven() -> Image.Image:
+    """Dark ink on white that no turn or mirror leaves the same: a "7" with a foot."""
+    from PIL import ImageDraw
+
+    picture = Image.new("L", (120, 200), 255)
+    ImageDraw.Draw(picture).line([(20, 20), (100, 20), (40, 180), (70, 180)], fill=0, width=14)
+    return picture
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_a_phone_photo_is_turned_upright_as_its_exif_orientation_says(orientation, format,
+                                                                     tmp_path):
+    photo = phone_photo(_seven(), orientation, format)
+    path = tmp_path / f"photo.{format.lower()}"
+    path.write_bytes(photo)
+    upright = read_grey(_png_bytes(_seven()))
+    for grey in (read_grey(path), read_grey(photo)):
+        assert grey.shape == upright.shape  # (200, 120): turned back, not left lying down
+        # Lossless files come back pixel for pixel; a JPEG within its compression noise.
+        assert np.abs(grey - upright).max() <= (0 if format == "PNG" else 0.2)
+        assert np.abs(grey - upright).mean() < (1e-9 if format == "PNG" else 0.01)
+    # A PIL image opened from the file, given from Python, is turned the same way.
+    with Image.open(path) as opened:
+        assert np.array_equal(prepare_picture(opened), prepare(path))
+
+
+def test_a_damaged_exif_block_does_not_stop_the_picture_being_read(tmp_path):
+    path = tmp_path / "odd.jpg"
+    _seven().save(path, exif=b"Exif\x00\x00MM\x00*garbage")
+    assert read_grey(path).shape == (200, 120)
+
+
+def _png_bytes(picture: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".gif", ".tiff", ".webp"])
@@ -389,3 +431,28 @@ def test_everyday_images_of_mnist_digits_are_read_as_well_as_mnist_itself(style,
     accuracy = np.mean([r["prediction"] == int(digits.labels[i]) for i, r in enumerate(results)])
     # The floor the issue sets: the model's MNIST test accuracy, minus 2 points.
     assert accuracy >= guide_run["test_accuracy"] - 0.02, (style, accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_phone_photos_of_mnist_digits_predict_as_their_upright_twins(guide_run, mnist_dir,
+                                                                    tmp_path):
+    """40 test digits as a phone saves them (Orientation 2-8, five of each, and 6 as phones
+    held upright write it) predict exactly as the same digits stored upright, through every
+    way in: files, bytes and PIL images."""
+    digits = data.load("mnist", mnist_dir).test
+    upright, tagged, pictures = [], [], []
+    for i in range(40):
+        picture = Image.fromarray(255 - digits.images[i].numpy()).resize((140, 140))
+        orientation = 6 if i < 5 else 2 + i % 7
+        (tmp_path / f"{i}-upright.png").write_bytes(_png_bytes(picture))
+        (tmp_path / f"{i}-phone.jpg").write_bytes(phone_photo(picture, orientation))
+        upright.append(str(tmp_path / f"{i}-upright.png"))
+        tagged.append(str(tmp_path / f"{i}-phone.jpg"))
+    checkpoint = guide_run["checkpoint"]
+    expected = [r["prediction"] for r in predict(checkpoint, upright, device="cpu")]
+    assert np.mean([p == int(digits.labels[i]) for i, p in enumerate(expected)]) > 0.9
+    for inputs in (tagged, [Path(f).read_bytes() for f in tagged]):
+        assert [r["prediction"] for r in predict(checkpoint, inputs, device="cpu")] == expected
+    pictures = [Image.open(f) for f in tagged]
+    assert [r["prediction"] for r in predict(checkpoint, pictures, device="cpu")] == expected

@@ -25,6 +25,8 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
+import numpy as np  # noqa: E402
+from everyday import phone_photo  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -102,6 +104,25 @@ def test_predict_answers_as_predict_json_does_for_each_way_of_sending(client, mo
         seen = Image.open(io.BytesIO(base64.b64decode(body["preprocessed"].split(",")[1])))
         assert seen.size == (28, 28)
     assert answers[0].json()["file"] == "one.png"
+
+
+def _ink_box(preprocessed: str) -> tuple[int, int]:
+    """(height, width) of the ink in a "preprocessed" answer's 28x28 PNG."""
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(preprocessed.split(",")[1]))))
+    rows, cols = np.nonzero(seen > 60)
+    return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_phone_photo_is_classified_the_right_way_up(client, orientation):
+    """A "1" photographed by a phone: the pixels lie as the sensor saw them, the EXIF tag says
+    how to turn them. Turned, the bar stands upright and reads as a 1."""
+    answer = client.post("/api/predict", files={"image": (
+        "phone.jpg", phone_photo(_drawn("1"), orientation), "image/jpeg")})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["class"] == "1"
+    height, width = _ink_box(answer.json()["preprocessed"])
+    assert height > 3 * width  # upright, not lying on its side
 
 
 def test_model_health_and_openapi_docs(client):
@@ -382,6 +403,26 @@ def test_a_digit_drawn_in_the_browser_is_recognised(server, browser, tmp_path):
     _drawn("1").save(picture)
     page.set_input_files("#file", str(picture))
     _shown(page, "1")
+
+    # A phone's photo of the "1", stored lying on its side with EXIF Orientation 6: the
+    # answer and the picture the page shows are both upright.
+    page.click("#clear")
+    phone = tmp_path / "phone.jpg"
+    phone.write_bytes(phone_photo(_drawn("1"), 6))
+    page.set_input_files("#file", str(phone))
+    _shown(page, "1")
+    page.wait_for_function("""() => { const c = document.getElementById('canvas');
+        const p = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        for (let i = 0; i < p.length; i += 4) if (p[i] < 100) return true; return false; }""")
+    height, width = page.evaluate("""() => { const c = document.getElementById('canvas');
+        const p = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let top = c.height, bottom = -1, left = c.width, right = -1;
+        for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++)
+            if (p[4 * (y * c.width + x)] < 100) {
+                top = Math.min(top, y); bottom = Math.max(bottom, y);
+                left = Math.min(left, x); right = Math.max(right, x); }
+        return [bottom - top + 1, right - left + 1]; }""")
+    assert height > 3 * width, (height, width)  # the preview stands upright too
 
     # A picture dropped on the canvas.
     page.click("#clear")

@@ -66,6 +66,7 @@ def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> 
         with warnings.catch_warnings():
             # Pillow warns from 89 million pixels on; max_pixels is the limit here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", "Corrupt EXIF data")  # the pixels still read
             try:
                 image = Image.open(path)  # Pillow's own file, closed with the image
             except UnidentifiedImageError:
@@ -79,7 +80,8 @@ def read_grey(path: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> 
                 raise ImageError(f"the image is {width}x{height} pixels, more than the "
                                  f"{max_pixels / 10**6:g} million torchmnist reads; scale it "
                                  "down first")
-            return _to_grey(_reduced(image))
+            turn = _orientation(image)
+            return _to_grey(_upright(_reduced(image), turn))
     except ImageError:
         raise
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
@@ -122,6 +124,29 @@ def _heif_opener() -> bool:
         return False
     register_heif_opener()
     return True
+
+
+def _orientation(image) -> int:
+    """The EXIF Orientation tag (1-8; 1: upright), read before anything is decoded. Phones store
+    the sensor's pixels as they came and this tag to say how a viewer turns them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data", as in read_grey
+            turn = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF fails in many ways
+        return 1
+    return turn if isinstance(turn, int) else 1
+
+
+def _upright(image, turn: int):
+    """The picture as a viewer shows it: turned and mirrored as its EXIF Orientation says (the
+    transpositions of Pillow's ImageOps.exif_transpose)."""
+    from PIL.Image import Transpose
+
+    how = {2: Transpose.FLIP_LEFT_RIGHT, 3: Transpose.ROTATE_180, 4: Transpose.FLIP_TOP_BOTTOM,
+           5: Transpose.TRANSPOSE, 6: Transpose.ROTATE_270, 7: Transpose.TRANSVERSE,
+           8: Transpose.ROTATE_90}.get(turn)
+    return image if how is None else image.transpose(how)
 
 
 def _reduced(image):
@@ -272,7 +297,8 @@ def prepare_picture(picture, dataset: str = "mnist") -> np.ndarray:
     if width * height > MAX_PIXELS:
         raise ImageError(f"the image is {width}x{height} pixels, more than the "
                          f"{MAX_PIXELS // 10**6} million torchmnist reads; scale it down first")
-    return _as_input(_to_grey(_reduced(picture)), dataset)
+    turn = _orientation(picture)  # a PIL image opened from a phone's photo still has its tag
+    return _as_input(_to_grey(_upright(_reduced(picture), turn)), dataset)
 
 
 def _as_uint8(array: np.ndarray) -> np.ndarray:
