@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="a web page to draw a digit on, and an HTTP API, for a trained model",
         description="Serve a trained model: a page to draw on or drop a photo on (/), "
-        "POST /api/predict for programs, GET /api/model and /api/health, OpenAPI docs at "
-        "/docs. Needs pip install 'torchmnist[serve]'.")
+        "POST /api/predict for programs, the Open Inference Protocol under /v2, GET /api/model, "
+        "/api/health (liveness), /api/ready (readiness) and /metrics (Prometheus), OpenAPI "
+        "docs at /docs. Needs pip install 'torchmnist[serve]'.")
     _add_checkpoint_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on; "
                        "0.0.0.0 serves other machines too (default: %(default)s, this one "
@@ -268,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse an image with more pixels than this (default: 25 million)")
     serve.add_argument("--top", type=_whole(1), default=3, metavar="K",
                        help="classes in each answer's top list (default: 3)")
+    serve.add_argument("--max-batch", type=_whole(1, 4096), default=64, metavar="N",
+                       help="the most images one forward pass takes (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                       help="how long a request waits for others to share its forward pass "
+                       "(default: %(default)s)")
     _add_model_flags(serve)
     _add_device_flag(serve)
     return parser
@@ -334,7 +340,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = serving.create_app(args.checkpoint, device=args.device, model=args.model,
                              dataset=args.dataset, max_bytes=args.max_bytes,
-                             max_pixels=args.max_pixels, top=args.top)
+                             max_pixels=args.max_pixels, top=args.top,
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     serving.run(app, args.host, args.port)
     return 0
 

@@ -3,10 +3,15 @@
     GET  /                the page: a canvas to draw on, a file to drop, the probabilities
     POST /api/predict     an image (multipart field "image", a raw image/* body, or JSON
                           {"image": base64 PNG or data: URL}) -> `predict --json`'s answer
-    GET  /api/model, /api/health, /docs (OpenAPI)
+    GET  /api/health      liveness: the process answers (and how requests were batched)
+    GET  /api/ready       readiness: 200 once the model is loaded and warmed and while the
+                          batching task runs, else 503
+    GET  /metrics         Prometheus metrics
+    /v2/...               the Open Inference Protocol (inference_protocol.py)
+    GET  /api/model, /docs (OpenAPI)
 
-Requests that arrive together are classified in one forward pass (`Batcher`). A bad input gets
-a 4xx and one sentence as {"error": ...}, and the next request is served as usual.
+Requests that arrive together are classified in one forward pass (`Batcher`). Every error, a
+bad input or an unknown path alike, is a status and one sentence as {"error": ...}.
 """
 
 
@@ -16,6 +21,7 @@ import binascii
 import io
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from torchmnist import __version__
+from torchmnist.commands import inference_protocol
 from torchmnist.commands.prediction import answer
 from torchmnist.config import FOLDER_PREFIX
 from torchmnist.data.preprocess import ImageError, normalise, prepare_bytes
@@ -38,8 +45,9 @@ MAX_BYTES = 5 * 1024 * 1024  # an upload larger than this is refused (413)
 MAX_PIXELS = 25_000_000  # an image with more pixels than this is refused (400)
 MAX_PARTS = 16  # a multipart body with more parts than this is refused (400)
 MAX_PART_HEADERS = 16 * 1024  # bytes of one header line of a part, likewise
-BATCH = 64  # the most requests one forward pass takes
-WAIT = 0.002  # seconds a request waits for others to join its batch
+MAX_BATCH = 64  # the most images one forward pass takes (--max-batch)
+MAX_WAIT_MS = 2.0  # how long a request waits for others to join its batch (--max-wait-ms)
+RESTART_DELAY = 1.0  # seconds before a batching task that died is started again
 
 
 class BadInput(Exception):
@@ -57,38 +65,70 @@ class _Pending:
 
 
 class Batcher:
-    """One forward pass for the requests that arrive together."""
+    """One forward pass for the images that arrive together, in a task that is watched: until
+    it has warmed the model up, and while it is dead, the server is not ready; a task that died
+    is logged and started again after RESTART_DELAY seconds (the process goes on)."""
 
-    def __init__(self, network: torch.nn.Module, spec, device: torch.device):
+    def __init__(self, network: torch.nn.Module, spec, device: torch.device, *,
+                 max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, metrics=None):
         self.network, self.spec, self.device = network, spec, device
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        self.metrics = metrics
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.requests = self.batches = self.largest = 0
-        self._task: asyncio.Task | None = None
+        self.requests = self.batches = self.largest = self.restarts = 0
+        self.ready = False  # warmed up, and the task is running
+        self.failed = False  # the task died, and is not running again yet
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+    async def run(self) -> None:
+        """Warm up, then batch for ever; a failure is told and the batching begins again."""
+        warmed = False
+        while True:
+            try:
+                if not warmed:
+                    await asyncio.to_thread(self.warm_up)
+                    warmed = True
+                self.ready, self.failed = True, False
+                await self._serve()
+            except Exception as error:  # noqa: BLE001 - any failure: not ready, then restart
+                self.ready, self.failed = False, True
+                self.restarts += 1
+                print(f"torchmnist serve: the batching task failed ({type(error).__name__}: "
+                      f"{error}); starting it again in {RESTART_DELAY:g} s", file=sys.stderr,
+                      flush=True)
+                await asyncio.sleep(RESTART_DELAY)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    def warm_up(self) -> None:
+        """One forward pass at each size the batches come in at most, so that the first
+        requests do not pay for loading kernels."""
+        blank = np.zeros((28, 28), dtype=np.float32)
+        for size in {1, self.max_batch}:
+            self._forward([blank] * size)
 
     async def probabilities(self, image: np.ndarray) -> torch.Tensor:
+        if self.failed:
+            raise BadInput(503, "the model is not ready: its batching task failed and is being "
+                                "started again; try again in a moment")
         pending = _Pending(image)
         await self.queue.put(pending)
         return await pending.done
 
+    async def take_batch(self) -> list[_Pending]:
+        """The next request, and those that arrive within max_wait of it."""
+        batch = [await self.queue.get()]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except TimeoutError:
+                break
+        return batch
+
     async def _serve(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.perf_counter() + WAIT
-            while len(batch) < BATCH:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
-                    break
+            batch = await self.take_batch()
             try:
                 # The forward pass in a thread: the event loop goes on taking requests.
                 rows = await asyncio.to_thread(self._forward, [p.image for p in batch])
@@ -100,6 +140,8 @@ class Batcher:
             self.requests += len(batch)
             self.batches += 1
             self.largest = max(self.largest, len(batch))
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(batch))
             for pending, row in zip(batch, rows, strict=True):
                 if not pending.done.done():
                     pending.done.set_result(row)
@@ -109,6 +151,40 @@ class Batcher:
         x = torch.from_numpy(np.stack([normalise(im, self.spec.mean, self.spec.std)
                                        for im in images])).to(self.device)
         return self.network(x).float().exp().cpu()
+
+
+class _Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, about: dict[str, Any], queue: asyncio.Queue):
+        try:
+            import prometheus_client as prometheus
+        except ImportError:
+            raise UsageError("torchmnist serve needs prometheus-client; install it with: "
+                             "pip install 'torchmnist[serve]'") from None
+        self.registry = registry = prometheus.CollectorRegistry()
+        self.requests = prometheus.Counter(
+            "torchmnist_requests", "HTTP requests answered, by route and status",
+            ("route", "status"), registry=registry)
+        self.latency = prometheus.Histogram(
+            "torchmnist_request_seconds", "Time to answer a request, by route", ("route",),
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=registry)
+        self.batch_size = prometheus.Histogram(
+            "torchmnist_batch_size", "Images in each forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=registry)
+        prometheus.Gauge("torchmnist_queue_depth", "Images waiting for a forward pass",
+                         registry=registry).set_function(queue.qsize)
+        self.ready = prometheus.Gauge("torchmnist_ready", "1 when the server is ready",
+                                      registry=registry)
+        self.restarts = prometheus.Gauge(
+            "torchmnist_batcher_restarts", "Times the batching task died and was started again",
+            registry=registry)
+        prometheus.Info("torchmnist_model", "The model served", registry=registry).info(
+            {key: str(about[key]) for key in ("model", "dataset", "checkpoint",
+                                              "torchmnist_version")})
+        self.exposition = prometheus.generate_latest
+        self.content_type = prometheus.CONTENT_TYPE_LATEST
 
 
 def _png(image: np.ndarray) -> str:
@@ -146,12 +222,15 @@ def decode_json_image(body: bytes) -> bytes:
 
 def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str | None = None,
                dataset: str | None = None, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS, top: int = 3):
+               max_pixels: int = MAX_PIXELS, top: int = 3, max_batch: int = MAX_BATCH,
+               max_wait_ms: float = MAX_WAIT_MS):
     """The FastAPI app serving the model of `checkpoint_path` (a run folder or checkpoint)."""
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import FileResponse, JSONResponse
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import FileResponse, JSONResponse, Response
         from fastapi.staticfiles import StaticFiles
+        from starlette.exceptions import HTTPException
     except ImportError:
         raise UsageError("torchmnist serve needs FastAPI and uvicorn; install them with: "
                          "pip install 'torchmnist[serve]'") from None
@@ -164,21 +243,58 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
     network = trained.model.to(target).eval()
     spec = trained.spec
     about = _about(checkpoint.file_in(checkpoint_path), trained, network)
-    batcher = Batcher(network, spec, target)
+    batcher = Batcher(network, spec, target, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    metrics = batcher.metrics = _Metrics(about, batcher.queue)
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        task = asyncio.get_running_loop().create_task(batcher.run())
         yield
-        await batcher.stop()
+        task.cancel()
 
     app = FastAPI(title="torchmnist", version=about["torchmnist_version"], lifespan=lifespan,
                   description=f"The {about['model']} model trained on {about['dataset']}: draw "
                   "a digit at /, or POST an image to /api/predict.")
+    app.state.batcher = batcher
+
+    def error(status: int, sentence: str, headers: dict | None = None):
+        return JSONResponse({"error": sentence}, status_code=status, headers=headers)
 
     @app.exception_handler(BadInput)
-    async def bad_input(request: Request, error: BadInput):
-        return JSONResponse({"error": str(error)}, status_code=error.status)
+    async def bad_input(request: Request, refused: BadInput):
+        return error(refused.status, str(refused))
+
+    @app.exception_handler(HTTPException)  # FastAPI's own: an unknown path, a wrong method
+    async def http_error(request: Request, refused: HTTPException):
+        sentence = {404: f"there is no {request.url.path} here (see /docs)",
+                    405: f"{request.method} is not how {request.url.path} is asked (see /docs)"
+                    }.get(refused.status_code, str(refused.detail))
+        return error(refused.status_code, printable(sentence), getattr(refused, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, refused: RequestValidationError):
+        first = refused.errors()[0]
+        return error(422, printable(f"{'.'.join(map(str, first['loc']))}: {first['msg']}"))
+
+    @app.exception_handler(Exception)  # a fault of the server's own, still in one shape
+    async def failed(request: Request, fault: Exception):
+        return error(500, printable(f"the server failed on this request: "
+                                    f"{type(fault).__name__}: {fault}"))
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            route = getattr(route, "path", None) or ("static" if request.url.path.startswith(
+                "/static/") else "unmatched")
+            metrics.requests.labels(route, str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -188,9 +304,26 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
 
     @app.get("/api/health")
     async def health() -> dict:
-        """Whether the server is up, and how requests have been batched so far."""
-        return {"status": "ok", "requests": batcher.requests, "batches": batcher.batches,
-                "largest_batch": batcher.largest}
+        """Liveness: the process answers. Also whether it is ready, and how requests have been
+        batched so far."""
+        return {"status": "ok", "ready": batcher.ready, "requests": batcher.requests,
+                "batches": batcher.batches, "largest_batch": batcher.largest,
+                "batcher_restarts": batcher.restarts}
+
+    @app.get("/api/ready")
+    async def ready():
+        """Readiness: 200 once the model is loaded and warmed up and while its batching task
+        runs; 503 otherwise (a load balancer then sends requests elsewhere)."""
+        if not batcher.ready:
+            return error(503, "not ready: the model is warming up, or its batching task is "
+                              "being started again")
+        return {"ready": True}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        metrics.ready.set(batcher.ready)
+        metrics.restarts.set(batcher.restarts)
+        return Response(metrics.exposition(metrics.registry), media_type=metrics.content_type)
 
     @app.get("/api/model")
     async def model_info() -> dict:
@@ -206,20 +339,78 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
     async def predict(request: Request) -> dict:
         """Classify one image, as `torchmnist predict --json` does."""
         name, data = await _image_bytes(request, max_bytes)
-        try:
-            image = await asyncio.to_thread(prepare_bytes, data, spec.name, max_pixels)
-        except ImageError as error:
-            raise BadInput(400, f"cannot use this image: {error}") from None
+        image = await _prepared(data, spec.name, max_pixels)
         probabilities = await batcher.probabilities(image)
         return {"file": name, **answer(probabilities, spec.classes, top),
                 "probabilities": [float(p) for p in probabilities],
                 "preprocessed": _png(image)}
 
+    _open_inference_routes(app, batcher, about, max_bytes, max_pixels, error)
     return app
 
 
-async def _image_bytes(request, max_bytes: int) -> tuple[str, bytes]:
-    """(a name, the image's bytes) of a request, read no further than `max_bytes`."""
+async def _prepared(data: bytes, dataset: str, max_pixels: int) -> np.ndarray:
+    """An image file's bytes as the model's kind of 28x28 image, prepared in a thread."""
+    try:
+        return await asyncio.to_thread(prepare_bytes, data, dataset, max_pixels)
+    except ImageError as error:
+        raise BadInput(400, f"cannot use this image: {error}") from None
+
+
+def _open_inference_routes(app, batcher: Batcher, about: dict, max_bytes: int, max_pixels: int,
+                           error) -> None:
+    """The Open Inference Protocol's endpoints (v2), beside the /api ones."""
+    from fastapi import Request
+
+    name, classes = about["model"], about["classes"]
+
+    def known(model_name: str) -> None:
+        if model_name != name:
+            raise BadInput(404, f"there is no model {printable(model_name)!r} here; this server "
+                                f"serves {name!r}")
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": "torchmnist", "version": __version__,
+                "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready():
+        return {"ready": True} if batcher.ready else error(503, "not ready")
+
+    @app.get("/v2/models/{model_name}")
+    async def model_metadata(model_name: str) -> dict:
+        known(model_name)
+        return inference_protocol.model_metadata(name, classes, "pytorch")
+
+    @app.get("/v2/models/{model_name}/ready")
+    async def model_ready(model_name: str):
+        known(model_name)
+        return {"name": name, "ready": True} if batcher.ready else error(503, "not ready")
+
+    @app.post("/v2/models/{model_name}/infer")
+    async def infer(model_name: str, request: Request) -> dict:
+        """Classify images given as FP32 pixels [N, 1, 28, 28] in [0, 1] or as BYTES image
+        files, in JSON or with the binary tensor data extension."""
+        known(model_name)
+        body = await _read_body(request, max_bytes)
+        try:
+            asked = inference_protocol.decode(
+                body, request.headers.get("inference-header-content-length"))
+        except inference_protocol.ProtocolError as refused:
+            raise BadInput(refused.status, str(refused)) from None
+        images = (list(asked.pixels) if asked.pixels is not None else
+                  [await _prepared(f, batcher.spec.name, max_pixels) for f in asked.files])
+        rows = await asyncio.gather(*(batcher.probabilities(image) for image in images))
+        return inference_protocol.encode(name, asked, torch.stack(rows).numpy(), classes)
+
+
+async def _read_body(request, max_bytes: int) -> bytes:
+    """The request's body, read no further than `max_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BadInput(413, f"the body is {int(declared):,} bytes, more than the "
@@ -232,13 +423,19 @@ async def _image_bytes(request, max_bytes: int) -> tuple[str, bytes]:
                                 "takes")
     if not body:
         raise BadInput(400, "the body is empty: send an image")
+    return bytes(body)
+
+
+async def _image_bytes(request, max_bytes: int) -> tuple[str, bytes]:
+    """(a name, the image's bytes) of a request, read no further than `max_bytes`."""
+    body = await _read_body(request, max_bytes)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        return "<json>", decode_json_image(bytes(body))
+        return "<json>", decode_json_image(body)
     if kind == "multipart/form-data":
-        return _multipart_image(request.headers["content-type"], bytes(body))
+        return _multipart_image(request.headers["content-type"], body)
     if kind.startswith("image/") or kind == "application/octet-stream":
-        return "<body>", bytes(body)
+        return "<body>", body
     raise BadInput(415, f"the content type {kind or 'none'!r} is not one this server reads: "
                         "send multipart/form-data, application/json or image/*")
 
