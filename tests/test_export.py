@@ -21,7 +21,7 @@ from conftest import (
 )
 from PIL import Image
 
-from torchmnist import models
+from torchmnist import engines, models
 from torchmnist.commands.prediction import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_global_max_pools_reach_the_exporter_as_a_plain_max():
     # model; the copy that is exported must not contain it and must compute the same numbers.
     torch.manual_seed(0)
     network = models.build("best").eval()
-    ready = exporting.onnx_ready(network)
+    ready = engines.onnx_ready(network)
     assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in network.modules())
     assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in ready.modules())
     x = torch.randn(5, 1, 28, 28)
@@ -146,7 +146,7 @@ def test_an_export_writes_under_a_temporary_name_of_its_own(tmp_path, small_data
 
 
 def test_missing_export_packages_are_named(tmp_path, small_data, capsys, monkeypatch):
-    monkeypatch.setattr(exporting, "_importable", lambda module: module != "onnxruntime")
+    monkeypatch.setattr(engines, "_importable", lambda module: module != "onnxruntime")
     code, _, err = run_main(["export", str(_state_dict(tmp_path, "guide")), "--format", "onnx",
                              "--data-dir", str(small_data)], capsys)
     assert code == 2

@@ -38,6 +38,7 @@ AMP = ("auto", "none", "bf16", "fp16")
 AUGMENTATIONS = ("none", "translate", "affine", "translate-erase")
 LOADERS = ("tensor", "dataloader")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ENGINES = ("torch", "onnxruntime")  # what runs a trained network: engines.py
 
 
 def gpu_index_problem(device: str) -> str | None:

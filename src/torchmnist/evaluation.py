@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchmnist import config as cfg
+from torchmnist import engines
 from torchmnist.data import datasets, loaders, own
 from torchmnist.data.augment import TTA_SHIFTS, shift
 from torchmnist.errors import UsageError
 from torchmnist.runtime import devices
-from torchmnist.trained import Trained, load_model
+from torchmnist.trained import Trained
 
 
 @dataclass
@@ -121,15 +122,15 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
              dataset: str | None = None, data_dir: str | os.PathLike | None = None,
              download: bool = True, device: str = "auto", batch_size: int = 1000,
              tta: bool = False, exit_threshold: float | None = None,
-             test: object = None) -> dict:
+             test: object = None, engine: str = "torch") -> dict:
     """Test a checkpoint, run folder or plain state_dict (the guide's `model.pth`) on its
     dataset's test set (`load_model` finds model and dataset), or on `test`, images of your
-    own as OwnData takes them."""
+    own as OwnData takes them; `engine`: torch or onnxruntime (engines.py)."""
     batch_size = cfg.count("--batch-size", batch_size)
     if exit_threshold is not None:
         cfg.check("exit_threshold", exit_threshold)
-    target = devices.resolve_device(device)
-    trained = load_model(checkpoint_path, model=model, dataset=dataset)
+    target = engines.device_for(engine, device)
+    trained = engines.load(checkpoint_path, engine, model=model, dataset=dataset)
     network, model_name, dataset = trained.model.to(target), trained.name, trained.dataset
     digits = test_data(trained, data_dir, download=download, test=test)
     test_batches = loaders.TensorBatches(digits.test, digits.spec, batch_size, target,
@@ -146,7 +147,8 @@ def evaluate(checkpoint_path: str | os.PathLike, *, model: str | None = None,
     return {"checkpoint": str(checkpoint_path), "model": model_name, "dataset": dataset,
             "dry_run": dry_run, "test_loss": result.loss, "test_accuracy": result.accuracy,
             "correct": result.correct, "total": result.total, "tta": tta,
-            "device": str(target), "exits": _exits(network) if early_exit else None}
+            "device": str(target), "engine": engine,
+            "exits": _exits(network) if early_exit else None}
 
 
 def _exits(network: nn.Module) -> dict:

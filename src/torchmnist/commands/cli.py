@@ -133,6 +133,13 @@ def _add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
+def _add_engine_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=cfg.ENGINES, default="torch",
+                        help="what runs the network: torch, or onnxruntime (its ONNX export, made "
+                        "and checked on the fly, or an .onnx file from torchmnist export; on "
+                        "the CPU) (default: torch)")
+
+
 def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the probabilities over each image "
@@ -172,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(test)
     _add_data_flags(test)
     _add_device_flag(test)
+    _add_engine_flag(test)
     test.add_argument("--batch-size", type=_whole(1), default=1000, metavar="N",
                       help="test batch size (default: 1000)")
     _add_tta_flag(test)
@@ -198,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tta_flag(predict)
     _add_model_flags(predict)
     _add_device_flag(predict)
+    _add_engine_flag(predict)
 
     export = commands.add_parser(
         "export", help="write a model as ONNX, TorchScript or safetensors, checked for parity",
@@ -276,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: %(default)s)")
     _add_model_flags(serve)
     _add_device_flag(serve)
+    _add_engine_flag(serve)
     return parser
 
 
@@ -341,7 +351,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = serving.create_app(args.checkpoint, device=args.device, model=args.model,
                              dataset=args.dataset, max_bytes=args.max_bytes,
                              max_pixels=args.max_pixels, top=args.top,
-                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             engine=args.engine)
     serving.run(app, args.host, args.port)
     return 0
 
@@ -384,8 +395,9 @@ def _test(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, model=args.model, dataset=args.dataset,
                       data_dir=args.data_dir, download=args.download, device=args.device,
                       batch_size=args.batch_size, tta=args.tta,
-                      exit_threshold=args.exit_threshold)
-    how = " with test-time augmentation" if args.tta else ""
+                      exit_threshold=args.exit_threshold, engine=args.engine)
+    how = (" with test-time augmentation" if args.tta else "") + (
+        " on ONNX Runtime" if args.engine == "onnxruntime" else "")
     exits = result["exits"]
     early = (f"; leaving at threshold {exits['threshold']:g}: heads 1/2/3 took "
              f"{'/'.join(str(n) for n in exits['per_head'])} images, "
@@ -432,7 +444,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     results = predict(args.checkpoint, args.inputs, top=args.top, model=args.model,
                       dataset=args.dataset, device=args.device,
-                      save_preprocessed=args.save_preprocessed, tta=args.tta)
+                      save_preprocessed=args.save_preprocessed, tta=args.tta,
+                      engine=args.engine)
     failed = [r for r in results if "error" in r]
     for result in results:
         if args.json:

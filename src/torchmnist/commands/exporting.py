@@ -8,13 +8,9 @@ export never replaces a good file.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +18,7 @@ import torch
 from torch import nn
 
 from torchmnist.data import datasets, loaders, own
+from torchmnist.engines import quiet, run_onnx, write_onnx
 from torchmnist.errors import TorchMnistError, UsageError, printable
 from torchmnist.evaluation import test_data
 from torchmnist.storage import checkpoint, rundir
@@ -80,8 +77,8 @@ def export(checkpoint_path: str | os.PathLike, format: str | None = None,
     try:
         try:
             if format == "onnx":
-                _write_onnx(network, x, partial, checkpoint.contract(trained.name, spec))
-                actual = _run_onnx(partial, x.numpy())
+                write_onnx(network, x, partial, checkpoint.contract(trained.name, spec))
+                actual = run_onnx(partial, x.numpy())
             elif format == "torchscript":
                 _write_torchscript(network, x, partial, checkpoint.contract(trained.name, spec))
                 actual = _run_torchscript(partial, x)
@@ -143,30 +140,6 @@ def _format_and_target(source: Path, format: str | None,
     return format, out
 
 
-def _needs(*modules: str) -> None:
-    missing = [m for m in modules if not _importable(m)]
-    if missing:
-        raise UsageError(f"this export needs the Python packages {', '.join(missing)}; install "
-                         "them with: pip install 'torchmnist[export]'")
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _quiet():
-    # The exporters print progress and warn about internals a user cannot act on.
-    with (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()),
-          warnings.catch_warnings()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _root_cause(error: BaseException) -> str:
     """The first line of the innermost exception, without terminal colours: the ONNX exporter
     wraps the operator it could not translate in two layers of generic advice."""
@@ -176,61 +149,16 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
 
 
-class GlobalMaxPool(nn.Module):
-    """`nn.AdaptiveMaxPool2d(1)` written as a max over height and width: the same numbers, and
-    an operator (ReduceMax) that every supported torch's ONNX exporter translates."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.amax(dim=(-2, -1), keepdim=True)
-
-
-def onnx_ready(network: nn.Module) -> nn.Module:
-    """A copy of `network` whose global max-pools are `GlobalMaxPool`s. torch 2.11's ONNX
-    exporter has no translation of aten.adaptive_max_pool2d (the best model ends with one);
-    2.14's has. The parity check afterwards compares against the unchanged network."""
-    network = copy.deepcopy(network)
-    for name, module in list(network.named_modules()):
-        if (isinstance(module, nn.AdaptiveMaxPool2d) and not module.return_indices
-                and module.output_size in (1, (1, 1))):
-            parent, _, child = name.rpartition(".")
-            setattr(network.get_submodule(parent), child, GlobalMaxPool())
-    return network
-
-
-def _write_onnx(network: nn.Module, x: torch.Tensor, path: Path, metadata: dict) -> None:
-    _needs("onnx", "onnxscript", "onnxruntime")
-    import onnx
-
-    network = onnx_ready(network)
-    batch = torch.export.Dim("batch", min=1)
-    with _quiet():
-        # The dynamo exporter with a symbolic batch dimension: one file, any batch size.
-        torch.onnx.export(network, (x[:2],), str(path), input_names=["image"],
-                          output_names=["logits"], dynamic_shapes={"x": {0: batch}},
-                          dynamo=True, external_data=False)
-    graph = onnx.load(str(path))
-    for key, value in metadata.items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(path))
-
-
-def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
 def _write_torchscript(network: nn.Module, x: torch.Tensor, path: Path, metadata: dict) -> None:
-    with _quiet():
+    with quiet():
         traced = torch.jit.trace(network, x[:2])  # the networks have no data-dependent branches
-    with _quiet():  # deprecated for torch.export, yet what libtorch and older deployments load
+    with quiet():  # deprecated for torch.export, yet what libtorch and older deployments load
         torch.jit.save(traced, str(path),
                        _extra_files={"torchmnist.json": json.dumps(metadata, allow_nan=False)})
 
 
 def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
-    with _quiet():
+    with quiet():
         loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.inference_mode():
         return loaded(x).numpy()

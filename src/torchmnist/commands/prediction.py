@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from torchmnist import config as cfg
+from torchmnist import engines
 from torchmnist.data.preprocess import (
     ImageError,
     normalise,
@@ -25,9 +26,7 @@ from torchmnist.data.preprocess import (
 )
 from torchmnist.errors import UsageError, printable
 from torchmnist.evaluation import probabilities
-from torchmnist.runtime import devices
 from torchmnist.storage import rundir
-from torchmnist.trained import load_model
 
 _GLOB_CHARACTERS = set("*?[")
 # What a directory scan takes, by extension, as torchvision's ImageFolder does; a file named
@@ -133,13 +132,13 @@ def _is_pil(item: object) -> bool:
 def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
             model: str | None = None, dataset: str | None = None, device: str = "auto",
             save_preprocessed: str | os.PathLike | None = None,
-            batch_size: int = 256, tta: bool = False) -> list[dict]:
+            batch_size: int = 256, tta: bool = False, engine: str = "torch") -> list[dict]:
     """One result per image, in order: {"file", "prediction", "class", "probability", "top"},
     or {"file", "error"} for one that could not be read. `inputs` are paths, folders and glob
     patterns (as on the command line; "-" is the image on standard input), or pictures in
     memory: PIL images, NumPy arrays or tensors (`preprocess.prepare_picture`), or an image
     file's bytes, whose "file" is "<input N>". `tta` averages the probabilities over each
-    image and its four 1-pixel shifts."""
+    image and its four 1-pixel shifts; `engine`: torch or onnxruntime (engines.py)."""
     top, batch_size = cfg.count("--top", top), cfg.count("--batch-size", batch_size)
     if isinstance(inputs, str | os.PathLike | bytes | bytearray | np.ndarray | torch.Tensor) \
             or _is_pil(inputs):
@@ -150,9 +149,9 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list, *, top: int = 3,
         what = "None" if inputs is None else type(inputs).__name__
         raise UsageError(f"predict takes an image or a list of them (paths, folders, globs, PIL "
                          f"images, arrays or tensors), not {what}") from None
-    trained = load_model(checkpoint_path, model=model, dataset=dataset)
+    target = engines.device_for(engine, device)
+    trained = engines.load(checkpoint_path, engine, model=model, dataset=dataset)
     spec = trained.spec
-    target = devices.resolve_device(device)
     network = trained.model.to(target)
 
     results: list[dict] = []

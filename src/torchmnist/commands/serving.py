@@ -30,15 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchmnist import __version__
+from torchmnist import __version__, engines
 from torchmnist.commands import inference_protocol
 from torchmnist.commands.prediction import answer
 from torchmnist.config import FOLDER_PREFIX
 from torchmnist.data.preprocess import ImageError, normalise, prepare_bytes
 from torchmnist.errors import UsageError, printable
-from torchmnist.runtime import devices
 from torchmnist.storage import checkpoint
-from torchmnist.trained import load_model
 
 STATIC = Path(__file__).parent / "static"
 MAX_BYTES = 5 * 1024 * 1024  # an upload larger than this is refused (413)
@@ -181,7 +179,7 @@ class _Metrics:
             "torchmnist_batcher_restarts", "Times the batching task died and was started again",
             registry=registry)
         prometheus.Info("torchmnist_model", "The model served", registry=registry).info(
-            {key: str(about[key]) for key in ("model", "dataset", "checkpoint",
+            {key: str(about[key]) for key in ("model", "dataset", "checkpoint", "engine",
                                               "torchmnist_version")})
         self.exposition = prometheus.generate_latest
         self.content_type = prometheus.CONTENT_TYPE_LATEST
@@ -223,7 +221,7 @@ def decode_json_image(body: bytes) -> bytes:
 def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str | None = None,
                dataset: str | None = None, max_bytes: int = MAX_BYTES,
                max_pixels: int = MAX_PIXELS, top: int = 3, max_batch: int = MAX_BATCH,
-               max_wait_ms: float = MAX_WAIT_MS):
+               max_wait_ms: float = MAX_WAIT_MS, engine: str = "torch"):
     """The FastAPI app serving the model of `checkpoint_path` (a run folder or checkpoint)."""
     try:
         from fastapi import FastAPI, Request
@@ -238,11 +236,11 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
 
     # A malformed body is answered to its client; python-multipart would also log a warning.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
-    trained = load_model(checkpoint_path, model=model, dataset=dataset)
-    target = devices.resolve_device(device)
+    target = engines.device_for(engine, device)
+    trained = engines.load(checkpoint_path, engine, model=model, dataset=dataset)
     network = trained.model.to(target).eval()
     spec = trained.spec
-    about = _about(checkpoint.file_in(checkpoint_path), trained, network)
+    about = _about(checkpoint.file_in(checkpoint_path), trained, network, engine)
     batcher = Batcher(network, spec, target, max_batch=max_batch, max_wait_ms=max_wait_ms)
     metrics = batcher.metrics = _Metrics(about, batcher.queue)
 
@@ -478,7 +476,7 @@ def _multipart_image(content_type: str, body: bytes) -> tuple[str, bytes]:
     raise BadInput(422, 'the multipart body has no file: send it in a field named "image"')
 
 
-def _about(path: Path, trained, network) -> dict[str, Any]:
+def _about(path: Path, trained, network, engine: str) -> dict[str, Any]:
     tested = [r["test_accuracy"] for r in trained.history if r.get("test_accuracy") is not None]
     # Folders by their own names, not their full paths (folder:letters, run/last.pt): the page
     # may be served to other machines, which have no business learning the server's layout.
@@ -488,7 +486,9 @@ def _about(path: Path, trained, network) -> dict[str, Any]:
     return {"model": trained.name, "dataset": printable(dataset),
             "classes": list(trained.spec.classes),
             "test_accuracy": tested[-1] if tested else None,
-            "parameters": sum(p.numel() for p in network.parameters()),
+            "parameters": (sum(p.numel() for p in network.parameters()) if engine == "torch"
+                           else network.parameters_count),
+            "engine": engine,
             "checkpoint": printable(str(Path(path.parent.name, path.name))),
             "torchmnist_version": __version__}
 
