@@ -43,7 +43,7 @@ def _state_dict(tmp_path: Path, name: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(models.MODELS))
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+@pytest.mark.parametrize("fmt", list(exporting.FORMATS))
 def test_every_model_exports_in_every_format_and_passes_parity(name, fmt, tmp_path, small_data,
                                                                capsys):
     source = _state_dict(tmp_path, name)
@@ -54,7 +54,7 @@ def test_every_model_exports_in_every_format_and_passes_parity(name, fmt, tmp_pa
     assert result["parity_images"] == 256 and result["max_abs_diff"] <= 1e-4
     assert result["same_predictions"] == 1.0
     assert Path(result["file"]) == source.with_name(name + exporting.FORMATS[fmt])
-    assert Path(result["file"]).is_file()
+    assert Path(result["file"]).is_dir() if fmt == "folder" else Path(result["file"]).is_file()
     assert not list(tmp_path.glob(".torchmnist-tmp.*"))  # the file it was written under
 
 
@@ -175,8 +175,8 @@ def test_the_format_is_taken_from_the_name_of_out(out, fmt, tmp_path, small_data
 
 
 @pytest.mark.parametrize("args, fragment", [
-    ([], "say which format to write: --format onnx, torchscript or safetensors, or an --out "
-         "ending .onnx"),
+    ([], "say which format to write: --format onnx, pt2, torchscript, safetensors or folder, "
+         "or an --out ending .onnx"),
     (["--out", "model.pt"], "say which format to write"),  # a state_dict's name as well
     (["--format", "safetensors", "--out", "model.onnx"],
      "--out model.onnx is named as an ONNX file, but --format is safetensors"),
@@ -269,3 +269,94 @@ def test_sigterm_during_an_export_leaves_neither_the_file_nor_its_temporary(tmp_
     assert process.returncode == 143, err
     assert err.strip().splitlines()[-1] == "torchmnist: terminated (SIGTERM)"
     assert list(out.iterdir()) == []
+
+
+# ---- pt2 and model folders -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    import torchmnist
+
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    torchmnist.train(torchmnist.TrainConfig.for_recipe("fast", dry_run=True, quiet=True,
+                                                       run_dir=str(run_dir)))
+    return run_dir
+
+
+def test_a_pt2_program_reloads_with_torch_export_alone(dry_run, tmp_path):
+    import torchmnist
+
+    result = exporting.export(dry_run, out=tmp_path / "model.pt2")
+    assert result["format"] == "pt2" and result["max_abs_diff"] <= 1e-4
+    extra = {"torchmnist.json": ""}
+    program = torch.export.load(result["file"], extra_files=extra)
+    assert json.loads(extra["torchmnist.json"])["model"] == "fast"
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(program.module()(x), torchmnist.load(dry_run, device="cpu")(x),
+                              atol=1e-5)
+
+
+def test_a_model_folder_is_shareable_and_every_command_takes_it(dry_run, tmp_path, capsys):
+    import torchmnist
+
+    folder = tmp_path / "shared" / "fast-mnist"
+    exporting.export(dry_run, "folder", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
+                                                         "model.safetensors"]
+    about = json.loads((folder / "config.json").read_text())
+    assert about["model"] == "fast" and about["dataset_spec"]["name"] == "mnist"
+    assert about["test_accuracy"] == json.loads(
+        (dry_run / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
+    # Made to be shared: none of this machine's paths travel with it.
+    assert str(dry_run) not in (folder / "config.json").read_text()
+    assert "run_dir" not in about["training_config"]
+    card = (folder / "README.md").read_text()
+    for heading in ("## Data and training", "## Intended use", "## Limitations",
+                    "## How to load"):
+        assert heading in card
+    assert "Test accuracy: **" in card and "seed 1" in card
+
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(torchmnist.load(folder, device="cpu")(x),
+                           torchmnist.load(dry_run, device="cpu")(x))
+    picture = tmp_path / "one.png"
+    Image.fromarray(np.pad(np.full((20, 4), 255, np.uint8), 4)).save(picture)
+    expected = torchmnist.predict(dry_run, [picture], device="cpu")
+    assert torchmnist.predict(folder, [picture], device="cpu") == expected
+    code, out, err = run_main(["predict", str(folder), str(picture), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["class"] == expected[0]["class"]
+    # Exported again over itself: replaced whole; a folder of someone else's is refused.
+    exporting.export(dry_run, "folder", folder)
+    assert not list(folder.parent.glob(".torchmnist-tmp.*"))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    code, _, err = run_main(["export", str(dry_run), "--format", "folder", "--out", str(theirs)],
+                            capsys)
+    assert code == 2 and (theirs / "notes.txt").read_text() == "mine"
+    assert_one_sentence_error(err, "neither empty nor a model folder", "choose a new folder")
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_pt2_and_folder_exports_agree_with_the_checkpoint_on_the_test_set(guide_run, mnist_dir,
+                                                                         tmp_path):
+    import torchmnist
+    from torchmnist import data
+    from torchmnist.data import loaders
+
+    digits = data.load("mnist", mnist_dir).test
+    run = guide_run["run_dir"]
+    network = torchmnist.load(run, device="cpu")
+    x = loaders.normalize(digits.images, 0.1307, 0.3081)
+    pt2 = exporting.export(run, "pt2", tmp_path / "m.pt2", data_dir=mnist_dir)["file"]
+    folder = exporting.export(run, "folder", tmp_path / "m", data_dir=mnist_dir)["file"]
+    with torch.inference_mode():
+        expected = network(x).argmax(1)
+        assert torch.equal(torch.export.load(pt2).module()(x).argmax(1), expected)
+        assert torch.equal(torchmnist.load(folder, device="cpu")(x).argmax(1), expected)
+    tested = torchmnist.evaluate(folder, data_dir=mnist_dir, device="cpu")
+    assert tested["correct"] == int((expected == digits.labels).sum())

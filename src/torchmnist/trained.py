@@ -54,7 +54,10 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
     state_dict, config = checkpoint.weights(saved, path)
     config = config or {}
     spec = _dataset_spec(saved, config, dataset, path)
-    name = model or config.get("model") or models.matching_model(state_dict, len(spec.classes))
+    written = _safetensors_metadata(path)  # what torchmnist wrote into one: its model's name
+    named = written.get("model") if isinstance(written, dict) else None
+    name = (model or config.get("model") or (named if isinstance(named, str) else None)
+            or models.matching_model(state_dict, len(spec.classes)))
     if name is None:
         raise UsageError(f"{path} does not match any known model "
                          f"({', '.join(models.MODELS)}); name one with --model")
@@ -80,7 +83,20 @@ def load_model(path: str | os.PathLike, *, model: str | None = None,
 
 def _safetensors_spec(path: Path) -> Any:
     """The dataset spec a safetensors file written by torchmnist keeps in its metadata (as JSON
-    text under DATASET_SPEC), or None."""
+    text under DATASET_SPEC), or None; {} for metadata that cannot be read."""
+    metadata = _safetensors_metadata(path)
+    if metadata is None or not isinstance(metadata, dict):
+        return None if metadata is None else {}
+    try:
+        text = metadata.get(checkpoint.DATASET_SPEC)
+        return json.loads(text) if text is not None else None
+    except (TypeError, ValueError):
+        return {}
+
+
+def _safetensors_metadata(path: Path) -> Any:
+    """A safetensors file's text metadata (`__metadata__`), None for another kind of file or
+    none at all, {} for metadata that cannot be read."""
     if not (path.suffix == ".safetensors" or checkpoint.looks_like_safetensors(path)):
         return None
     try:
@@ -91,8 +107,7 @@ def _safetensors_spec(path: Path) -> Any:
             if not 0 < length < path.stat().st_size:
                 return {}
             header = json.loads(f.read(length))
-        text = (header.get("__metadata__") or {}).get(checkpoint.DATASET_SPEC)
-        return json.loads(text) if text is not None else None
+        return header.get("__metadata__")
     except Exception:  # noqa: BLE001 - unreadable metadata: a damaged spec, said by the caller
         return {}
 

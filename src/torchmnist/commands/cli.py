@@ -101,9 +101,10 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     """The one way every command that uses a trained model names it."""
     parser.add_argument("checkpoint", metavar="RUN|CHECKPOINT", help="a run folder (its "
-                        "last.pt), a torchmnist checkpoint (last.pt, best.pt, epoch-NNN.pt), "
-                        "or bare weights: a state_dict such as the guide's model.pth, or a "
-                        ".safetensors file")
+                        "last.pt), a torchmnist checkpoint (last.pt, best.pt, epoch-NNN.pt), a "
+                        "model folder from export --format folder, bare weights (a state_dict "
+                        "such as the guide's model.pth, or a .safetensors file), or with "
+                        "--engine onnxruntime an .onnx file from export")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -209,15 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flag(predict)
 
     export = commands.add_parser(
-        "export", help="write a model as ONNX, TorchScript or safetensors, checked for parity",
+        "export", help="write a model as ONNX, pt2, TorchScript, safetensors or a model folder, "
+        "checked for parity",
         description="Export the model of a checkpoint; the file is then run (onnxruntime, "
-        "torch.jit.load, safetensors) on 256 test images and must match PyTorch within 1e-4, "
+        "torch.export.load, torch.jit.load, safetensors) on 256 test images and must match "
+        "PyTorch within 1e-4, "
         "else it is not written and the exit status is 1. Inputs: normalised float32 "
         "(N, 1, 28, 28); outputs: (N, classes) log-probabilities.")
     _add_checkpoint_argument(export)
-    export.add_argument("--format", choices=("onnx", "torchscript", "safetensors"),
-                        help="what to write (default: what --out's name ends as: .onnx, "
-                        ".torchscript.pt, .safetensors)")
+    export.add_argument("--format", choices=("onnx", "pt2", "torchscript", "safetensors",
+                                             "folder"),
+                        help="what to write: onnx; pt2, a torch.export program; torchscript; "
+                        "safetensors; folder: model.safetensors, config.json and a README.md "
+                        "model card, which load, predict, test and serve take (default: what "
+                        "--out's name ends as: .onnx, .pt2, .torchscript.pt, .safetensors)")
     export.add_argument("--out", metavar="PATH", help="where to write (default: beside the "
                         "checkpoint, e.g. last.onnx)")
     _add_model_flags(export)

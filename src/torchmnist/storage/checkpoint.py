@@ -488,12 +488,27 @@ def check_compatible(saved_config: dict, config: TrainConfig) -> list[str]:
             and saved_config[k] != values[k]]
 
 
+MODEL_FOLDER_KEY = "torchmnist_model_folder"  # in the config.json of `export --format folder`
+
+
 def file_in(path: str | os.PathLike) -> Path:
-    """A checkpoint file as given, or, for a run folder, its last.pt."""
+    """A checkpoint file as given; for a run folder its last.pt, for a model folder (`export
+    --format folder`) its model.safetensors."""
     if not os.fspath(path).strip():  # Path("") is the current folder, a surprise here
         raise UsageError("the checkpoint path is empty: name a checkpoint or a run folder")
     path = Path(path)
-    return path / "last.pt" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / "model.safetensors" if is_model_folder(path) else path / "last.pt"
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A folder `torchmnist export --format folder` wrote: its config.json says so."""
+    try:
+        with open(folder / "config.json", encoding="utf-8") as f:
+            return json.loads(f.read(1_000_000)).get(MODEL_FOLDER_KEY) == 1
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def contract(name: str, spec: Any) -> dict[str, str]:

@@ -227,14 +227,35 @@ def temporary_beside(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
-# The temporary files this process has made and not yet renamed or removed, for a SIGTERM to
-# remove on its way out (signals.terminate_cleanly).
+def temporary_folder_beside(path: Path) -> Path:
+    """A new empty folder beside `path`, to fill and then put in its place (replace_atomically)."""
+    made = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", dir=path.parent))
+    _OWN_TEMPORARIES.add(made)
+    os.chmod(made, 0o777 & ~_umask())
+    return made
+
+
+def replace_atomically(new: Path, path: Path) -> None:
+    """Put the file or folder `new` where `path` is. A folder already there (an earlier export)
+    is moved aside first and removed after: `path` is never half of either."""
+    if new.is_dir() and path.is_dir():
+        old = temporary_folder_beside(path)
+        os.replace(path, old)
+        os.replace(new, path)
+        drop_temporary(old)
+    else:
+        os.replace(new, path)
+    _OWN_TEMPORARIES.discard(new)
+
+
+# The temporary files and folders this process has made and not yet renamed or removed, for a
+# SIGTERM to remove on its way out (signals.terminate_cleanly).
 _OWN_TEMPORARIES: set[Path] = set()
 
 
 def drop_temporary(tmp: Path) -> None:
-    """Remove a temporary file from temporary_beside, if a rename has not taken it."""
-    tmp.unlink(missing_ok=True)
+    """Remove a temporary file or folder made here, if a rename has not taken it."""
+    _remove(tmp)
     _OWN_TEMPORARIES.discard(tmp)  # after: a signal between the two finds nothing to remove
 
 
@@ -242,9 +263,16 @@ def remove_own_temporaries() -> None:
     """Remove every temporary file this process is still writing (a signal's last act)."""
     for tmp in list(_OWN_TEMPORARIES):
         try:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
         except OSError:
             pass
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def cannot_write(path: Path, error: BaseException, kept: str) -> TrainingError:
