@@ -275,7 +275,7 @@ def test_a_batching_task_that_dies_makes_the_server_unready_until_it_runs_again(
         assert c.post("/api/predict", content=one,
                       headers={"content-type": "image/png"}).json()["class"] == "1"
         assert c.get("/api/health").json()["batcher_restarts"] == 1
-        assert "torchmnist_batcher_restarts 1.0" in c.get("/metrics").text
+        assert "torchmnist_batcher_restarts_total 1.0" in c.get("/metrics").text
     assert "the batching task failed (RuntimeError: injected fault)" in capfd.readouterr().err
 
 
@@ -451,7 +451,7 @@ def server(model_run, tmp_path_factory):
     deadline = time.monotonic() + 60
     while True:
         try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2):
+            with urllib.request.urlopen(url + "/api/ready", timeout=2):
                 break
         except (urllib.error.URLError, ConnectionError):
             assert process.poll() is None, log.read_text()
@@ -478,6 +478,48 @@ def test_requests_that_arrive_together_share_a_forward_pass(server):
         health = json.loads(response.read())
     assert health["requests"] >= 48 and health["largest_batch"] > 1
     assert health["batches"] < health["requests"]
+
+
+@pytest.mark.slow
+def test_several_workers_share_the_port_and_their_metrics_add_up(model_run, tmp_path):
+    port = _free_port()
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the workers' metrics files go, for a while
+    with open(tmp_path / "server.log", "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "torchmnist", "serve", str(model_run),
+                                    "--port", str(port), "--device", "cpu", "--workers", "2"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/api/ready", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+        processes = set()
+        for i in range(60):
+            assert _post_png(url, _png(_drawn("1" if i % 2 else "0")))["class"] == \
+                ("1" if i % 2 else "0")
+            with urllib.request.urlopen(url + "/api/health") as response:
+                processes.add(json.loads(response.read())["process"])
+        assert len(processes) == 2  # each connection goes to one of the two
+        with urllib.request.urlopen(url + "/metrics") as response:
+            samples = _samples(response.read().decode())
+        # Whichever worker answers, /metrics counts the requests of both.
+        assert samples[("torchmnist_requests_total",
+                        (("route", "/api/predict"), ("status", "200")))] == 60
+        assert samples[("torchmnist_ready", ())] == 1
+        assert list((tmp_path / "tmp").glob("torchmnist-serve-metrics-*/*.db"))
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+    # The metrics files went with the server.
+    assert not list((tmp_path / "tmp").glob("torchmnist-serve-metrics-*"))
 
 
 def test_the_port_in_use_is_one_sentence(model_run, server):

@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="classes in each answer's top list (default: 3)")
     serve.add_argument("--max-batch", type=_whole(1, 4096), default=64, metavar="N",
                        help="the most images one forward pass takes (default: %(default)s)")
+    serve.add_argument("--workers", type=_whole(1, 64), default=1, metavar="N",
+                       help="server processes sharing the port, each with its own model and "
+                       "batches: more throughput on several cores (default: 1)")
     serve.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
                        help="how long a request waits for others to share its forward pass "
                        "(default: %(default)s)")
@@ -354,12 +357,12 @@ def _add_sweep_parser(commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from torchmnist.commands import serving
 
-    app = serving.create_app(args.checkpoint, device=args.device, model=args.model,
-                             dataset=args.dataset, max_bytes=args.max_bytes,
-                             max_pixels=args.max_pixels, top=args.top,
-                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             engine=args.engine)
-    serving.run(app, args.host, args.port)
+    arguments = dict(checkpoint_path=args.checkpoint, device=args.device, model=args.model,
+                     dataset=args.dataset, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                     top=args.top, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     engine=args.engine)
+    app = serving.create_app(**arguments)  # here too: a bad flag or file ends here, said once
+    serving.run(app, args.host, args.port, args.workers, arguments)
     return 0
 
 

@@ -21,6 +21,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,15 +86,22 @@ class Batcher:
                 if not warmed:
                     await asyncio.to_thread(self.warm_up)
                     warmed = True
-                self.ready, self.failed = True, False
+                self._set_ready(True)
                 await self._serve()
             except Exception as error:  # noqa: BLE001 - any failure: not ready, then restart
-                self.ready, self.failed = False, True
+                self._set_ready(False)
                 self.restarts += 1
+                if self.metrics is not None:
+                    self.metrics.restarts.inc()
                 print(f"torchmnist serve: the batching task failed ({type(error).__name__}: "
                       f"{error}); starting it again in {RESTART_DELAY:g} s", file=sys.stderr,
                       flush=True)
                 await asyncio.sleep(RESTART_DELAY)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready, self.failed = ready, not ready
+        if self.metrics is not None:
+            self.metrics.ready.set(ready)
 
     def warm_up(self) -> None:
         """One forward pass at each size the batches come in at most, so that the first
@@ -108,7 +116,12 @@ class Batcher:
                                 "started again; try again in a moment")
         pending = _Pending(image)
         await self.queue.put(pending)
+        self._count_queue()
         return await pending.done
+
+    def _count_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
 
     async def take_batch(self) -> list[_Pending]:
         """The next request, and those that arrive within max_wait of it."""
@@ -127,6 +140,7 @@ class Batcher:
     async def _serve(self) -> None:
         while True:
             batch = await self.take_batch()
+            self._count_queue()
             try:
                 # The forward pass in a thread: the event loop goes on taking requests.
                 rows = await asyncio.to_thread(self._forward, [p.image for p in batch])
@@ -151,10 +165,39 @@ class Batcher:
         return self.network(x).float().exp().cpu()
 
 
-class _Metrics:
-    """The server's Prometheus metrics, in a registry of its own (one per app)."""
+class _Measured:
+    """ASGI middleware counting each HTTP request and its time by route pattern and status (a
+    plain ASGI layer: Starlette's BaseHTTPMiddleware costs a task and two streams a request)."""
 
-    def __init__(self, about: dict[str, Any], queue: asyncio.Queue):
+    def __init__(self, app, metrics: "_Metrics"):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or (
+                "static" if scope["path"].startswith("/static/") else "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class _Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app). With several
+    worker processes (--workers) each writes its values into PROMETHEUS_MULTIPROC_DIR, and
+    /metrics, whichever worker answers it, adds up all of theirs."""
+
+    def __init__(self, about: dict[str, Any]):
         try:
             import prometheus_client as prometheus
         except ImportError:
@@ -171,18 +214,29 @@ class _Metrics:
         self.batch_size = prometheus.Histogram(
             "torchmnist_batch_size", "Images in each forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=registry)
-        prometheus.Gauge("torchmnist_queue_depth", "Images waiting for a forward pass",
-                         registry=registry).set_function(queue.qsize)
-        self.ready = prometheus.Gauge("torchmnist_ready", "1 when the server is ready",
-                                      registry=registry)
-        self.restarts = prometheus.Gauge(
-            "torchmnist_batcher_restarts", "Times the batching task died and was started again",
+        self.queue_depth = prometheus.Gauge(
+            "torchmnist_queue_depth", "Images waiting for a forward pass", registry=registry,
+            multiprocess_mode="livesum")
+        self.ready = prometheus.Gauge("torchmnist_ready", "1 when the server (every worker) is "
+                                      "ready", registry=registry, multiprocess_mode="livemin")
+        self.restarts = prometheus.Counter(
+            "torchmnist_batcher_restarts", "Times a batching task died and was started again",
             registry=registry)
-        prometheus.Info("torchmnist_model", "The model served", registry=registry).info(
-            {key: str(about[key]) for key in ("model", "dataset", "checkpoint", "engine",
-                                              "torchmnist_version")})
-        self.exposition = prometheus.generate_latest
+        keys = ("model", "dataset", "checkpoint", "engine", "torchmnist_version")
+        prometheus.Gauge("torchmnist_model_info", "The model served", keys, registry=registry,
+                         multiprocess_mode="max").labels(*(str(about[k]) for k in keys)).set(1)
+        self._prometheus = prometheus
         self.content_type = prometheus.CONTENT_TYPE_LATEST
+
+    def exposition(self) -> bytes:
+        prometheus = self._prometheus
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return prometheus.generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        every = prometheus.CollectorRegistry()
+        multiprocess.MultiProcessCollector(every)
+        return prometheus.generate_latest(every)
 
 
 def _png(image: np.ndarray) -> str:
@@ -242,7 +296,7 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
     spec = trained.spec
     about = _about(checkpoint.file_in(checkpoint_path), trained, network, engine)
     batcher = Batcher(network, spec, target, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    metrics = batcher.metrics = _Metrics(about, batcher.queue)
+    metrics = batcher.metrics = _Metrics(about)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -279,20 +333,7 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
         return error(500, printable(f"the server failed on this request: "
                                     f"{type(fault).__name__}: {fault}"))
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            route = getattr(route, "path", None) or ("static" if request.url.path.startswith(
-                "/static/") else "unmatched")
-            metrics.requests.labels(route, str(status)).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
+    app.add_middleware(_Measured, metrics=metrics)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -304,7 +345,8 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
     async def health() -> dict:
         """Liveness: the process answers. Also whether it is ready, and how requests have been
         batched so far."""
-        return {"status": "ok", "ready": batcher.ready, "requests": batcher.requests,
+        return {"status": "ok", "ready": batcher.ready, "process": os.getpid(),
+                "requests": batcher.requests,
                 "batches": batcher.batches, "largest_batch": batcher.largest,
                 "batcher_restarts": batcher.restarts}
 
@@ -319,9 +361,7 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
-        metrics.ready.set(batcher.ready)
-        metrics.restarts.set(batcher.restarts)
-        return Response(metrics.exposition(metrics.registry), media_type=metrics.content_type)
+        return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.get("/api/model")
     async def model_info() -> dict:
@@ -493,9 +533,21 @@ def _about(path: Path, trained, network, engine: str) -> dict[str, Any]:
             "torchmnist_version": __version__}
 
 
-def run(app, host: str, port: int) -> None:
-    """Serve `app` until Ctrl-C or SIGTERM (uvicorn stops cleanly on both)."""
+_APP_ARGUMENTS = "TORCHMNIST_SERVE_APP"  # create_app's arguments, for each worker process
+
+
+def app_from_environment():
+    """The app of one of --workers' processes, made as the command's own was."""
+    return create_app(**json.loads(os.environ[_APP_ARGUMENTS]))
+
+
+def run(app, host: str, port: int, workers: int = 1, app_arguments: dict | None = None) -> None:
+    """Serve `app` until Ctrl-C or SIGTERM (uvicorn stops cleanly on both). With `workers` > 1,
+    that many processes, each making its own app from `app_arguments` (create_app's), share
+    the port: each has its model, its batches and its GIL, and /metrics adds all of them up."""
+    import shutil
     import socket
+    import tempfile
 
     import uvicorn
 
@@ -515,4 +567,14 @@ def run(app, host: str, port: int) -> None:
     print(f"torchmnist serve: http://{shown}:{port}/ (the page), /api/predict, /docs"
           + (f"; listening on every interface, so other machines reach it at this machine's "
              f"address, port {port}" if every else "") + "; Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    metrics = tempfile.mkdtemp(prefix="torchmnist-serve-metrics-")
+    os.environ.update({_APP_ARGUMENTS: json.dumps(app_arguments),
+                       "PROMETHEUS_MULTIPROC_DIR": metrics})
+    try:
+        uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port,
+                    workers=workers, log_level="warning")
+    finally:
+        shutil.rmtree(metrics, ignore_errors=True)
