@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import http.client
 import io
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -59,7 +61,10 @@ def start(server: str, run: str, port: int, max_batch: int, max_wait_ms: float,
                    "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
                    "--workers", str(workers)]
         path, ready = "/predict", "/health"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A session of its own, so that stopping it stops every process it started (LitServe's
+    # workers outlive a SIGTERM to its main process, and busy-wait).
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -134,6 +139,18 @@ def load(port: int, path: str, body: bytes, requests: int, concurrency: int) -> 
             "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2)}
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group, then SIGKILL to whatever of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    time.sleep(1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,8 +190,7 @@ def main() -> int:
                                  **result})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             finally:
-                process.terminate()
-                process.wait(timeout=60)
+                stop(process)
     environment = bench.environment(torch.device("cpu"))
     if args.json:
         print(json.dumps({"environment": environment, "max_batch": args.max_batch,

@@ -328,6 +328,15 @@ def test_a_model_folder_is_shareable_and_every_command_takes_it(dry_run, tmp_pat
     code, out, err = run_main(["predict", str(folder), str(picture), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["class"] == expected[0]["class"]
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from torchmnist.commands import serving
+
+    with TestClient(serving.create_app(folder, device="cpu")) as client:
+        assert client.get("/api/model").json()["checkpoint"] == "fast-mnist/model.safetensors"
+        assert client.post("/api/predict", content=picture.read_bytes(), headers={
+            "content-type": "image/png"}).json()["class"] == expected[0]["class"]
     # Exported again over itself: replaced whole; a folder of someone else's is refused.
     exporting.export(dry_run, "folder", folder)
     assert not list(folder.parent.glob(".torchmnist-tmp.*"))
