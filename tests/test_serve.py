@@ -437,26 +437,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_run, tmp_path_factory):
-    """`torchmnist serve RUN` on a free localhost port, as a user starts it."""
+def _start_serving(model_run: Path, log: Path, *flags: str, env: dict | None = None,
+                   seconds: float = 120) -> tuple[subprocess.Popen, str]:
+    """`torchmnist serve RUN FLAGS` on a free localhost port, as a user starts it, once ready."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    environment = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "torchmnist", "serve", str(model_run),
-                                    "--port", str(port), "--device", "cpu"], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env)
+                                    "--port", str(port), "--device", "cpu", *flags],
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   env={**environment, **(env or {})})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
     while True:
         try:
             with urllib.request.urlopen(url + "/api/ready", timeout=2):
-                break
+                return process, url
         except (urllib.error.URLError, ConnectionError):
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the server did not become ready: {log.read_text()}")
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(model_run, tmp_path_factory):
+    process, url = _start_serving(model_run, tmp_path_factory.mktemp("server") / "server.log")
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -482,25 +488,11 @@ def test_requests_that_arrive_together_share_a_forward_pass(server):
 
 @pytest.mark.slow
 def test_several_workers_share_the_port_and_their_metrics_add_up(model_run, tmp_path):
-    port = _free_port()
     (tmp_path / "tmp").mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "TORCHMNIST_DATA_DIR"}
-    env["TMPDIR"] = str(tmp_path / "tmp")  # where the workers' metrics files go, for a while
-    with open(tmp_path / "server.log", "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "torchmnist", "serve", str(model_run),
-                                    "--port", str(port), "--device", "cpu", "--workers", "2"],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    # TMPDIR: where the workers' metrics files go, for as long as the server runs.
+    process, url = _start_serving(model_run, tmp_path / "server.log", "--workers", "2",
+                                  env={"TMPDIR": str(tmp_path / "tmp")})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/ready", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                assert process.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.2)
         processes = set()
         for i in range(60):
             assert _post_png(url, _png(_drawn("1" if i % 2 else "0")))["class"] == \
