@@ -308,6 +308,26 @@ def _fresh_python(script: str) -> subprocess.CompletedProcess:
     return done
 
 
+def test_the_metadata_has_one_version_and_the_spdx_license():
+    import importlib.metadata
+    from pathlib import Path
+
+    metadata = importlib.metadata.metadata("torchmnist")
+    assert metadata["Version"] == torchmnist.__version__  # written in __init__.py alone
+    root = Path(__file__).resolve().parents[1]
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the package's own dependency
+        import tomli as tomllib
+
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert metadata["License-Expression"] == "MIT"
+    assert "LICENSE" in (metadata.get_all("License-File") or [])
+    assert "MIT License" in (root / "LICENSE").read_text()
+    assert (Path(torchmnist.__file__).parent / "py.typed").is_file()
+
+
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"],
                                   ["predict", "--help"]], ids=" ".join)
 def test_version_and_help_answer_without_importing_torch(args):

@@ -133,7 +133,7 @@ class Batcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (not the builtin TimeoutError on Python 3.10)
                 break
         return batch
 
