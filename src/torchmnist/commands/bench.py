@@ -28,7 +28,7 @@ from torchmnist import config as cfg
 from torchmnist.errors import UsageError, counted
 from torchmnist.evaluation import evaluate_model
 from torchmnist.runtime import devices
-from torchmnist.runtime.signals import Stopped
+from torchmnist.runtime.signals import Stopped, raise_if_stopped
 from torchmnist.training import train, train_step, warm_up
 
 
@@ -111,6 +111,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
     """Training images/s, milliseconds a step and inference images/s for one loader, after
     `warmup` steps; with `graph`, the step (and test pass) replayed from CUDA graphs, or None
     where they cannot be captured."""
+    raise_if_stopped()
     premade = loader == PREMADE
     with tempfile.TemporaryDirectory() as run_dir:
         # Many epochs, so that a per-step schedule never runs out during the timed steps.
@@ -154,6 +155,7 @@ def throughput(config: cfg.TrainConfig, loader: str, workers: int, steps: int,
 
 def time_to_accuracy(config: cfg.TrainConfig, seed: int) -> dict:
     """One whole training run of the recipe with this seed, in a temporary run directory."""
+    raise_if_stopped()
     with tempfile.TemporaryDirectory() as run_dir:
         config = dataclasses.replace(config, seed=seed, run_dir=str(Path(run_dir) / "run"),
                                      resume=None, json=False)

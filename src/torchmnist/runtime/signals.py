@@ -91,6 +91,18 @@ def terminate_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Signals stop_by_unwinding took. Raised inside a weakref callback or a __del__ (the import
+# system runs some), the Stopped is printed and dropped by Python: raise_if_stopped raises it
+# again at the next point that asks.
+_unwinding: list[int] = []
+
+
+def raise_if_stopped() -> None:
+    """Stopped, if stop_by_unwinding took a signal whose exception Python dropped."""
+    if _unwinding:
+        raise Stopped.with_nothing_kept(_unwinding[-1])
+
+
 @contextlib.contextmanager
 def stop_by_unwinding() -> Iterator[None]:
     """While inside, SIGTERM and SIGINT raise Stopped wherever the process is, so every `with`
@@ -99,8 +111,10 @@ def stop_by_unwinding() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _unwinding.clear()
 
     def stop(signum: int, frame) -> None:
+        _unwinding.append(signum)
         raise Stopped.with_nothing_kept(signum)
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
