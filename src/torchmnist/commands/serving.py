@@ -69,7 +69,7 @@ class Batcher:
     is logged and started again after RESTART_DELAY seconds (the process goes on)."""
 
     def __init__(self, network: torch.nn.Module, spec, device: torch.device, *,
-                 max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, metrics=None):
+                 max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, metrics: "_Metrics"):
         self.network, self.spec, self.device = network, spec, device
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.metrics = metrics
@@ -91,8 +91,7 @@ class Batcher:
             except Exception as error:  # noqa: BLE001 - any failure: not ready, then restart
                 self._set_ready(False)
                 self.restarts += 1
-                if self.metrics is not None:
-                    self.metrics.restarts.inc()
+                self.metrics.restarts.inc()
                 print(f"torchmnist serve: the batching task failed ({type(error).__name__}: "
                       f"{error}); starting it again in {RESTART_DELAY:g} s", file=sys.stderr,
                       flush=True)
@@ -100,8 +99,7 @@ class Batcher:
 
     def _set_ready(self, ready: bool) -> None:
         self.ready, self.failed = ready, not ready
-        if self.metrics is not None:
-            self.metrics.ready.set(ready)
+        self.metrics.ready.set(ready)
 
     def warm_up(self) -> None:
         """One forward pass at each size the batches come in at most, so that the first
@@ -120,8 +118,7 @@ class Batcher:
         return await pending.done
 
     def _count_queue(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self.queue.qsize())
+        self.metrics.queue_depth.set(self.queue.qsize())
 
     async def take_batch(self) -> list[_Pending]:
         """The next request, and those that arrive within max_wait of it."""
@@ -152,8 +149,7 @@ class Batcher:
             self.requests += len(batch)
             self.batches += 1
             self.largest = max(self.largest, len(batch))
-            if self.metrics is not None:
-                self.metrics.batch_size.observe(len(batch))
+            self.metrics.batch_size.observe(len(batch))
             for pending, row in zip(batch, rows, strict=True):
                 if not pending.done.done():
                     pending.done.set_result(row)
@@ -295,8 +291,9 @@ def create_app(checkpoint_path: str | Path, *, device: str = "auto", model: str 
     network = trained.model.to(target).eval()
     spec = trained.spec
     about = _about(checkpoint.file_in(checkpoint_path), trained, network, engine)
-    batcher = Batcher(network, spec, target, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    metrics = batcher.metrics = _Metrics(about)
+    metrics = _Metrics(about)
+    batcher = Batcher(network, spec, target, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app):
